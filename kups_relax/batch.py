@@ -1,0 +1,259 @@
+"""Packing many ASE ``Atoms`` into one padded, indexed state and back.
+
+Layout (``A`` = atom capacity, ``S`` = system capacity, both bucketed):
+
+* per-atom rows, flat over the whole batch: ``positions (A, 3)``, ``numbers (A,)``,
+  ``system (A,)`` and ``movable (A, 3)``. A system's atoms are contiguous, starting at
+  ``first_atom[s]``; padding rows carry ``system == S`` and are dropped by every
+  per-system reduction (see :mod:`kups_relax.segments`).
+* per-system tables: ``cell (S, 3, 3)`` (rows are lattice vectors, Å, as in ASE),
+  ``wrap_cell (S, 3, 3)``, ``pbc (S, 3)``, ``n_atoms (S,)``, ``first_atom (S,)``.
+  Padding systems have no atoms.
+
+Readers build :class:`Batch` on the host; the jitted loop only ever sees its
+:class:`Geometry` pytree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixAtoms, FixCartesian
+
+from .buckets import bucket
+
+DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Device-side batch geometry (a pytree; shapes are capacities).
+
+    Attributes:
+        positions: ``(A, 3)`` Cartesian positions, Å.
+        numbers: ``(A,)`` atomic numbers (0 for padding).
+        system: ``(A,)`` system slot of every atom; ``S`` for padding rows.
+        movable: ``(A, 3)`` False for Cartesian components fixed by constraints.
+        cell: ``(S, 3, 3)`` lattice vectors as rows, Å (ASE's ``atoms.cell``).
+        wrap_cell: ``(S, 3, 3)`` ``cell`` with every non-periodic row replaced by a unit
+            vector orthogonal to the others, so fractional coordinates are defined for
+            slabs and molecules too (used only to find periodic images).
+        pbc: ``(S, 3)`` periodic directions.
+        n_atoms: ``(S,)`` atoms in each system (0 for padding systems).
+        first_atom: ``(S,)`` row of each system's first atom.
+    """
+
+    positions: jax.Array
+    numbers: jax.Array
+    system: jax.Array
+    movable: jax.Array
+    cell: jax.Array
+    wrap_cell: jax.Array
+    pbc: jax.Array
+    n_atoms: jax.Array
+    first_atom: jax.Array
+
+    @property
+    def n_systems(self) -> int:
+        """System capacity ``S`` (static)."""
+        return self.cell.shape[0]
+
+    @property
+    def n_atom_rows(self) -> int:
+        """Atom capacity ``A`` (static)."""
+        return self.positions.shape[0]
+
+    @property
+    def atom_mask(self) -> jax.Array:
+        """``(A,)`` True for real atoms."""
+        return self.system < self.n_systems
+
+    def replace(self, **changes) -> "Geometry":
+        return dataclasses.replace(self, **changes)
+
+
+def complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """Replace the non-periodic rows of ``cell`` by unit vectors orthogonal to the rest.
+
+    Periodic rows are kept as they are; they must be linearly independent
+    (checked by :func:`kups_relax.validate.check_structure`).
+    """
+    cell = np.asarray(cell, dtype=np.float64)
+    out = cell.copy()
+    basis: list[np.ndarray] = []
+    for d in range(3):
+        if pbc[d]:
+            v = cell[d] - sum(np.dot(cell[d], b) * b for b in basis)
+            basis.append(v / np.linalg.norm(v))
+    for d in range(3):
+        if pbc[d]:
+            continue
+        residuals = [e - sum(np.dot(e, b) * b for b in basis) for e in np.eye(3)]
+        best = max(residuals, key=np.linalg.norm)
+        best = best / np.linalg.norm(best)
+        basis.append(best)
+        out[d] = best
+    return out
+
+
+def movable_mask(atoms: Atoms, name: str) -> np.ndarray:
+    """``(N, 3)`` bool: False where a ``FixAtoms``/``FixCartesian`` constraint fixes a component.
+
+    Raises:
+        ValueError: for any other constraint, naming it and the structure.
+    """
+    movable = np.ones((len(atoms), 3), dtype=bool)
+    for constraint in atoms.constraints:
+        if isinstance(constraint, FixAtoms):
+            movable[constraint.index] = False
+        elif isinstance(constraint, FixCartesian):
+            movable[constraint.index] &= ~np.asarray(constraint.mask, dtype=bool)
+        else:
+            raise ValueError(
+                f"structure {name!r}: constraint {type(constraint).__name__} is not supported "
+                "(supported: FixAtoms, FixCartesian)"
+            )
+    return movable
+
+
+@dataclasses.dataclass
+class Batch:
+    """Many structures packed into one padded :class:`Geometry`, plus what is needed to unpack.
+
+    Build with :meth:`from_atoms`; get relaxed structures back with :meth:`to_atoms`.
+
+    Attributes:
+        geometry: the device pytree.
+        atoms: copies of the input structures, in slot order (slot ``i`` holds ``atoms[i]``).
+        names: one name per structure (for error messages and outputs).
+    """
+
+    geometry: Geometry
+    atoms: list[Atoms]
+    names: list[str]
+
+    @property
+    def n_structures(self) -> int:
+        return len(self.atoms)
+
+    @classmethod
+    def from_atoms(
+        cls,
+        structures: Sequence[Atoms],
+        names: Sequence[str] | None = None,
+        dtype: str = "float64",
+        atom_capacity: int | None = None,
+        system_capacity: int | None = None,
+    ) -> "Batch":
+        """Pack ``structures`` (any sizes, cells, periodicity) into one padded batch.
+
+        Args:
+            structures: the ASE ``Atoms`` to pack; each must already be valid
+                (see :func:`kups_relax.validate.check_structure`).
+            names: a name per structure (default ``"structure-<i>"``).
+            dtype: ``"float64"`` (default, ASE parity) or ``"float32"``.
+            atom_capacity, system_capacity: explicit capacities; default: the bucket
+                (:func:`kups_relax.buckets.bucket`) of the total atoms / structures.
+        """
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        structures = list(structures)
+        names = list(names) if names is not None else [f"structure-{i}" for i in range(len(structures))]
+        if len(names) != len(structures):
+            raise ValueError("names must have one entry per structure")
+        n_total = sum(len(a) for a in structures)
+        A = atom_capacity if atom_capacity is not None else bucket(n_total)
+        S = system_capacity if system_capacity is not None else bucket(len(structures), minimum=1)
+        if A < n_total or S < len(structures):
+            raise ValueError(f"capacities ({A} atoms, {S} systems) too small for {n_total} atoms, {len(structures)} systems")
+
+        positions = np.zeros((A, 3))
+        numbers = np.zeros(A, dtype=np.int32)
+        system = np.full(A, S, dtype=np.int32)
+        movable = np.zeros((A, 3), dtype=bool)
+        cell = np.tile(np.eye(3), (S, 1, 1))
+        wrap_cell = np.tile(np.eye(3), (S, 1, 1))
+        pbc = np.zeros((S, 3), dtype=bool)
+        n_atoms = np.zeros(S, dtype=np.int32)
+        first_atom = np.full(S, n_total, dtype=np.int32)
+
+        start = 0
+        for s, (atoms, name) in enumerate(zip(structures, names)):
+            n = len(atoms)
+            stop = start + n
+            positions[start:stop] = atoms.positions
+            numbers[start:stop] = atoms.numbers
+            system[start:stop] = s
+            movable[start:stop] = movable_mask(atoms, name)
+            cell[s] = atoms.cell.array
+            pbc[s] = atoms.pbc
+            wrap_cell[s] = complete_cell(atoms.cell.array, atoms.pbc)
+            n_atoms[s] = n
+            first_atom[s] = start
+            start = stop
+
+        float_dtype = DTYPES[dtype]
+        geometry = Geometry(
+            positions=jnp.asarray(positions, dtype=float_dtype),
+            numbers=jnp.asarray(numbers),
+            system=jnp.asarray(system),
+            movable=jnp.asarray(movable),
+            cell=jnp.asarray(cell, dtype=float_dtype),
+            wrap_cell=jnp.asarray(wrap_cell, dtype=float_dtype),
+            pbc=jnp.asarray(pbc),
+            n_atoms=jnp.asarray(n_atoms),
+            first_atom=jnp.asarray(first_atom),
+        )
+        return cls(geometry=geometry, atoms=[a.copy() for a in structures], names=names)
+
+    def atom_slice(self, i: int) -> slice:
+        """Rows of structure ``i`` in the per-atom arrays."""
+        start = sum(len(a) for a in self.atoms[:i])
+        return slice(start, start + len(self.atoms[i]))
+
+    def to_atoms(
+        self,
+        positions: np.ndarray | None = None,
+        energies: np.ndarray | None = None,
+        forces: np.ndarray | None = None,
+        stresses: np.ndarray | None = None,
+    ) -> list[Atoms]:
+        """Unpack into one ``Atoms`` per structure, in input order.
+
+        ``info``, ``arrays`` and constraints of the inputs are kept. Given per-atom
+        ``positions``/``forces`` ``(A, 3)`` and per-system ``energies (S,)`` /
+        ``stresses (S, 3, 3)``, positions are set and a ``SinglePointCalculator`` with
+        energy, forces (and stress for 3-D periodic systems) is attached.
+        """
+        positions = np.asarray(self.geometry.positions if positions is None else positions, dtype=np.float64)
+        out = []
+        start = 0
+        for s, atoms in enumerate(self.atoms):
+            stop = start + len(atoms)
+            atoms = atoms.copy()
+            atoms.positions = positions[start:stop]
+            results = {}
+            if energies is not None:
+                results["energy"] = float(energies[s])
+                results["free_energy"] = float(energies[s])
+            if forces is not None:
+                results["forces"] = np.asarray(forces[start:stop], dtype=np.float64)
+            if stresses is not None and atoms.pbc.all():
+                results["stress"] = full_3x3_to_voigt(np.asarray(stresses[s], dtype=np.float64))
+            if results:
+                atoms.calc = SinglePointCalculator(atoms, **results)
+            out.append(atoms)
+            start = stop
+        return out
+
+
+def full_3x3_to_voigt(stress: np.ndarray) -> np.ndarray:
+    """ASE's Voigt order ``xx, yy, zz, yz, xz, xy`` from a symmetric ``(3, 3)`` stress."""
+    return np.array([stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2], stress[0, 2], stress[0, 1]])
