@@ -1,0 +1,164 @@
+"""What the command line shows: a progress bar or log lines, the summary table, the force plot.
+
+Only :mod:`kups_relax.cli` uses this module; it is the one place that prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Sequence, TextIO
+
+import numpy as np
+
+logger = logging.getLogger("kups_relax.cli")
+
+#: The engine's per-chunk debug record, ``(chunk index, systems still running)``.
+#: Progress is read from it until the engine offers a progress callback.
+ENGINE_LOGGER = "kups_relax.engine"
+ENGINE_CHUNK_MESSAGE = "chunk %d: %d systems running"
+
+
+class Progress(logging.Handler):
+    """Systems done of total and steps per second while :func:`kups_relax.relax` runs.
+
+    On a terminal a one-line bar is redrawn in place; elsewhere (a log file, a batch
+    job) a plain log line is written every ``interval`` seconds. Use as a context
+    manager around the ``relax`` call: it listens to the engine's per-chunk records.
+
+    Args:
+        total: systems handed to the engine.
+        chunk_steps: steps per device call (a chunk), for the steps-per-second rate.
+        stream: where the bar goes (default ``sys.stderr``).
+        enabled: ``False`` shows nothing (``--quiet``).
+        interval: seconds between log lines when not on a terminal.
+    """
+
+    def __init__(self, total: int, chunk_steps: int, stream: TextIO | None = None, enabled: bool = True,
+                 interval: float = 10.0):
+        super().__init__(level=logging.DEBUG)
+        self.total, self.chunk_steps = total, chunk_steps
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interval = interval
+        self.done, self.chunks = 0, 0
+        self.t0 = self.last = 0.0
+        self._first: tuple[int, float] | None = None  # (chunk, time) of the first record: compile time excluded
+        self._shown = ""
+        self._engine = logging.getLogger(ENGINE_LOGGER)
+        self._saved_level = self._engine.level
+
+    def __enter__(self) -> "Progress":
+        self.t0 = self.last = time.perf_counter()
+        self._engine.addHandler(self)
+        if self._engine.getEffectiveLevel() > logging.DEBUG:
+            self._engine.setLevel(logging.DEBUG)  # the chunk records are debug records
+        self._draw()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._engine.removeHandler(self)
+        self._engine.setLevel(self._saved_level)
+        if exc[0] is None:
+            self.done = self.total
+        self._draw(final=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg != ENGINE_CHUNK_MESSAGE or len(record.args or ()) != 2:
+            return
+        chunk, running = record.args  # type: ignore[misc]
+        self.chunks = int(chunk)
+        if self._first is None:
+            self._first = (self.chunks, time.perf_counter())
+        self.done = max(self.total - int(running), 0)
+        self._draw()
+
+    def rate(self) -> float | None:
+        """Loop steps per second since the first chunk finished (compilation excluded); ``None`` before.
+
+        Every running system advances one optimizer step per loop step.
+        """
+        if self._first is None or self.chunks <= self._first[0]:
+            return None
+        elapsed = time.perf_counter() - self._first[1]
+        return (self.chunks - self._first[0]) * self.chunk_steps / elapsed if elapsed > 0 else None
+
+    def _draw(self, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        rate = self.rate()
+        speed = f"{rate:.0f} steps/s" if rate is not None else "compiling" if self._first is None else "..."
+        text = f"{self.done}/{self.total} systems relaxed, {speed}, {now - self.t0:.1f} s"
+        if self.tty:
+            width = 24
+            filled = int(round(width * self.done / max(self.total, 1)))
+            self.stream.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {text}")
+            if final:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif (final and not self._shown.startswith(f"{self.done}/")) or now - self.last >= self.interval:
+            self.last, self._shown = now, text
+            logger.info("progress: %s", text)
+
+
+def summary_table(rows: Sequence[Mapping[str, object]], limit: int = 40) -> str:
+    """A fixed-width table of the summary rows (at most ``limit`` rows, problems first when cut)."""
+    columns = [("name", "name", "{}"), ("atoms", "atoms", "{}"), ("status", "status", "{}"),
+               ("steps", "steps", "{}"), ("final_energy", "energy/eV", "{:.6f}"),
+               ("final_fmax", "fmax/(eV/Å)", "{:.4g}"), ("reason", "reason", "{}")]
+    shown = list(rows)
+    if len(shown) > limit:
+        problems = [r for r in shown if r.get("status") != "converged"]
+        shown = (problems + [r for r in shown if r.get("status") == "converged"])[:limit]
+
+    def cell(row, key, fmt):
+        value = row.get(key)
+        if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
+            return ""
+        text = fmt.format(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    body = [[cell(r, key, fmt) for key, _, fmt in columns] for r in shown]
+    header = [title for _, title, _ in columns]
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
+    if len(rows) > len(shown):
+        lines.append(f"... {len(rows) - len(shown)} more rows in summary.csv")
+    lines.append(f"{len(rows)} systems: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def plot_max_force(path: Path, series: Mapping[str, np.ndarray], fmax: float) -> None:
+    """PNG of the largest force (eV/Å, log scale) against step for every system, with the ``fmax`` line.
+
+    Needs matplotlib (``pip install kups-relax[plot]``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, values in series.items():
+        values = np.asarray(values, dtype=float)
+        ax.plot(np.arange(len(values)), np.where(values > 0, values, np.nan), lw=1, label=name)
+    ax.axhline(fmax, color="k", ls="--", lw=1, label=f"fmax = {fmax:g} eV/Å")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("largest force / (eV/Å)")
+    ax.set_title(f"{len(series)} systems")
+    if len(series) <= 12:
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
