@@ -6,6 +6,13 @@ by ``u(rc)`` so the energy is continuous at ``rc`` (the forces are not); with
 ``smooth=True`` the pair energy is multiplied by ASE's (jax-md's) cutoff
 function going from 1 at ``ro`` to 0 at ``rc``. Every pair is counted from both
 ends with weight 1/2, as ASE does with its ``bothways`` neighbor list.
+
+Per-species-pair parameters: :meth:`LennardJones.per_species` builds a potential
+whose ``sigma``, ``epsilon``, ``rc`` and ``ro`` come per pair from a
+:class:`potentials.species.PairTable` (per-element values mixed by
+Lorentz-Berthelot or geometric rules, and/or explicit pairs); every pair then
+follows the formulas above with its own parameters, and the neighbor list
+reaches the largest pair cutoff.
 """
 
 from __future__ import annotations
@@ -14,10 +21,19 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kups_relax.batch import Geometry
 from kups_relax.neighbors import NeighborList, pair_vectors
 from kups_relax.segments import segment_sum
+
+from .species import ParameterValue, PairTable, Species, finish, pair_table
+
+#: Mixing rules of :meth:`LennardJones.per_species`, per parameter.
+LJ_MIXING = {
+    "lorentz-berthelot": dict(sigma="arithmetic", epsilon="geometric", rc="arithmetic", ro="arithmetic"),
+    "geometric": dict(sigma="geometric", epsilon="geometric", rc="geometric", ro="geometric"),
+}
 
 
 @jax.tree_util.register_dataclass
@@ -31,6 +47,9 @@ class LennardJones:
         rc: cutoff, Å; ``None`` -> ``3 * sigma`` as in ASE.
         ro: onset of the smooth cutoff, Å; ``None`` -> ``0.66 * rc`` as in ASE.
         smooth: multiply by a smooth cutoff function instead of shifting the energy.
+        pairs: per-species-pair ``sigma``, ``epsilon``, ``rc``, ``ro`` tables (build with
+            :meth:`per_species`); when set they replace the scalars, and ``rc`` is the
+            largest pair cutoff.
     """
 
     sigma: float = 1.0
@@ -38,6 +57,7 @@ class LennardJones:
     rc: float | None = None
     ro: float | None = None
     smooth: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    pairs: PairTable | None = None
 
     def __post_init__(self):
         # resolve ASE's defaults once, on the host (leaves may be tracers under jit: leave them)
@@ -46,27 +66,69 @@ class LennardJones:
         if self.ro is None:
             object.__setattr__(self, "ro", 0.66 * self.rc)
 
+    @classmethod
+    def per_species(
+        cls,
+        sigma: ParameterValue = None,
+        epsilon: ParameterValue = None,
+        pairs: dict[tuple[Species, Species], dict[str, float]] | None = None,
+        rc: ParameterValue = None,
+        ro: ParameterValue = None,
+        smooth: bool = False,
+        mixing: str = "lorentz-berthelot",
+    ) -> "LennardJones":
+        """Lennard-Jones with parameters per species pair.
+
+        Args:
+            sigma, epsilon: Å, eV: a scalar for every pair, or ``{element: value}`` mixed
+                for unlike pairs by ``mixing``.
+            pairs: explicit values for some pairs, e.g. ``{("Ar", "Kr"): {"sigma": 3.5,
+                "epsilon": 0.012}}`` (keys ``sigma``, ``epsilon``, ``rc``, ``ro``); they override
+                the mixed values.
+            rc, ro: Å, scalar or per element (mixed); default per pair as in ASE:
+                ``rc = 3 sigma``, ``ro = 0.66 rc``.
+            smooth: as for the scalar potential.
+            mixing: ``"lorentz-berthelot"`` (``sigma``, ``rc``, ``ro`` arithmetic, ``epsilon``
+                geometric) or ``"geometric"`` (all geometric).
+
+        The potential covers exactly the elements named; a structure with another
+        element is rejected by the engine (``supported_numbers``).
+        """
+        if mixing not in LJ_MIXING:
+            raise ValueError(f"unknown mixing rule {mixing!r} (available: {', '.join(LJ_MIXING)})")
+        tables = pair_table(dict(sigma=sigma, epsilon=epsilon, rc=rc, ro=ro), pairs, LJ_MIXING[mixing])
+        tables["rc"] = np.where(np.isnan(tables["rc"]), 3.0 * tables["sigma"], tables["rc"])
+        tables["ro"] = np.where(np.isnan(tables["ro"]), 0.66 * tables["rc"], tables["ro"])
+        table = finish(tables)
+        nan = float("nan")  # the scalars do not apply; nan makes any accidental use visible
+        return cls(sigma=nan, epsilon=nan, rc=float(np.max(table.host("rc"))), ro=nan, smooth=smooth, pairs=table)
+
     @property
     def cutoff(self) -> float:
         return float(self.rc)
 
     @property
-    def supported_numbers(self) -> None:
-        return None
+    def supported_numbers(self) -> frozenset[int] | None:
+        return None if self.pairs is None else frozenset(self.pairs.numbers)
 
     def energy(self, geometry: Geometry, neighbors: NeighborList) -> jax.Array:
+        if self.pairs is None:
+            sigma, epsilon, rc, ro = self.sigma, self.epsilon, self.rc, self.ro
+        else:  # every pair's own parameters, (E,) each
+            p = self.pairs.lookup(geometry.numbers[neighbors.senders], geometry.numbers[neighbors.receivers])
+            sigma, epsilon, rc, ro = p["sigma"], p["epsilon"], p["rc"], p["ro"]
         vec = pair_vectors(neighbors, geometry.positions, geometry.cell, geometry.system)
         r2 = jnp.sum(vec * vec, axis=-1)
-        rc2 = self.rc ** 2
+        rc2 = rc ** 2
         inside = neighbors.mask & (r2 <= rc2)
         r2_safe = jnp.where(inside, r2, rc2)  # keeps padding pairs away from 1/0
-        c6 = jnp.where(inside, (self.sigma ** 2 / r2_safe) ** 3, 0.0)
+        c6 = jnp.where(inside, (sigma ** 2 / r2_safe) ** 3, 0.0)
         c12 = c6 ** 2
-        pair = 4.0 * self.epsilon * (c12 - c6)
+        pair = 4.0 * epsilon * (c12 - c6)
         if self.smooth:
-            pair = pair * _cutoff_function(r2_safe, rc2, self.ro ** 2)
+            pair = pair * _cutoff_function(r2_safe, rc2, ro ** 2)
         else:
-            e0 = 4.0 * self.epsilon * ((self.sigma / self.rc) ** 12 - (self.sigma / self.rc) ** 6)
+            e0 = 4.0 * epsilon * ((sigma / rc) ** 12 - (sigma / rc) ** 6)
             pair = pair - jnp.where(c6 != 0.0, e0, 0.0)
         pair = jnp.where(inside, pair, 0.0)
         S = geometry.n_systems
