@@ -111,7 +111,8 @@ def write_relaxation(
     if energies.shape != (T,) or fmaxes.shape != (T,):
         raise ValueError(f"energies {energies.shape} and fmaxes {fmaxes.shape} must have one entry per frame ({T})")
     positions = np.stack([a.positions for a in trajectory]).astype(np.float64)
-    forces = np.stack([a.calc.get_property("forces", a, allow_calculation=False) for a in trajectory]).astype(np.float64)
+    forces = np.stack([a.calc.get_property("forces", a, allow_calculation=False)
+                       for a in trajectory]).astype(np.float64)
     edges = np.stack([a.cell.array for a in trajectory]).astype(np.float64)
     steps = np.arange(T, dtype=np.int64)
 

@@ -47,6 +47,8 @@ class Progress(logging.Handler):
         self.done, self.chunks = 0, 0
         self.t0 = self.last = 0.0
         self._first: tuple[int, float] | None = None  # (chunk, time) of the first record: compile time excluded
+        self._latest = 0.0  # time of the latest record
+        self._drawn = 0.0
         self._shown = ""
         self._engine = logging.getLogger(ENGINE_LOGGER)
         self._saved_level = self._engine.level
@@ -71,8 +73,9 @@ class Progress(logging.Handler):
             return
         chunk, running = record.args  # type: ignore[misc]
         self.chunks = int(chunk)
+        self._latest = time.perf_counter()
         if self._first is None:
-            self._first = (self.chunks, time.perf_counter())
+            self._first = (self.chunks, self._latest)
         self.done = max(self.total - int(running), 0)
         self._draw()
 
@@ -83,7 +86,7 @@ class Progress(logging.Handler):
         """
         if self._first is None or self.chunks <= self._first[0]:
             return None
-        elapsed = time.perf_counter() - self._first[1]
+        elapsed = self._latest - self._first[1]
         return (self.chunks - self._first[0]) * self.chunk_steps / elapsed if elapsed > 0 else None
 
     def _draw(self, final: bool = False) -> None:
@@ -91,9 +94,16 @@ class Progress(logging.Handler):
             return
         now = time.perf_counter()
         rate = self.rate()
-        speed = f"{rate:.0f} steps/s" if rate is not None else "compiling" if self._first is None else "..."
-        text = f"{self.done}/{self.total} systems relaxed, {speed}, {now - self.t0:.1f} s"
+        parts = [f"{self.done}/{self.total} systems relaxed"]
+        if self._first is None and not final:
+            parts.append("compiling")
+        elif rate is not None:
+            parts.append(f"{rate:.0f} steps/s")
+        text = ", ".join(parts + [f"{now - self.t0:.1f} s"])
         if self.tty:
+            if not final and now - self._drawn < 0.1:
+                return
+            self._drawn = now
             width = 24
             filled = int(round(width * self.done / max(self.total, 1)))
             self.stream.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {text}")

@@ -1,0 +1,360 @@
+"""The ``relax-batch`` console script, driven in subprocesses (issue 4 acceptance).
+
+Five real runs, shared between the tests by module-scoped fixtures:
+
+* ``mixed``: EMT (the default potential) on a folder of xyz/extxyz/cif/POSCAR inputs with a
+  garbled file, NaN coordinates, an element EMT does not cover, a duplicate name and a
+  step limit that one system hits; settings from a YAML config with flags overriding it.
+  Every status, step count and energy is checked against ASE's own LBFGS + EMT.
+* ``full``: 16 small Lennard-Jones clusters, uninterrupted; its files are compared with
+  :func:`kups_relax.relax` and read with plain h5py and ``read_trajectory``.
+* ``killed`` + ``resumed``: the same inputs, ``kill -9`` once some ``.h5`` files exist,
+  then ``--resume``; the outputs must equal the uninterrupted run's and no complete file
+  may be rewritten.
+* a run with no readable input (exit status 2).
+
+The subprocesses share a private JAX compilation cache, so the killed run reuses the
+programs the full run compiled.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from ase.build import bulk, fcc111
+from ase.calculators.emt import EMT as AseEMT
+from ase.cluster import Icosahedron, Octahedron
+from ase.constraints import FixAtoms
+from ase.io import read, write
+from ase.optimize import LBFGS
+
+import kups_relax
+from kups_relax import cli, relax
+from kups_relax.io import read_structures, read_trajectory
+from potentials import LennardJones
+from structures import LJ_PARAMS, random_cluster
+
+SCRIPT = shutil.which("relax-batch") or str(Path(sys.executable).parent / "relax-batch")
+LJ_FLAGS = ["--potential", "lj", "--potential-params", "sigma=3.4,epsilon=0.0104,rc=8.5", "--fmax", "0.01"]
+MIXED_FMAX = 0.05
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")))
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def run_cli(args, env, cwd, timeout=300):
+    return subprocess.run([SCRIPT, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_summary(path):
+    with open(path, newline="") as f:
+        return {row["name"] + "|" + row["source"]: row for row in csv.DictReader(f)}
+
+
+# --- a mixed folder, EMT, against ASE -----------------------------------------------------------
+
+def _mixed_structures():
+    cu = Icosahedron("Cu", 2)
+    cu.rattle(0.08, seed=1)
+    au, ag = Octahedron("Au", 2), Octahedron("Ag", 2)
+    au.rattle(0.1, seed=2)
+    ag.rattle(0.15, seed=3)
+    ni = bulk("Ni", "fcc", a=3.60, cubic=True)
+    ni.rattle(0.05, seed=4)
+    pt = fcc111("Pt", size=(2, 2, 3), vacuum=5.0)
+    pt.set_constraint(FixAtoms(indices=[a.index for a in pt if a.tag == 3]))
+    pt.rattle(0.05, seed=5)
+    return {"cu13": cu, "clusters-0": au, "clusters-1": ag, "ni": ni, "POSCAR_pt": pt}
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(tmp_path_factory):
+    """A folder of inputs in several formats, some bad, and one more file with a name already taken."""
+    root = tmp_path_factory.mktemp("mixed")
+    folder, other = root / "in", root / "other"
+    folder.mkdir()
+    other.mkdir()
+    s = _mixed_structures()
+    write(folder / "cu13.xyz", s["cu13"])
+    write(folder / "clusters.extxyz", [s["clusters-0"], s["clusters-1"]])
+    write(folder / "ni.cif", s["ni"])
+    write(folder / "POSCAR_pt", s["POSCAR_pt"], format="vasp")
+    (folder / "garbled.xyz").write_text("3\nnot a frame\nCu 0 0\n")
+    (folder / "nan.xyz").write_text("2\n\nCu 0 0 0\nCu nan 0 2.5\n")
+    write(folder / "argon.xyz", Icosahedron("Ar", 2))
+    (folder / "notes.txt").write_text("not a structure")
+    write(other / "cu13.xyz", Icosahedron("Cu", 2))  # same name as in/cu13.xyz
+    return root
+
+
+@pytest.fixture(scope="module")
+def ase_emt_reference(mixed_inputs):
+    """ASE's LBFGS + EMT on every relaxable input as read from its file: steps to fmax, energy after each step."""
+    files = {"cu13": "cu13.xyz", "clusters-0": "clusters.extxyz@0", "clusters-1": "clusters.extxyz@1",
+             "ni": "ni.cif", "POSCAR_pt": "POSCAR_pt"}
+    out = {}
+    for name, file in files.items():
+        atoms = read(mixed_inputs / "in" / file)
+        atoms.calc = AseEMT()
+        energies = []
+        opt = LBFGS(atoms, logfile=None)
+        opt.attach(lambda: energies.append(atoms.get_potential_energy()))  # at step 0, then after every step
+        assert opt.run(fmax=MIXED_FMAX, steps=500), name
+        assert len(energies) == opt.nsteps + 1
+        out[name] = dict(steps=opt.nsteps, energies=energies)
+    assert read(mixed_inputs / "in" / "POSCAR_pt").constraints  # FixAtoms went through the POSCAR
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed(mixed_inputs, env, ase_emt_reference):
+    root = mixed_inputs
+    steps = sorted(ref["steps"] for ref in ase_emt_reference.values())
+    assert steps[0] < steps[-1], steps
+    limit = max(n for n in steps if n < steps[-1])  # at least the slowest system hits the limit
+    config = root / "settings.yaml"
+    config.write_text(f"fmax: 0.5\nmax-steps: {limit}\nplot: true\nout: out\n")
+    proc = run_cli(["in", "other/cu13.xyz", "--config", config.name, "--fmax", MIXED_FMAX], env, root)
+    return dict(root=root, out=root / "out", proc=proc, limit=limit)
+
+
+def test_mixed_exit_status_and_table(mixed):
+    proc = mixed["proc"]
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.splitlines()[0].split()[:4] == ["name", "atoms", "status", "steps"]
+    assert "garbled.xyz: cannot read file" in proc.stderr
+    assert "9 systems:" in proc.stdout
+
+
+def test_mixed_summary_rows_match_ase(mixed, ase_emt_reference):
+    rows = read_summary(mixed["out"] / "summary.csv")
+    assert [key.split("|")[0] for key in rows] == ["POSCAR_pt", "argon", "clusters-0", "clusters-1", "cu13",
+                                                 "garbled", "nan", "ni", "cu13"]
+    bad = {key.split("|")[0] + ("(dup)" if "other" in key else ""): row for key, row in rows.items()
+           if row["status"] not in ("converged", "unconverged")}
+    assert bad["garbled"]["status"] == "unreadable" and "Frame has 1 atoms" in bad["garbled"]["reason"]
+    assert bad["nan"]["status"] == "invalid" and "non-finite positions" in bad["nan"]["reason"]
+    assert bad["argon"]["status"] == "invalid" and "Ar not covered" in bad["argon"]["reason"]
+    assert bad["cu13(dup)"]["status"] == "invalid" and "duplicate system name 'cu13'" in bad["cu13(dup)"]["reason"]
+    assert set(bad) == {"garbled", "nan", "argon", "cu13(dup)"}
+
+    limit = mixed["limit"]
+    statuses = set()
+    for name, ref in ase_emt_reference.items():
+        row = next(r for key, r in rows.items() if key.startswith(name + "|in"))
+        converged = ref["steps"] <= limit
+        statuses.add(row["status"])
+        assert row["status"] == ("converged" if converged else "unconverged"), (name, row)
+        assert row["converged"] == str(converged)
+        assert int(row["steps"]) == min(ref["steps"], limit), name
+        assert float(row["final_energy"]) == pytest.approx(ref["energies"][int(row["steps"])], abs=1e-8)
+        assert float(row["final_fmax"]) < MIXED_FMAX if converged else float(row["final_fmax"]) >= MIXED_FMAX
+        if not converged:
+            assert f"not converged within {limit} steps" in row["reason"]
+    assert statuses == {"converged", "unconverged"}
+
+
+def test_mixed_h5_metadata_config_and_flags(mixed, ase_emt_reference):
+    out = mixed["out"]
+    assert sorted(p.stem for p in out.glob("*.h5")) == sorted(ase_emt_reference)
+    for name, ref in ase_emt_reference.items():
+        with h5py.File(out / f"{name}.h5", "r") as f:
+            p = f["parameters"].attrs
+            assert p["fmax"] == MIXED_FMAX  # the flag overrides the config's 0.5
+            assert p["max_steps"] == mixed["limit"]  # from the config
+            assert p["dtype"] == "float64" and p["version"] == kups_relax.__version__
+            assert f["parameters/potential"].attrs["name"] == "emt"  # the default potential
+            assert f["parameters/optimizer"].attrs["name"] == "lbfgs"
+            assert f["parameters/optimizer"].attrs["max_step"] == 0.2
+            assert bool(p["converged"]) == (ref["steps"] <= mixed["limit"])
+            energies = f["observables/potential_energy/value"][()]
+            assert len(energies) == p["steps"] + 1 == f["particles/all/position/value"].shape[0]
+            np.testing.assert_allclose(energies, ref["energies"][:p["steps"] + 1], rtol=0, atol=1e-8)
+    with h5py.File(out / "POSCAR_pt.h5", "r") as f:
+        fixed = f["particles/all/fixed"][()]
+        positions = f["particles/all/position/value"][()]
+    np.testing.assert_array_equal(positions[:, fixed.all(axis=1)], positions[:1, fixed.all(axis=1)].repeat(
+        len(positions), axis=0))  # fixed atoms never moved
+    assert fixed.all(axis=1).sum() == 4
+
+
+def test_mixed_relaxed_extxyz_and_plot(mixed):
+    out = mixed["out"]
+    rows = read_summary(out / "summary.csv")
+    frames = read(out / "relaxed.extxyz", index=":")
+    assert [a.info["name"] for a in frames] == ["POSCAR_pt", "clusters-0", "clusters-1", "cu13", "ni"]
+    for a in frames:
+        row = next(r for key, r in rows.items() if key.startswith(a.info["name"] + "|in"))
+        assert a.info["converged"] == (row["converged"] == "True") and a.info["steps"] == int(row["steps"])
+        assert a.get_potential_energy() == float(row["final_energy"])
+        assert a.get_forces().shape == (len(a), 3)
+    assert (out / "fmax.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_no_readable_input_exits_2(tmp_path, env):
+    (tmp_path / "garbled.xyz").write_text("not xyz\n")
+    proc = run_cli(["garbled.xyz", "missing.cif"], env, tmp_path)
+    assert proc.returncode == 2
+    assert "no readable input" in proc.stderr and "missing.cif: no such file" in proc.stderr
+    assert not (tmp_path / "relax_out").exists()
+
+
+# --- LJ: uninterrupted, against the API; killed and resumed -----------------------------------
+
+N_CLUSTERS = 16
+
+
+@pytest.fixture(scope="module")
+def lj_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lj")
+    (root / "in").mkdir()
+    for k, n in enumerate([4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 5, 6, 7, 8, 9, 10]):
+        write(root / "in" / f"c{k:02d}.xyz", random_cluster(n, seed=100 + k))
+    return root
+
+
+@pytest.fixture(scope="module")
+def full(lj_inputs, env):
+    proc = run_cli(["in", "--out", "full", *LJ_FLAGS], env, lj_inputs)
+    return dict(proc=proc, out=lj_inputs / "full")
+
+
+@pytest.fixture(scope="module")
+def killed(lj_inputs, env, full):
+    """A run killed with SIGKILL once its first trajectory exists; what it left behind."""
+    out = lj_inputs / "resumed"
+    with open(lj_inputs / "killed.log", "w") as log:
+        proc = subprocess.Popen([SCRIPT, "in", "--out", "resumed", *LJ_FLAGS], env=env, cwd=lj_inputs,
+                                stdout=log, stderr=log)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if out.is_dir() and any(p.suffix == ".h5" for p in out.iterdir()):
+                proc.kill()  # SIGKILL: no cleanup of any kind
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=60)
+    complete = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+                for p in out.glob("*.h5")}
+    return dict(returncode=proc.returncode, complete=complete, out=out,
+                left=sorted(p.name for p in out.iterdir()))
+
+
+@pytest.fixture(scope="module")
+def resumed(lj_inputs, env, killed):
+    proc = run_cli(["in", "--out", "resumed", "--resume", *LJ_FLAGS], env, lj_inputs)
+    return dict(proc=proc, out=lj_inputs / "resumed")
+
+
+def test_full_run_exits_0_with_every_output(full):
+    assert full["proc"].returncode == 0, full["proc"].stderr
+    out = full["out"]
+    assert len(list(out.glob("*.h5"))) == N_CLUSTERS
+    rows = read_summary(out / "summary.csv")
+    assert len(rows) == N_CLUSTERS and all(r["status"] == "converged" for r in rows.values())
+    assert len(read(out / "relaxed.extxyz", index=":")) == N_CLUSTERS
+
+
+def test_h5_matches_api_and_read_trajectory(lj_inputs, full):
+    items = read_structures([lj_inputs / "in"])
+    results = relax([it.atoms for it in items], LennardJones(**LJ_PARAMS), fmax=0.01,
+                    names=[it.name for it in items], trajectory=True)
+    for result in results:
+        path = full["out"] / f"{result.name}.h5"
+        with h5py.File(path, "r") as f:  # plain h5py, no kups_relax code
+            positions = f["particles/all/position/value"][()]
+            forces = f["particles/all/force/value"][()]
+            energies = f["observables/potential_energy/value"][()]
+            fmaxes = f["observables/max_force/value"][()]
+            species = f["particles/all/species"][()]
+            assert f["parameters"].attrs["steps"] == result.steps
+            assert f["parameters"].attrs["status"] == result.status
+            assert f["parameters/potential"].attrs["sigma"] == LJ_PARAMS["sigma"]
+        np.testing.assert_array_equal(species, result.atoms.numbers)
+        np.testing.assert_allclose(positions, np.stack([a.positions for a in result.trajectory]), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(forces, np.stack([a.get_forces() for a in result.trajectory]), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(energies, result.energies, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(fmaxes, result.fmaxes, rtol=0, atol=1e-12)
+        frames = read_trajectory(path)
+        assert len(frames) == len(result.trajectory) == result.steps + 1
+        for ours, api in zip(frames, result.trajectory):
+            np.testing.assert_allclose(ours.positions, api.positions, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(ours.get_forces(), api.get_forces(), rtol=0, atol=1e-12)
+            assert ours.get_potential_energy() == pytest.approx(api.get_potential_energy(), abs=1e-12)
+
+
+def test_killed_run_left_some_complete_files(killed):
+    assert killed["returncode"] == -9, "the run finished before it could be killed"
+    assert 0 < len(killed["complete"]) < N_CLUSTERS, killed["left"]
+    assert "summary.csv" not in killed["left"] and "relaxed.extxyz" not in killed["left"]
+    for name in killed["complete"]:  # every file under its final name is whole
+        assert len(read_trajectory(killed["out"] / name)) > 1
+
+
+def test_resume_never_rewrites_and_ends_like_the_uninterrupted_run(killed, resumed, full):
+    proc = resumed["proc"]
+    assert proc.returncode == 0, proc.stderr
+    assert f"resume: {len(killed['complete'])} of {N_CLUSTERS} systems already complete" in proc.stderr
+    out = resumed["out"]
+    for name, (ino, mtime, digest) in killed["complete"].items():
+        p = out / name
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == (ino, mtime), name
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == digest, name
+    assert sorted(p.name for p in out.glob("*.h5")) == sorted(p.name for p in full["out"].glob("*.h5"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+    a, b = read_summary(full["out"] / "summary.csv"), read_summary(out / "summary.csv")
+    assert list(a) == list(b)
+    for key in a:
+        for column in ("atoms", "converged", "steps", "status", "reason"):
+            assert a[key][column] == b[key][column], (key, column)
+        for column in ("initial_energy", "final_energy", "final_fmax"):
+            assert float(a[key][column]) == pytest.approx(float(b[key][column]), abs=1e-12), (key, column)
+    full_frames = read(full["out"] / "relaxed.extxyz", index=":")
+    resumed_frames = read(out / "relaxed.extxyz", index=":")
+    assert [f.info["name"] for f in full_frames] == [f.info["name"] for f in resumed_frames]
+    for x, y in zip(full_frames, resumed_frames):
+        np.testing.assert_allclose(x.positions, y.positions, rtol=0, atol=1e-10)
+        assert x.info["steps"] == y.info["steps"]
+    for p in full["out"].glob("*.h5"):
+        x, y = read_trajectory(p), read_trajectory(out / p.name)
+        assert len(x) == len(y), p.name
+        np.testing.assert_allclose(np.stack([f.positions for f in x]), np.stack([f.positions for f in y]),
+                                   rtol=0, atol=1e-10)
+
+
+def test_second_resume_has_nothing_to_do_and_touches_nothing(lj_inputs, resumed, capsys, monkeypatch):
+    out = resumed["out"]
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.h5")}
+    summary = (out / "summary.csv").read_text()
+    monkeypatch.chdir(lj_inputs)
+    assert cli.main(["in", "--out", "resumed", "--resume", *LJ_FLAGS]) == 0  # in-process: no relaxation to compile
+    assert f"resume: {N_CLUSTERS} of {N_CLUSTERS} systems already complete, relaxing 0" in capsys.readouterr().err
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.h5")} == before
+    assert (out / "summary.csv").read_text() == summary
+
+
+def test_existing_outputs_need_resume_or_overwrite(lj_inputs, full, capsys, monkeypatch):
+    monkeypatch.chdir(lj_inputs)
+    before = {p.name: p.stat().st_mtime_ns for p in full["out"].iterdir()}
+    assert cli.main(["in", "--out", "full", *LJ_FLAGS]) == 2
+    assert "pass --resume to keep them" in capsys.readouterr().err
+    assert cli.main(["in", "--out", "full", "--resume", *LJ_FLAGS[:-2], "--fmax", "0.02"]) == 2
+    assert "fmax: 0.01 there, 0.02 now" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in full["out"].iterdir()} == before
