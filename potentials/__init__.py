@@ -11,7 +11,7 @@ from .lennard_jones import LennardJones
 from .morse import MorsePotential
 from .registry import available_potentials, get_potential, register_potential
 
-__all__ = ["EAM", "LennardJones", "MorsePotential", "Potential", "available_potentials", "get_potential",
+__all__ = ["EAM", "EMT", "LennardJones", "MorsePotential", "Potential", "available_potentials", "get_potential",
            "register_potential"]
 
 
