@@ -12,11 +12,13 @@ import logging
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
 from ase import Atoms
 
 from . import neighbors as nl
 from .batch import Batch
+from .evaluate import evaluate
 from .loop import RUNNING, STATUS_NAMES, Targets, initial_state, run_chunk
 from .transforms import Transform, ase_lbfgs
 from .validate import InvalidStructure, check_structure
@@ -150,6 +152,12 @@ def relax(
     return results  # type: ignore[return-value]
 
 
+@jax.jit
+def _final_stress(potential, geometry, neighbors):
+    neighbors = nl.update(neighbors, geometry)
+    return evaluate(potential, geometry, neighbors, compute_stress=True).stress
+
+
 def _run(batch: Batch, potential, transform, fmax, max_steps, skin, chunk_steps, trajectory):
     geometry = batch.geometry
     S = geometry.n_systems
@@ -197,8 +205,10 @@ def _run(batch: Batch, potential, transform, fmax, max_steps, skin, chunk_steps,
                 time.perf_counter() - t0, chunks, int(state.neighbors.n_builds))
 
     status = np.asarray(state.status)
+    # the loop does not compute stress (positions-only relaxation): evaluate it once at the end
+    stress = np.asarray(_final_stress(potential, geometry.replace(positions=state.positions), state.neighbors))
     out_atoms = batch.to_atoms(np.asarray(state.positions), np.asarray(state.energy),
-                               np.asarray(state.forces), np.asarray(state.stress))
+                               np.asarray(state.forces), stress)
     steps = np.asarray(state.steps)
     final_fmax = np.asarray(state.fmax)
     results = []

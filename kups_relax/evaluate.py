@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from .batch import Geometry
-from .neighbors import NeighborList
+from .neighbors import NeighborList, matvec_rows
 from .segments import per_atom
 
 
@@ -33,23 +33,28 @@ class Evaluation(NamedTuple):
     stress: jax.Array
 
 
-def evaluate(potential, geometry: Geometry, neighbors: NeighborList) -> Evaluation:
-    """Energy, forces and stress of every system (jit-compatible)."""
+def evaluate(potential, geometry: Geometry, neighbors: NeighborList, compute_stress: bool = True) -> Evaluation:
+    """Energy, forces and (if ``compute_stress``, else zeros) stress of every system (jit-compatible)."""
     S = geometry.n_systems
     strain = jnp.zeros((S, 3, 3), geometry.positions.dtype)
 
     def total_energy(positions, strain):
-        deformation = jnp.eye(3, dtype=positions.dtype) + strain
-        strained = geometry.replace(
-            positions=positions + jnp.einsum("ad,adk->ak", positions, per_atom(strain, geometry.system)),
-            cell=jnp.einsum("sdk,skl->sdl", geometry.cell, deformation),
-        )
-        energies = potential.energy(strained, neighbors)
+        if compute_stress:
+            deformation = jnp.eye(3, dtype=positions.dtype) + strain
+            geometry_ = geometry.replace(
+                positions=positions + matvec_rows(positions, per_atom(strain, geometry.system)),
+                cell=jnp.einsum("sdk,skl->sdl", geometry.cell, deformation),
+            )
+        else:
+            geometry_ = geometry.replace(positions=positions)
+        energies = potential.energy(geometry_, neighbors)
         return jnp.sum(energies), energies
 
     (_, energies), (grad_positions, grad_strain) = jax.value_and_grad(
         total_energy, argnums=(0, 1), has_aux=True)(geometry.positions, strain)
     forces = jnp.where(geometry.atom_mask[:, None], -grad_positions, 0.0)
+    if not compute_stress:
+        return Evaluation(energy=energies, forces=forces, stress=jnp.zeros((S, 3, 3), forces.dtype))
     volume = jnp.abs(jnp.linalg.det(geometry.cell))
     has_volume = volume > 1e-12
     stress = jnp.where(has_volume[:, None, None], grad_strain / jnp.where(has_volume, volume, 1.0)[:, None, None], 0.0)

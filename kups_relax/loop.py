@@ -52,7 +52,8 @@ class LoopState(NamedTuple):
         neighbors: the :class:`~kups_relax.neighbors.NeighborList`.
         energy: ``(S,)`` eV at ``positions``.
         forces: ``(A, 3)`` eV/Å at ``positions`` (raw, before constraints).
-        stress: ``(S, 3, 3)`` eV/Å³ at ``positions``.
+        stress: ``(S, 3, 3)`` eV/Å³ (not computed during a positions-only relaxation: zeros;
+            the engine evaluates the final stress once at the end).
         fmax: ``(S,)`` largest per-atom force norm after constraints, eV/Å.
         steps: ``(S,)`` steps taken (ASE's ``nsteps``).
         status: ``(S,)`` one of ``RUNNING, CONVERGED, UNCONVERGED, DIVERGED, EMPTY``.
@@ -107,7 +108,7 @@ def initial_state(geometry: Geometry, potential, neighbors: nl.NeighborList, tar
     """Evaluate the starting geometry and set every system's status (ASE's step 0)."""
     from .transforms import SystemIndex
 
-    ev = evaluate(potential, geometry, neighbors)
+    ev = evaluate(potential, geometry, neighbors, compute_stress=False)
     forces_c = jnp.where(geometry.movable, ev.forces, 0.0)
     fmax = _max_force(forces_c, geometry)
     finite = _finite(ev.energy, ev.forces, geometry)
@@ -132,7 +133,7 @@ def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, opt
     trial = geometry.replace(positions=state.positions + updates)
 
     neighbors = nl.update(state.neighbors, trial)
-    ev = evaluate(potential, trial, neighbors)
+    ev = evaluate(potential, trial, neighbors, compute_stress=False)
     finite = _finite(ev.energy, ev.forces, geometry)
     moved = active & finite
     row_moved = _rows(geometry, moved)
