@@ -197,28 +197,33 @@ class EMT:
             max_s0 = jnp.where(jnp.isfinite(present), present, table_max)
         else:
             max_s0 = jnp.full(S, table_max, dtype)
-        rc, rc_list, acut = cutoff_parameters(max_s0, self.asap_cutoff)
+        rc, rc_list, acut = (x[atom_system] for x in cutoff_parameters(max_s0, self.asap_cutoff))
+        gamma1, gamma2 = _gammas(p["s0"], p["eta2"], p["kappa"], rc, acut)
 
-        gamma1, gamma2 = _gammas(p["s0"], p["eta2"], p["kappa"], rc[atom_system], acut[atom_system])
-        neg_half_v0_over_gamma2 = -0.5 * p["V0"] / gamma2
+        # everything a pair needs from its atoms, gathered once per end (i = sender = "self")
+        columns = ("s0", "eta2", "kappa", "log_n0", "neg_half_v0_over_gamma2", "rc", "rc_list", "acut")
+        per_atom = jnp.stack([p["s0"], p["eta2"], p["kappa"], jnp.log(p["n0"]), -0.5 * p["V0"] / gamma2,
+                              rc, rc_list, acut], axis=-1)
+        ends_i = dict(zip(columns, per_atom[neighbors.senders].T))
+        ends_j = dict(zip(columns, per_atom[neighbors.receivers].T))
 
-        # pairs (i = sender = "self", j = receiver = "other")
-        i, j = neighbors.senders, neighbors.receivers
-        pair_system = atom_system[i]
         vec = pair_vectors(neighbors, geometry.positions, geometry.cell, geometry.system)
         d2 = jnp.sum(vec * vec, axis=-1)
         r = jnp.sqrt(jnp.where(neighbors.mask, d2, 1.0))  # padding pairs kept away from sqrt(0)
-        inside = neighbors.mask & (r < rc_list[pair_system])
-        w = 1.0 / (1.0 + jnp.exp(acut[pair_system] * (r - rc[pair_system])))
-        chi = p["n0"][j] / p["n0"][i]
-        dsigma1 = jnp.exp(-p["eta2"][j] * (r - BETA * p["s0"][j])) * chi * w
-        dsigma2_self = jnp.exp(-p["kappa"][j] * (r / BETA - p["s0"][j])) * chi * w
-        dsigma2_other = jnp.exp(-p["kappa"][i] * (r / BETA - p["s0"][i])) / chi * w
-        pair_as = 0.5 * (neg_half_v0_over_gamma2[i] * dsigma2_self + neg_half_v0_over_gamma2[j] * dsigma2_other)
+        inside = neighbors.mask & (r < ends_i["rc_list"])
+        # log(w) + log(chi) with w the logistic cutoff and chi = n0_j / n0_i
+        log_w = -jnp.logaddexp(0.0, ends_i["acut"] * (r - ends_i["rc"]))
+        log_chi = ends_j["log_n0"] - ends_i["log_n0"]
+        dsigma1 = jnp.exp(log_w + log_chi - ends_j["eta2"] * (r - BETA * ends_j["s0"]))
+        dsigma2_self = jnp.exp(log_w + log_chi - ends_j["kappa"] * (r / BETA - ends_j["s0"]))
+        dsigma2_other = jnp.exp(log_w - log_chi - ends_i["kappa"] * (r / BETA - ends_i["s0"]))
+        pair_as = 0.5 * (ends_i["neg_half_v0_over_gamma2"] * dsigma2_self
+                         + ends_j["neg_half_v0_over_gamma2"] * dsigma2_other)
 
-        sigma1 = segment_sum(jnp.where(inside, dsigma1, 0.0), i, A)
-        e_as = segment_sum(jnp.where(inside, pair_as, 0.0), i, A)
-        has_neighbors = segment_sum(inside.astype(jnp.int32), i, A) > 0
+        # one scatter for the three per-atom sums
+        per_pair = jnp.where(inside[:, None], jnp.stack([dsigma1, pair_as, jnp.ones_like(r)], axis=-1), 0.0)
+        sigma1, e_as, n_neighbors = segment_sum(per_pair, neighbors.senders, A).T
+        has_neighbors = n_neighbors > 0
 
         # cohesive energy; atoms without neighbours have ds -> inf, E_c -> 0 (ASE skips them)
         twelve_gamma1 = 12.0 * gamma1
