@@ -22,6 +22,7 @@ out in the same order whatever slot it sits in.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,26 @@ import numpy as np
 
 from .batch import Geometry
 from .buckets import bucket
+
+
+class Capacities(NamedTuple):
+    """Static sizes of a neighbor-list build (all bucketed).
+
+    Attributes:
+        pairs: pair rows ``E``.
+        dense_candidates: candidate pairs of the systems enumerated all-pairs.
+        cell_rows: atoms of the systems enumerated with a cell list.
+        bins: cell-list bins over all those systems.
+        bin_size: atoms per bin.
+        offsets: neighbouring bins visited per atom (27 unless a cell is thinner than the cutoff).
+    """
+
+    pairs: int
+    dense_candidates: int = 64
+    cell_rows: int = 8
+    bins: int = 8
+    bin_size: int = 8
+    offsets: int = 27
 
 
 @jax.tree_util.register_dataclass
@@ -43,12 +64,13 @@ class NeighborList:
         mask: ``(E,)`` True for real pairs.
         reference_positions: ``(A, 3)`` positions at the last build, Å.
         n_pairs: ``()`` pairs found at the last build (may exceed ``E`` on overflow).
-        n_candidates: ``()`` candidate pairs enumerated at the last build.
+        needed: ``(5,)`` what the last build needed of ``dense_candidates, cell_rows, bins,
+            bin_size, offsets`` (compared with ``capacities`` to detect overflow).
         overflow: ``()`` True when a capacity was too small at the last build.
         n_builds: ``()`` builds so far (diagnostics).
         cutoff: interaction cutoff, Å (static).
         skin: Verlet skin, Å (static).
-        candidate_capacity: length of the candidate enumeration (static).
+        capacities: the static :class:`Capacities`.
     """
 
     senders: jax.Array
@@ -57,94 +79,190 @@ class NeighborList:
     mask: jax.Array
     reference_positions: jax.Array
     n_pairs: jax.Array
-    n_candidates: jax.Array
+    needed: jax.Array
     overflow: jax.Array
     n_builds: jax.Array
     cutoff: float = dataclasses.field(metadata=dict(static=True))
     skin: float = dataclasses.field(metadata=dict(static=True))
-    candidate_capacity: int = dataclasses.field(metadata=dict(static=True))
+    capacities: Capacities = dataclasses.field(metadata=dict(static=True))
 
     @property
     def capacity(self) -> int:
         return self.senders.shape[0]
 
 
-def image_counts(geometry: Geometry, radius: float | jax.Array) -> jax.Array:
-    """Periodic images needed along each lattice direction -> int ``(S, 3)``.
-
-    Along a periodic direction ``d`` two atoms closer than ``radius`` differ in the
-    fractional coordinate by at most ``radius * |b_d|`` (``b_d`` the reciprocal vector),
-    so images ``-k..k`` with ``k = ceil(radius * |b_d|)`` around the wrapped cell suffice.
-    """
-    reciprocal = jnp.linalg.inv(geometry.wrap_cell)  # columns are b_d
-    k = jnp.ceil(radius * jnp.linalg.norm(reciprocal, axis=-2))
-    return jnp.where(geometry.pbc, k, 0).astype(jnp.int64)
+#: A system is enumerated with a cell list when its cell holds at least this many bins
+#: (bins are at least ``cutoff + skin`` wide); smaller systems enumerate all pairs.
+MIN_BINS_FOR_CELL_LIST = 8
+#: Bins per direction are capped (a 3-D cell list over a huge vacuum gains nothing).
+MAX_BINS_PER_DIRECTION = 64
 
 
-def _candidate_counts(geometry: Geometry, radius) -> tuple[jax.Array, jax.Array]:
-    k = image_counts(geometry, radius)
-    n_images = jnp.prod(2 * k + 1, axis=-1)
-    n = geometry.n_atoms.astype(jnp.int64)
-    return n * n * n_images, k
+class _Layout(NamedTuple):
+    """Per-atom and per-system quantities shared by both enumerations."""
+
+    system: jax.Array  # (A,) clipped system index
+    whole: jax.Array  # (A, 3) lattice translations that wrap each atom into its cell (periodic dims)
+    bin_coord: jax.Array  # (A, 3) int bin of each atom (cell-list systems)
+    n_bins: jax.Array  # (S, 3) bins per direction
+    k_dense: jax.Array  # (S, 3) images per direction for the all-pairs enumeration
+    k_cells: jax.Array  # (S, 3) neighbouring bins per direction for the cell list
+    use_cells: jax.Array  # (S,) bool
+    bin_offset: jax.Array  # (S,) first global bin of each cell-list system
 
 
-def build(geometry: Geometry, cutoff: float, skin: float, capacity: int, candidate_capacity: int,
-          n_builds: jax.Array | int = 0) -> NeighborList:
-    """Build the pair list from scratch (jit-compatible; capacities are static)."""
-    radius = cutoff + skin
+def _layout(geometry: Geometry, radius) -> _Layout:
     S = geometry.n_systems
-    counts, k = _candidate_counts(geometry, radius)
+    system = jnp.clip(geometry.system, 0, S - 1)
+    inv = jnp.linalg.inv(geometry.wrap_cell)  # columns are the reciprocal vectors b_d
+    spacing = 1.0 / jnp.linalg.norm(inv, axis=-2)  # (S, 3) distance between lattice planes, Å
+    frac = matvec_rows(geometry.positions, inv[system])
+    pbc_atom = geometry.pbc[system]
+    whole = jnp.where(pbc_atom, jnp.floor(frac), 0.0)
+    u = frac - whole  # in [0, 1) along periodic directions; Å along the (unit) non-periodic rows
+    mask = geometry.atom_mask[:, None]
+    lo = jax.ops.segment_min(jnp.where(mask, u, jnp.inf), geometry.system, num_segments=S)
+    hi = jax.ops.segment_max(jnp.where(mask, u, -jnp.inf), geometry.system, num_segments=S)
+    has_atoms = (geometry.n_atoms > 0)[:, None]
+    extent = jnp.where(geometry.pbc, spacing, jnp.where(has_atoms, hi - lo, 0.0))
+    n_bins = jnp.clip(jnp.floor(extent / radius), 1, MAX_BINS_PER_DIRECTION).astype(jnp.int64)
+    width = jnp.where(has_atoms, extent / n_bins, 1.0)
+    k_cells = jnp.where(geometry.pbc, jnp.ceil(radius / jnp.maximum(width, 1e-12)), 1).astype(jnp.int64)
+    k_dense = jnp.where(geometry.pbc, jnp.ceil(radius / spacing), 0).astype(jnp.int64)
+    use_cells = (jnp.prod(n_bins, axis=-1) >= MIN_BINS_FOR_CELL_LIST) & (geometry.n_atoms > 0)
+    cell_bins = jnp.where(use_cells, jnp.prod(n_bins, axis=-1), 0)
+    bin_offset = jnp.cumsum(cell_bins) - cell_bins
+    scaled = jnp.where(pbc_atom, u * n_bins[system], (u - lo[system]) / width[system])
+    bin_coord = jnp.clip(jnp.floor(scaled), 0, n_bins[system] - 1).astype(jnp.int64)
+    return _Layout(system, whole, bin_coord, n_bins, k_dense, k_cells, use_cells, bin_offset)
+
+
+def _mixed_radix(index: jax.Array, k: jax.Array) -> jax.Array:
+    """Index in ``[0, prod(2k+1))`` -> integer offsets ``(..., 3)`` in ``[-k, k]`` per direction."""
+    width = 2 * k + 1
+    t0 = index % width[..., 0]
+    t1 = (index // width[..., 0]) % width[..., 1]
+    t2 = index // (width[..., 0] * width[..., 1])
+    return jnp.stack([t0, t1, t2], axis=-1) - k
+
+
+def _dense_candidates(geometry: Geometry, lay: _Layout, capacity: int):
+    """All atom pairs x all images, for the systems without a cell list (ragged over systems)."""
+    S = geometry.n_systems
+    n_images = jnp.prod(2 * lay.k_dense + 1, axis=-1)
+    n = geometry.n_atoms.astype(jnp.int64)
+    counts = jnp.where(lay.use_cells, 0, n * n * n_images)
     ends = jnp.cumsum(counts)
     starts = ends - counts
-    total = ends[-1]
-
-    c = jnp.arange(candidate_capacity, dtype=jnp.int64)
+    c = jnp.arange(capacity, dtype=jnp.int64)
     s = jnp.clip(jnp.searchsorted(ends, c, side="right"), 0, S - 1)
-    valid = c < total
+    valid = c < ends[-1]
     local = c - starts[s]
-    n_img = jnp.prod(2 * k + 1, axis=-1)[s]
-    n = geometry.n_atoms[s].astype(jnp.int64)
-    img = local % n_img
-    pair = local // n_img
+    img = local % n_images[s]
+    pair = local // n_images[s]
+    n_s = jnp.maximum(n[s], 1)
     first = geometry.first_atom[s].astype(jnp.int64)
-    i = jnp.where(valid, first + pair // jnp.maximum(n, 1), 0)
-    j = jnp.where(valid, first + pair % jnp.maximum(n, 1), 0)
+    i = jnp.where(valid, first + pair // n_s, 0)
+    j = jnp.where(valid, first + pair % n_s, 0)
+    return i, j, _mixed_radix(img, lay.k_dense[s]), valid, ends[-1]
 
-    # image index -> integer translation (mixed radix over 2k+1 per direction)
-    ks = k[s]
-    width = 2 * ks + 1
-    t0 = img % width[:, 0]
-    t1 = (img // width[:, 0]) % width[:, 1]
-    t2 = img // (width[:, 0] * width[:, 1])
-    translation = jnp.stack([t0, t1, t2], axis=-1) - ks
 
-    # wrap positions into the cell along periodic directions only
+def _cell_candidates(geometry: Geometry, lay: _Layout, caps: Capacities):
+    """Atoms of the cell-list systems x neighbouring bins x atoms in each bin."""
+    A = geometry.n_atom_rows
+    R, B, M, O = caps.cell_rows, caps.bins, caps.bin_size, caps.offsets
+    in_cells = lay.use_cells[lay.system] & geometry.atom_mask
+    n_rows = jnp.sum(in_cells)
+    (rows,) = jnp.nonzero(in_cells, size=R, fill_value=A)
+    row_ok = rows < A
+    rows_c = jnp.clip(rows, 0, A - 1)
+    nb = lay.n_bins
+    def flat_bin(s, b):
+        return lay.bin_offset[s] + (b[..., 0] * nb[s, 1] + b[..., 1]) * nb[s, 2] + b[..., 2]
+    s_row = lay.system[rows_c]
+    key = jnp.where(row_ok, flat_bin(s_row, lay.bin_coord[rows_c]), B)
+    order = jnp.argsort(key, stable=True)
+    sorted_key = key[order]
+    sorted_atom = rows[order]
+    bin_ids = jnp.arange(B)
+    start = jnp.searchsorted(sorted_key, bin_ids, side="left")
+    stop = jnp.searchsorted(sorted_key, bin_ids, side="right")
+    max_occupancy = jnp.max(stop - start)
+    rank = jnp.arange(R) - start[jnp.clip(sorted_key, 0, B - 1)]
+    table = jnp.full((B, M), A, dtype=jnp.int64).at[
+        jnp.where(sorted_key < B, sorted_key, B), rank].set(sorted_atom, mode="drop")
+
+    k = lay.k_cells[s_row]  # (R, 3)
+    n_offsets = jnp.prod(2 * k + 1, axis=-1)
+    o = jnp.arange(O)
+    offset = _mixed_radix(o[None, :], k[:, None, :])  # (R, O, 3)
+    target = lay.bin_coord[rows_c][:, None, :] + offset
+    nb_r = nb[s_row][:, None, :]
+    pbc_r = geometry.pbc[s_row][:, None, :]
+    translation = jnp.where(pbc_r, jnp.floor_divide(target, nb_r), 0)
+    wrapped = target - translation * nb_r
+    inside = jnp.all(pbc_r | ((target >= 0) & (target < nb_r)), axis=-1)
+    pair_ok = row_ok[:, None] & (o[None, :] < n_offsets[:, None]) & inside  # (R, O)
+    b_target = jnp.where(pair_ok, flat_bin(s_row[:, None], jnp.clip(wrapped, 0, nb_r - 1)), 0)
+    j = table[jnp.clip(b_target, 0, B - 1)]  # (R, O, M)
+    valid = pair_ok[:, :, None] & (j < A)
+    i = jnp.broadcast_to(rows_c[:, None, None], j.shape)
+    translation = jnp.broadcast_to(translation[:, :, None, :], j.shape + (3,))
+    n_cell_bins = jnp.sum(jnp.where(lay.use_cells, jnp.prod(nb, axis=-1), 0))
+    max_offsets = jnp.max(jnp.where(lay.use_cells, jnp.prod(2 * lay.k_cells + 1, axis=-1), 0))
+    needs = (n_rows, n_cell_bins, max_occupancy, max_offsets)
+    return (i.reshape(-1), jnp.where(valid, j, 0).reshape(-1), translation.reshape(-1, 3),
+            valid.reshape(-1), needs)
+
+
+def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities,
+          n_builds: jax.Array | int = 0) -> NeighborList:
+    """Build the pair list from scratch (jit-compatible; capacities are static).
+
+    Systems whose cell holds at least :data:`MIN_BINS_FOR_CELL_LIST` bins of width
+    ``>= cutoff + skin`` use a cell list (cost linear in their atoms); the others
+    enumerate all their atom pairs times the periodic images needed (cheapest for
+    small systems and cells thinner than the cutoff). Either way a system's pairs come
+    out in an order that does not depend on its slot.
+    """
+    radius = cutoff + skin
+    lay = _layout(geometry, radius)
+    i_d, j_d, t_d, ok_d, n_dense = _dense_candidates(geometry, lay, capacities.dense_candidates)
+    i_c, j_c, t_c, ok_c, (n_rows, n_bins, occupancy, n_offsets) = _cell_candidates(geometry, lay, capacities)
+    i = jnp.concatenate([i_d, i_c])
+    j = jnp.concatenate([j_d, j_c])
+    translation = jnp.concatenate([t_d, t_c])
+    valid = jnp.concatenate([ok_d, ok_c])
+
     positions = geometry.positions
-    system = jnp.clip(geometry.system, 0, S - 1)
-    inv = jnp.linalg.inv(geometry.wrap_cell)
-    frac = matvec_rows(positions, inv[system])
-    whole = jnp.where(geometry.pbc[system], jnp.floor(frac), 0.0)
-
-    shift = translation.astype(positions.dtype) - whole[j] + whole[i]
+    s = lay.system[i]
+    shift = translation.astype(positions.dtype) - lay.whole[j] + lay.whole[i]
     vec = positions[j] - positions[i] + matvec_rows(shift, geometry.cell[s])
     d2 = jnp.sum(vec * vec, axis=-1)
     is_self = (i == j) & jnp.all(translation == 0, axis=-1)
     keep = valid & (d2 < radius * radius) & ~is_self
 
+    E = capacities.pairs
     slot = jnp.cumsum(keep) - 1
     n_pairs = jnp.sum(keep)
-    target = jnp.where(keep & (slot < capacity), slot, capacity)  # out of range -> dropped
-    senders = jnp.zeros(capacity, jnp.int32).at[target].set(i.astype(jnp.int32), mode="drop")
-    receivers = jnp.zeros(capacity, jnp.int32).at[target].set(j.astype(jnp.int32), mode="drop")
-    shifts = jnp.zeros((capacity, 3), positions.dtype).at[target].set(shift, mode="drop")
-    mask = jnp.zeros(capacity, bool).at[target].set(True, mode="drop")
-    overflow = (n_pairs > capacity) | (total > candidate_capacity)
+    target = jnp.where(keep & (slot < E), slot, E)  # out of range -> dropped
+    needed = jnp.stack([n_dense, n_rows, n_bins, occupancy, n_offsets]).astype(jnp.int64)
+    limits = jnp.asarray(capacities[1:], dtype=jnp.int64)
+    overflow = (n_pairs > E) | jnp.any(needed > limits)
     return NeighborList(
-        senders=senders, receivers=receivers, shifts=shifts, mask=mask,
-        reference_positions=positions, n_pairs=n_pairs, n_candidates=total,
+        senders=jnp.zeros(E, jnp.int32).at[target].set(i.astype(jnp.int32), mode="drop"),
+        receivers=jnp.zeros(E, jnp.int32).at[target].set(j.astype(jnp.int32), mode="drop"),
+        shifts=jnp.zeros((E, 3), positions.dtype).at[target].set(shift, mode="drop"),
+        mask=jnp.zeros(E, bool).at[target].set(True, mode="drop"),
+        reference_positions=positions, n_pairs=n_pairs, needed=needed,
         overflow=overflow, n_builds=jnp.asarray(n_builds) + 1,
-        cutoff=float(cutoff), skin=float(skin), candidate_capacity=int(candidate_capacity),
+        cutoff=float(cutoff), skin=float(skin), capacities=capacities,
     )
+
+
+def rebuild(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
+    """Build again for ``geometry`` with the same cutoff, skin and capacities (jit-compatible)."""
+    return build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds)
 
 
 def matvec_rows(vectors: jax.Array, matrices: jax.Array) -> jax.Array:
@@ -168,8 +286,7 @@ def update(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
     """
     return jax.lax.cond(
         needs_rebuild(neighbors, geometry.positions),
-        lambda: build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacity,
-                      neighbors.candidate_capacity, neighbors.n_builds),
+        lambda: rebuild(neighbors, geometry),
         lambda: neighbors,
     )
 
@@ -185,29 +302,30 @@ def pair_vectors(neighbors: NeighborList, positions: jax.Array, cell: jax.Array,
     return jnp.where(neighbors.mask[:, None], vec, 0.0)
 
 
-_build_jit = jax.jit(build, static_argnames=("cutoff", "skin", "capacity", "candidate_capacity"))
+_build_jit = jax.jit(build, static_argnames=("cutoff", "skin", "capacities"))
 
 
 def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | None = None,
-             candidate_capacity: int | None = None) -> NeighborList:
+             capacities: Capacities | None = None) -> NeighborList:
     """Build a list on the host, choosing bucketed capacities large enough (jax-md's ``allocate``).
 
-    ``capacity`` and ``candidate_capacity`` are lower bounds; the pair capacity is at
-    least 25 % above the pairs found now, so the list can grow as atoms move.
+    ``capacity`` (pairs) and ``capacities`` are lower bounds. Builds are repeated with
+    grown capacities until nothing overflows (every build reports what it needed, so
+    this takes two or three builds); the pair capacity is at least 25 % above the pairs
+    found, so the list can grow as atoms move.
     """
-    counts, _ = _candidate_counts(geometry, cutoff + skin)
-    needed_candidates = int(np.sum(np.asarray(counts)))
-    candidate_capacity = max(candidate_capacity or 0, bucket(needed_candidates, minimum=64))
-    # a counting pass (n_pairs is exact whatever the capacity), then room to grow as atoms move
-    probe = _build_jit(geometry, cutoff=float(cutoff), skin=float(skin), capacity=64,
-                       candidate_capacity=candidate_capacity)
-    capacity = max(capacity or 0, bucket(int(int(probe.n_pairs) * 1.25) + 1, minimum=64))
-    nl = _build_jit(geometry, cutoff=float(cutoff), skin=float(skin), capacity=capacity,
-                    candidate_capacity=candidate_capacity)
-    assert not bool(nl.overflow), "neighbor capacities were computed from an exact count"
-    return nl
+    caps = capacities or Capacities(pairs=64)
+    caps = caps._replace(pairs=max(caps.pairs, capacity or 0))
+    for _ in range(8):
+        nl = _build_jit(geometry, cutoff=float(cutoff), skin=float(skin), capacities=caps)
+        needed = [int(nl.n_pairs)] + [int(x) for x in np.asarray(nl.needed)]
+        if not bool(nl.overflow) and needed[0] * 1.25 <= caps.pairs:
+            return nl
+        caps = Capacities(*(max(c, bucket(int(n * 1.25) + 1, minimum=8)) for c, n in zip(caps, needed)))
+        caps = caps._replace(offsets=max(capacities.offsets if capacities else 0, needed[5]))
+    raise RuntimeError(f"neighbor list capacities did not settle: {caps}")
 
 
 def grow(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
     """A list with capacities large enough for ``geometry`` (after an overflow)."""
-    return allocate(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacity, neighbors.candidate_capacity)
+    return allocate(geometry, neighbors.cutoff, neighbors.skin, capacities=neighbors.capacities)
