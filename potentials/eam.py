@@ -13,6 +13,13 @@ extrapolated beyond the tables; ``phi`` is the spline through
 ``(r_k, (r phi)_k / r_k)`` for ``k >= 1`` (ASE drops ``r = 0``). Forces and stress
 come from the engine's autodiff, which gives the spline derivatives ASE uses.
 
+Beyond the tables (a density above ``(nrho - 1) drho``, a distance beyond
+``(nr - 1) dr``) both ASE and this code extrapolate the end cubic; FITPACK's
+evaluation far outside its knots is noisy (~1e-10 eV for a density 100 grid
+steps out, measured), so parity there is only that good. LAMMPS does not
+extrapolate this way: keep structures inside the tables. ADP (``.adp``) files
+are not supported.
+
 Read a file with :meth:`EAM.from_file` (host, numpy; see :mod:`potentials.eam_file`).
 """
 
@@ -37,7 +44,7 @@ _N_NUMBERS = 119
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class EAM:
     """EAM potential from tabulated functions (build with :meth:`from_file` or :meth:`from_tables`).
 
@@ -88,6 +95,10 @@ class EAM:
             rc=float(tables.cutoff),
             elements=tuple(tables.elements),
         )
+
+    def __repr__(self) -> str:  # the tables are thousands of numbers: name what they describe
+        return f"EAM(elements={self.elements}, cutoff={self.rc}, nrho={self.embedding.shape[-2] + 1}, " \
+               f"drho={self.drho}, nr={self.density.shape[-2] + 1}, dr={self.dr})"
 
     @property
     def cutoff(self) -> float:

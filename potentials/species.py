@@ -84,7 +84,18 @@ class PairTable:
         return tuple(chemical_symbols[z] for z in self.numbers)
 
     def __repr__(self) -> str:
-        return f"PairTable({', '.join(self.symbols)}; {', '.join(self.values)})"
+        """Every pair's parameters (what trajectory metadata records), e.g. ``PairTable(Ar-Ar: sigma=3.4 ...)``."""
+        try:
+            tables = {name: self.host(name) for name in self.values}
+        except Exception:  # traced values (inside jit) have no numbers to show
+            return f"PairTable({', '.join(self.symbols)}; {', '.join(self.values)})"
+        symbols = self.symbols
+        pairs = []
+        for a in range(len(symbols)):
+            for b in range(a, len(symbols)):
+                values = " ".join(f"{name}={table[a, b]:.10g}" for name, table in tables.items())
+                pairs.append(f"{symbols[a]}-{symbols[b]}: {values}")
+        return f"PairTable({'; '.join(pairs)})"
 
 
 def _pair_key(key) -> tuple[Species, Species]:
