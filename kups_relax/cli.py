@@ -168,13 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     for option in OPTIONS:
         names = [option.flag, *option.aliases]
         kwargs: dict[str, Any] = dict(dest=option.name, default=argparse.SUPPRESS, help=option.help)
-        if option.convert is _flag:
-            names = [n for n in names if n.startswith("--")]
+        if option.convert is _flag:  # --plot / --no-plot, so that a flag can undo a config's "plot: true"
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
-            short = [n for n in option.aliases if not n.startswith("--")]
-            if short:
-                parser.add_argument(*short, action="store_true", dest=option.name, default=argparse.SUPPRESS,
-                                    help=argparse.SUPPRESS)
             continue
         kwargs["default"] = argparse.SUPPRESS
         if option.name == "potential_params":
@@ -526,15 +521,18 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
 
 
 class _Filter(logging.Filter):
-    """Our own messages at ``level``; other libraries' only from WARNING, unless verbose."""
+    """The CLI's messages at ``level``; libraries' from WARNING (verbose: ours from DEBUG, others from INFO)."""
 
     def __init__(self, level: int, verbose: bool):
         super().__init__()
         self.level, self.verbose = level, verbose
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("kups_relax.cli") or self.verbose:
+        if record.name.startswith("kups_relax.cli"):
             return record.levelno >= self.level
+        if self.verbose:  # our library's debug records, other libraries' from INFO
+            ours = record.name.startswith(("kups_relax", "potentials"))
+            return record.levelno >= (self.level if ours else logging.INFO)
         return record.levelno >= max(self.level, logging.WARNING)
 
 

@@ -6,15 +6,16 @@ Five real runs, shared between the tests by module-scoped fixtures:
   garbled file, NaN coordinates, an element EMT does not cover, a duplicate name and a
   step limit that one system hits; settings from a YAML config with flags overriding it.
   Every status, step count and energy is checked against ASE's own LBFGS + EMT.
-* ``full``: 16 small Lennard-Jones clusters, uninterrupted; its files are compared with
-  :func:`kups_relax.relax` and read with plain h5py and ``read_trajectory``.
+* ``full``: 16 small Lennard-Jones clusters, uninterrupted; its files are read with plain
+  h5py and ``read_trajectory`` and compared with :func:`kups_relax.relax` (run in a
+  subprocess too, so that it reuses the compiled programs).
 * ``killed`` + ``resumed``: the same inputs, ``kill -9`` once some ``.h5`` files exist,
   then ``--resume``; the outputs must equal the uninterrupted run's and no complete file
   may be rewritten.
 * a run with no readable input (exit status 2).
 
-The subprocesses share a private JAX compilation cache, so the killed run reuses the
-programs the full run compiled.
+The subprocesses share a private JAX compilation cache, so the killed and resumed runs
+and the API run reuse the programs the full run compiled.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -39,9 +41,8 @@ from ase.io import read, write
 from ase.optimize import LBFGS
 
 import kups_relax
-from kups_relax import cli, relax
-from kups_relax.io import read_structures, read_trajectory
-from potentials import LennardJones
+from kups_relax import cli
+from kups_relax.io import read_trajectory
 from structures import LJ_PARAMS, random_cluster
 
 SCRIPT = shutil.which("relax-batch") or str(Path(sys.executable).parent / "relax-batch")
@@ -53,7 +54,6 @@ MIXED_FMAX = 0.05
 def env(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")))
-    env.pop("PYTHONPATH", None)
     return env
 
 
@@ -225,7 +225,8 @@ N_CLUSTERS = 16
 def lj_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lj")
     (root / "in").mkdir()
-    for k, n in enumerate([4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 5, 6, 7, 8, 9, 10]):
+    # 120 atoms: the resumed run (a system or two fewer) packs into the same capacities and reuses the programs
+    for k, n in enumerate([4, 5, 6, 7, 8, 9, 10, 11] * 2):
         write(root / "in" / f"c{k:02d}.xyz", random_cluster(n, seed=100 + k))
     return root
 
@@ -271,11 +272,33 @@ def test_full_run_exits_0_with_every_output(full):
     assert len(read(out / "relaxed.extxyz", index=":")) == N_CLUSTERS
 
 
-def test_h5_matches_api_and_read_trajectory(lj_inputs, full):
-    items = read_structures([lj_inputs / "in"])
-    results = relax([it.atoms for it in items], LennardJones(**LJ_PARAMS), fmax=0.01,
-                    names=[it.name for it in items], trajectory=True)
-    for result in results:
+API_SCRIPT = """
+import pickle, sys
+from kups_relax import relax
+from kups_relax.io import read_structures
+from potentials import LennardJones
+items = read_structures([sys.argv[1]])
+results = relax([it.atoms for it in items], LennardJones(sigma=3.4, epsilon=0.0104, rc=8.5), fmax=0.01,
+                names=[it.name for it in items], trajectory=True)
+with open(sys.argv[2], "wb") as f:
+    pickle.dump(results, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def api_results(lj_inputs, env, full):
+    """``kups_relax.relax`` on the same inputs, in a fresh process that reuses the CLI run's compiled programs."""
+    path = lj_inputs / "api.pickle"
+    proc = subprocess.run([sys.executable, "-c", API_SCRIPT, "in", path.name], env=env, cwd=lj_inputs,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def test_h5_matches_api_and_read_trajectory(full, api_results):
+    assert len(api_results) == N_CLUSTERS
+    for result in api_results:
         path = full["out"] / f"{result.name}.h5"
         with h5py.File(path, "r") as f:  # plain h5py, no kups_relax code
             positions = f["particles/all/position/value"][()]
