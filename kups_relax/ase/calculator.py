@@ -15,7 +15,6 @@ size or periodicity allocates a new one.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import jax
@@ -33,14 +32,14 @@ from kups_relax.evaluate import Evaluation, evaluate
 logger = logging.getLogger(__name__)
 
 
-@functools.partial(jax.jit, static_argnames=("rebuild",))
-def _evaluate(potential, geometry, neighbors: nl.NeighborList, rebuild: bool):
-    """Refresh the neighbor list (always when ``rebuild``, else when the skin is used up), then evaluate."""
-    if rebuild:
-        neighbors = nl.build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacity,
-                             neighbors.candidate_capacity, neighbors.n_builds)
-    else:
-        neighbors = nl.update(neighbors, geometry)
+@jax.jit
+def _evaluate(potential, geometry, neighbors: nl.NeighborList, rebuild: jax.Array):
+    """Rebuild the neighbor list if ``rebuild`` (a new cell) or the skin is used up, then evaluate."""
+    neighbors = jax.lax.cond(
+        rebuild | nl.needs_rebuild(neighbors, geometry.positions),
+        lambda: nl.rebuild(neighbors, geometry),
+        lambda: neighbors,
+    )
     return evaluate(potential, geometry, neighbors), neighbors
 
 
@@ -127,11 +126,11 @@ class Calculator(AseCalculator):
             rebuild = False
         else:
             rebuild = not np.array_equal(cell, self._cell)
-        ev, neighbors = _evaluate(self.potential, geometry, self._neighbors, rebuild=rebuild)
+        ev, neighbors = _evaluate(self.potential, geometry, self._neighbors, np.bool_(rebuild))
         if bool(neighbors.overflow):
             grown = nl.grow(neighbors, geometry)
-            logger.debug("neighbor list overflow: capacity %d -> %d pairs", neighbors.capacity, grown.capacity)
-            ev, neighbors = _evaluate(self.potential, geometry, grown, rebuild=False)
+            logger.debug("neighbor list overflow: %s -> %s", neighbors.capacities, grown.capacities)
+            ev, neighbors = _evaluate(self.potential, geometry, grown, np.bool_(False))
         self._neighbors, self._cell = neighbors, cell
         return self._host(ev, len(atoms))
 

@@ -25,6 +25,7 @@ from kups_relax.loop import RUNNING, STATUS_NAMES, Targets, initial_state, run_c
 from kups_relax.validate import InvalidStructure, check_structure
 
 from .calculator import Calculator
+from .steps import match_state
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ class Frame:
 class LoopRelaxation:
     """Relax one ``Atoms`` with the engine's loop, continuing from an optimizer state.
 
-    Construction evaluates the starting geometry (:attr:`energy`, :attr:`forces`);
+    Construction evaluates the starting geometry (:attr:`energy`, :attr:`forces`; the
+    loop computes no stress);
     :meth:`run` takes up to ``steps`` steps until ``fmax`` is met.
 
     Args:
@@ -83,11 +85,11 @@ class LoopRelaxation:
         neighbors = nl.allocate(self.geometry, self.potential.cutoff, calc.skin)
         state = initial_state(self.geometry, self.potential, neighbors, self.targets, optimizer=transform)
         if opt_state is not None:
+            opt_state = match_state(opt_state, transform)
             state = state._replace(opt_state=jax.tree.map(lambda a: _cast(a, dtype), opt_state))
         self.state = state
         self.energy = float(np.asarray(state.energy)[0])
         self.forces = np.asarray(state.forces, dtype=np.float64)[:self.n_atoms]
-        self.stress = np.asarray(state.stress, dtype=np.float64)[0]
 
     def run(self, record: bool) -> list[Frame]:
         """Run until converged or out of steps; one :class:`Frame` per step (positions/forces if ``record``)."""
@@ -124,13 +126,9 @@ class LoopRelaxation:
 
     @property
     def final(self) -> Frame:
-        """The last geometry with its energy, forces; and the stress as ``(3, 3)``."""
+        """The last geometry with its energy and forces (the loop computes no stress)."""
         return Frame(self.positions, float(np.asarray(self.state.energy)[0]),
                      np.asarray(self.state.forces, dtype=np.float64)[:self.n_atoms])
-
-    @property
-    def final_stress(self) -> np.ndarray:
-        return np.asarray(self.state.stress, dtype=np.float64)[0]
 
     @property
     def opt_state(self):

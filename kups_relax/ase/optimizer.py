@@ -197,7 +197,7 @@ class LBFGS(Optimizer):
         self.max_steps = self.nsteps + steps
         relaxation = LoopRelaxation(atoms, self._steps.transform(self.maxstep, self.damping), self.fmax,
                                     steps, opt_state=self._steps.state)
-        calc.set_results(atoms, relaxation.energy, relaxation.forces, relaxation.stress)
+        calc.set_results(atoms, relaxation.energy, relaxation.forces)
         gradient = self.optimizable.get_gradient()
         if self.nsteps == 0:
             self.log(gradient)
@@ -219,7 +219,7 @@ class LBFGS(Optimizer):
             self.nsteps += len(frames)
         final = relaxation.final
         atoms.set_positions(final.positions, apply_constraint=False)
-        calc.set_results(atoms, final.energy, final.forces, relaxation.final_stress)
+        calc.set_results(atoms, final.energy, final.forces)
         self.force_calls += len(frames)
         self.function_calls += len(frames)
         self._steps.state = _as_float64(relaxation.opt_state)

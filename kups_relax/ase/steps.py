@@ -4,8 +4,8 @@ Any ASE calculator can feed these: the host hands over each system's flat
 coordinates and gradient (``Optimizable.get_x`` / ``get_gradient``, reshaped to
 rows of three), and one jitted call of the engine's per-system transforms
 (:class:`~kups_relax.transforms.ScaleByAseLbfgs`, then
-:class:`~kups_relax.transforms.MaxStepSize`, then ASE's ``damping``) returns every
-system's step. Rows are packed exactly like :class:`kups_relax.batch.Batch`
+:class:`~kups_relax.transforms.MaxStepSize`, then ASE's ``damping``; built by
+:func:`~kups_relax.transforms.ase_lbfgs`) returns every system's step. Rows are packed exactly like :class:`kups_relax.batch.Batch`
 packs atoms (contiguous per system, capacity rounded up to a bucket), so the
 state of one plain ``Atoms`` can move between these host steps and the jitted
 loop unchanged.
@@ -25,17 +25,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from kups_relax.buckets import bucket
-from kups_relax.transforms import Chain, MaxStepSize, Scale, ScaleByAseLbfgs, SystemIndex, chain
+from kups_relax.transforms import Chain, SystemIndex, ase_lbfgs
+from kups_relax.transforms.base import ChainState, EmptyState
+from kups_relax.transforms.lbfgs import get_history, set_history
 
 
 def lbfgs_transform(maxstep: float, memory: int, damping: float, alpha: float) -> Chain:
-    """``ase.optimize.LBFGS`` as engine transforms: direction, max-step clip, damping.
+    """``ase.optimize.LBFGS`` as engine transforms: the engine's own :func:`~kups_relax.transforms.ase_lbfgs`.
 
-    ``damping`` is always a chain member (``Scale(1.0)`` is exact), so the state has
-    the same structure whatever the damping.
+    (The same object :func:`kups_relax.relax` builds, so compiled loops are shared.)
     """
-    return chain(ScaleByAseLbfgs(memory_size=int(memory), alpha=float(alpha)),
-                 MaxStepSize(max_step=float(maxstep)), Scale(float(damping)))
+    return ase_lbfgs(maxstep=float(maxstep), memory=int(memory), damping=float(damping), alpha=float(alpha))
+
+
+def match_state(state: ChainState, transform: Chain) -> ChainState:
+    """``state`` reshaped for ``transform``: ``ase_lbfgs`` has a damping member only when damping != 1.
+
+    The damping member is stateless, so the L-BFGS history carries over unchanged.
+    """
+    inner = tuple(state.inner[:2])
+    if len(transform.transforms) > 2:
+        inner += (EmptyState(),)
+    return state._replace(inner=inner)
 
 
 @functools.partial(jax.jit, static_argnames=("transform",))
@@ -88,8 +99,9 @@ class HostSteps:
         dtype = self.state.inner[0].params.dtype
         mask = np.zeros(self.n_systems, dtype=bool)
         mask[:len(self.n_rows)] = np.asarray(active, dtype=bool)
-        updates, self.state = _update(self.transform(maxstep, damping),
-                                      jnp.asarray(self.pack(gradients), dtype), self.state,
+        transform = self.transform(maxstep, damping)
+        updates, self.state = _update(transform, jnp.asarray(self.pack(gradients), dtype),
+                                      match_state(self.state, transform),
                                       jnp.asarray(self.pack(positions), dtype), jnp.asarray(mask))
         updates = np.asarray(updates, dtype=np.float64)
         return [updates[rows] for rows in self.slices]
@@ -103,65 +115,31 @@ class HostSteps:
         ``s``/``y``/``r0``/``f0`` are flat arrays of ``3 * n_rows`` entries; ``r0`` and
         ``f0`` (the coordinates and forces of the last step) are ``None`` before the first.
         """
-        lb = self.state.inner[0]
-        rows = self.slices[system]
-        it = int(lb.iteration[system])
-        M = self.memory
-        n = min(max(it - 1, 0), M)
-        ring = [(it - 2 - age) % M for age in reversed(range(n))]  # oldest first
-        s_mem = np.asarray(lb.s_memory[:, rows], dtype=np.float64)
-        y_mem = np.asarray(lb.y_memory[:, rows], dtype=np.float64)
-        rho = np.asarray(lb.rho[system], dtype=np.float64)
+        h = get_history(self.state.inner[0], system, self.memory)
+        first = h["iteration"] == 0
         return {
-            "iteration": it,
-            "s": [s_mem[k].ravel() for k in ring],
-            "y": [y_mem[k].ravel() for k in ring],
-            "rho": [float(rho[k]) for k in ring],
-            "r0": np.asarray(lb.params[rows], dtype=np.float64).ravel() if it > 0 else None,
-            "f0": -np.asarray(lb.grads[rows], dtype=np.float64).ravel() if it > 0 else None,
+            "iteration": h["iteration"], "s": h["s"], "y": h["y"], "rho": h["rho"],
+            "r0": None if first else np.asarray(h["r0"], dtype=np.float64).ravel(),
+            "f0": None if first else -np.asarray(h["g0"], dtype=np.float64).ravel(),
         }
 
     def set_history(self, iteration: int, s, y, rho, r0, f0, system: int = 0) -> None:
         """Load ASE's LBFGS memory (the inverse of :meth:`history`) into ``system``'s slot.
 
-        Only the newest ``memory`` pairs are kept. Raises ``ValueError`` when the arrays
-        do not fit the system's rows.
+        Raises ``ValueError`` when the arrays do not fit the system's rows.
         """
-        lb = self.state.inner[0]
-        rows = self.slices[system]
         n_values = 3 * self.n_rows[system]
-        M = self.memory
-        iteration = int(iteration)
-        pairs = list(zip(s, y, rho))[-M:] if M > 0 else []
-        if len(pairs) > max(iteration - 1, 0):
-            raise ValueError(f"LBFGS history has {len(pairs)} pairs for iteration {iteration}")
-        dtype = lb.params.dtype
-        s_mem = np.array(lb.s_memory, dtype=np.float64)
-        y_mem = np.array(lb.y_memory, dtype=np.float64)
-        rho_tab = np.array(lb.rho, dtype=np.float64)
-        s_mem[:, rows] = 0.0
-        y_mem[:, rows] = 0.0
-        rho_tab[system] = 0.0
-        for age, (s_i, y_i, rho_i) in enumerate(reversed(pairs)):
-            k = (iteration - 2 - age) % M
-            s_mem[k, rows] = _rows_of(s_i, n_values)
-            y_mem[k, rows] = _rows_of(y_i, n_values)
-            rho_tab[system, k] = float(rho_i)
-        params = np.array(lb.params, dtype=np.float64)
-        grads = np.array(lb.grads, dtype=np.float64)
-        params[rows] = 0.0 if r0 is None else _rows_of(r0, n_values)
-        grads[rows] = 0.0 if f0 is None else -_rows_of(f0, n_values)
-        lb = lb._replace(
-            iteration=lb.iteration.at[system].set(iteration),
-            params=jnp.asarray(params, dtype), grads=jnp.asarray(grads, dtype),
-            s_memory=jnp.asarray(s_mem, dtype), y_memory=jnp.asarray(y_mem, dtype),
-            rho=jnp.asarray(rho_tab, dtype),
-        )
+        zeros = np.zeros(n_values)
+        r0 = zeros if r0 is None else _checked(r0, n_values)
+        g0 = zeros if f0 is None else -_checked(f0, n_values)
+        s = [_checked(v, n_values) for v in s]
+        y = [_checked(v, n_values) for v in y]
+        lb = set_history(self.state.inner[0], system, self.memory, int(iteration), s, y, rho, r0, g0)
         self.state = self.state._replace(inner=(lb,) + tuple(self.state.inner[1:]))
 
 
-def _rows_of(values, n_values: int) -> np.ndarray:
+def _checked(values, n_values: int) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64).ravel()
     if arr.size != n_values:
         raise ValueError(f"LBFGS history vector has {arr.size} entries, the system has {n_values}")
-    return arr.reshape(-1, 3)
+    return arr
