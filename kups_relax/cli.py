@@ -239,31 +239,17 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- potential and optimizer ----------------------------------------------------------------
 
-def _get_potential_function() -> Callable[..., Any]:
-    try:
-        from potentials.registry import get_potential
-    except ModuleNotFoundError as err:
-        if err.name != "potentials.registry":
-            raise
-        from potentials import LennardJones
-
-        local = {"lj": LennardJones}
-
-        def get_potential(name: str, **params):
-            if name.lower() not in local:
-                raise ValueError(f"unknown potential {name!r} (available: {', '.join(local)})")
-            return local[name.lower()](**params)
-
-    return get_potential
-
-
 def make_potential(name: str, params: Mapping[str, Any]):
     """The potential object for ``--potential NAME`` and its parameters (UsageError on a bad name/parameter)."""
+    from potentials import get_potential
+
     try:
-        return _get_potential_function()(name, **params)
+        return get_potential(name, **params)
     except (TypeError, ValueError, KeyError, OSError) as err:
-        message = str(err).strip("'\"")
-        raise UsageError(f"potential {name!r}: {message}") from None
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        if not message.startswith(("potential", "unknown potential")):
+            message = f"potential {name!r}: {message}"
+        raise UsageError(message) from None
 
 
 def make_optimizer(name: str, maxstep: float | None):

@@ -291,6 +291,8 @@ def test_bad_flags_are_usage_errors(capsys):
         _settings(["x.xyz", "--potential-params", "sigma"])
     assert cli.main(["x.xyz", "--potential", "nope"]) == 2
     assert "unknown potential 'nope'" in capsys.readouterr().err
+    assert cli.main(["x.xyz", "--potential", "lj", "--potential-params", "sigma=3.4,foo=1"]) == 2
+    assert "potential 'lj': " in (err := capsys.readouterr().err) and "'foo'" in err
     assert cli.main(["x.xyz", "--optimizer", "bfgs2"]) == 2
     assert "unknown optimizer 'bfgs2'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # argparse's own errors also exit with 2
