@@ -17,9 +17,12 @@ Two paths, one state:
   the whole relaxation runs in the engine's jitted loop
   (:class:`kups_relax.ase.fast.LoopRelaxation`). Afterwards every recorded step is
   replayed on the ``Atoms`` (positions, cached energy/forces), so log lines,
-  trajectory frames and observers are those of the host path; they are written
-  when the loop has finished, and an observer that changes the atoms cannot steer
-  the relaxation.
+  trajectory frames and observers are those of the host path. The differences:
+  they are written when the loop has finished (log times are those of writing),
+  an observer that changes the atoms cannot steer the relaxation, and a restart
+  file is written once, at the end of ``run``, not after every step.
+  ``irun()`` and ``step()`` always take the host path (a generator hands control
+  back after every step).
 
 Both paths keep the optimizer state in the same layout, so ``run`` can be called
 again (on either path) and continues exactly. Restart files use the layout of
@@ -206,7 +209,8 @@ class LBFGS(Optimizer):
         if self.gradient_converged(gradient) or self.nsteps >= self.max_steps:
             return self.gradient_converged(gradient)
 
-        replay = bool(self.observers) or self.logfile._logfile is not None
+        # ASE's Log keeps its target in _logfile (None: no log); unknown layouts get the log
+        replay = bool(self.observers) or getattr(self.logfile, "_logfile", "-") is not None
         frames = relaxation.run(record=replay)
         if replay:
             for frame in frames:
