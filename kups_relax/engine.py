@@ -1,8 +1,10 @@
-"""The host driver: validate, pack, run the jitted loop chunk by chunk, unpack.
+"""The host driver: validate, pack into slots, run the jitted loop chunk by chunk, refill, unpack.
 
-The host touches the device only between chunks of ``chunk_steps`` steps: to
-see whether anything is still running, to collect per-step records, and to
-grow the neighbor list after an overflow.
+Structures stream through fixed batches of slots, one batch per size class.
+The host touches the device only between chunks of steps: to collect the
+per-step records and the systems that stopped, to put the next structures
+into the freed slots (in-flight refill, no recompilation), and to grow the
+neighbor list after an overflow.
 """
 
 from __future__ import annotations
@@ -10,16 +12,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Sequence
+import collections
+from typing import Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from . import neighbors as nl
-from .batch import Batch
+from .batch import DTYPES, Geometry, complete_cell, full_3x3_to_voigt, movable_mask
+from .buckets import bucket
 from .evaluate import evaluate
-from .loop import RUNNING, STATUS_NAMES, Targets, initial_state, run_chunk
+from .loop import RUNNING, STATUS_NAMES, Targets, admit, initial_state, run_chunk
 from .transforms import Transform, ase_lbfgs
 from .validate import InvalidStructure, check_structure
 
@@ -87,6 +93,10 @@ def _per_system(value, n: int, name: str, dtype) -> np.ndarray:
     return arr
 
 
+#: Default atom rows per batch of slots (one batch per size class).
+DEFAULT_ATOMS_PER_BATCH = 8192
+
+
 def relax(
     structures: Sequence[Atoms],
     potential,
@@ -99,12 +109,14 @@ def relax(
     skin: float = DEFAULT_SKIN,
     chunk_steps: int = 64,
     trajectory: bool = False,
+    atoms_per_batch: int = DEFAULT_ATOMS_PER_BATCH,
+    slot_atoms: int | None = None,
 ) -> list[RelaxResult]:
     """Relax many structures together, each on its own, with one jitted loop.
 
     Args:
         structures: ASE ``Atoms`` of any sizes, cells and periodicity.
-        potential: a potential from :mod:`potentials` (e.g. ``LennardJones()``).
+        potential: a potential from :mod:`potentials` (e.g. ``get_potential("emt")``).
         fmax: force convergence criterion, eV/Å: largest per-atom force norm (after
             constraints) ``< fmax``, as in ASE. A scalar or one per structure.
         max_steps: step limit per structure (ASE's ``steps``); scalar or one per structure.
@@ -115,6 +127,10 @@ def relax(
         skin: neighbor-list skin, Å.
         chunk_steps: steps per device call between host checks.
         trajectory: also return every frame of every structure (``RelaxResult.trajectory``).
+        atoms_per_batch: atom rows of one batch of slots (see :func:`relax_iter`).
+        slot_atoms: atom rows of every slot, so that structures of different sizes share one
+            batch (larger structures still get a class of their own); default: one size class
+            per capacity bucket.
 
     Returns:
         One :class:`RelaxResult` per input, in input order. A structure that cannot be
@@ -127,113 +143,352 @@ def relax(
         raise ValueError(f"names has {len(names)} entries for {n} structures")
     fmax_all = _per_system(fmax, n, "fmax", np.float64)
     max_steps_all = _per_system(max_steps, n, "max_steps", np.int64)
-    transform = resolve_optimizer(optimizer)
-
+    jobs = (Job(index=i, name=names[i], atoms=structures[i], fmax=float(fmax_all[i]),
+                max_steps=int(max_steps_all[i])) for i in range(n))
+    if slot_atoms is None:
+        slot_sizes = plan_slot_sizes([len(a) for a in structures if isinstance(a, Atoms)])
+    else:
+        slot_sizes = lambda n_atoms: max(bucket(n_atoms, minimum=8), slot_atoms)  # noqa: E731
     results: list[RelaxResult | None] = [None] * n
-    valid: list[int] = []
-    for i, (atoms, name) in enumerate(zip(structures, names)):
-        try:
-            check_structure(atoms, name, potential.supported_numbers)
-        except InvalidStructure as err:
-            logger.warning("%s", err)
-            results[i] = RelaxResult(
-                name=name, atoms=atoms.copy() if isinstance(atoms, Atoms) else atoms,
-                energy=float("nan"), initial_energy=float("nan"), fmax=float("nan"), steps=0,
-                converged=False, status="invalid", reason=err.reason)
-        else:
-            valid.append(i)
-    if not valid:
-        return results  # type: ignore[return-value]
-
-    batch = Batch.from_atoms([structures[i] for i in valid], names=[names[i] for i in valid], dtype=dtype)
-    relaxed = _run(batch, potential, transform, fmax_all[valid], max_steps_all[valid], skin, chunk_steps, trajectory)
-    for i, result in zip(valid, relaxed):
-        results[i] = result
+    for job, result in _stream(jobs, potential, resolve_optimizer(optimizer), dtype, skin, chunk_steps,
+                               trajectory, atoms_per_batch, total=n, slot_size=slot_sizes):
+        results[job.index] = result
     return results  # type: ignore[return-value]
+
+
+def relax_iter(
+    structures: Iterable[Atoms | tuple[str, Atoms]],
+    potential,
+    fmax: float = 0.05,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    optimizer: str | Transform | None = None,
+    *,
+    dtype: str = "float64",
+    skin: float = DEFAULT_SKIN,
+    chunk_steps: int = 64,
+    trajectory: bool = False,
+    atoms_per_batch: int = DEFAULT_ATOMS_PER_BATCH,
+) -> Iterator[tuple[int, RelaxResult]]:
+    """Stream structures of any number through fixed slots; yield ``(input index, result)`` as each finishes.
+
+    Structures are grouped by size class (atoms rounded up to a capacity bucket); each class
+    has a batch of ``atoms_per_batch // class size`` slots. When systems finish (converged,
+    step limit, diverged), their slots take the next structures of their class between
+    chunks, with fresh optimizer state, without recompiling. Memory holds only the
+    structures in flight and a short read-ahead, whatever the length of the stream.
+    Items are ``Atoms`` (named ``structure-<i>``) or ``(name, Atoms)`` pairs.
+    """
+    def jobs():
+        for i, item in enumerate(structures):
+            name, atoms = item if isinstance(item, tuple) else (f"structure-{i}", item)
+            yield Job(index=i, name=name, atoms=atoms, fmax=float(fmax), max_steps=int(max_steps))
+
+    for job, result in _stream(jobs(), potential, resolve_optimizer(optimizer), dtype, skin, chunk_steps,
+                               trajectory, atoms_per_batch, total=None):
+        yield job.index, result
+
+
+@dataclasses.dataclass
+class Job:
+    """One structure on its way through the engine (host side)."""
+
+    index: int
+    name: str
+    atoms: Atoms
+    fmax: float
+    max_steps: int
+    energies: list = dataclasses.field(default_factory=list)
+    fmaxes: list = dataclasses.field(default_factory=list)
+    frames: list = dataclasses.field(default_factory=list)
+
+
+def _invalid(job: Job, reason: str) -> RelaxResult:
+    atoms = job.atoms.copy() if isinstance(job.atoms, Atoms) else job.atoms
+    return RelaxResult(name=job.name, atoms=atoms, energy=float("nan"), initial_energy=float("nan"),
+                       fmax=float("nan"), steps=0, converged=False, status="invalid", reason=reason)
+
+
+#: A size class with fewer structures than this is merged into the next larger class:
+#: one compiled program less is worth more than the padding.
+MIN_CLASS_STRUCTURES = 64
+
+
+def plan_slot_sizes(sizes: Sequence[int]):
+    """Map a structure's atom count to its slot size, for a known list of structures.
+
+    Classes are capacity buckets; walking from the largest down, a bucket holding fewer
+    than :data:`MIN_CLASS_STRUCTURES` structures joins the class above it, so a short list
+    of mixed sizes runs as one batch (one compilation) and a long one as a few batches
+    with little padding.
+    """
+    counts = collections.Counter(bucket(n, minimum=8) for n in sizes)
+    assignment: dict[int, int] = {}
+    current = None
+    for size in sorted(counts, reverse=True):
+        if current is None or counts[size] >= MIN_CLASS_STRUCTURES:
+            current = size
+        assignment[size] = current
+    return lambda n_atoms: assignment.get(bucket(n_atoms, minimum=8), bucket(n_atoms, minimum=8))
+
+
+def _pow2_class(n_atoms: int) -> int:
+    """Slot size for streams of unknown content: the next power of two (>= 8)."""
+    return max(8, 1 << (max(int(n_atoms), 1) - 1).bit_length())
+
+
+def _stream(jobs: Iterator[Job], potential, transform, dtype, skin, chunk_steps, trajectory,
+            atoms_per_batch, total, slot_size=_pow2_class):
+    """Validate, group by size class, run the slot batches round-robin; yield ``(job, result)``."""
+    t0 = time.perf_counter()
+    pending: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+    batches: dict[int, SlotBatch] = {}
+    exhausted = False
+    finished = 0
+    read_ahead = max(64, atoms_per_batch // 8)
+
+    def pull():
+        """Read structures until enough are waiting; invalid ones are returned at once."""
+        nonlocal exhausted
+        bad = []
+        while not exhausted and sum(len(q) for q in pending.values()) < read_ahead:
+            job = next(jobs, None)
+            if job is None:
+                exhausted = True
+                break
+            try:
+                check_structure(job.atoms, job.name, potential.supported_numbers)
+            except InvalidStructure as err:
+                logger.warning("%s", err)
+                bad.append((job, _invalid(job, err.reason)))
+                continue
+            pending[slot_size(len(job.atoms))].append(job)
+        return bad
+
+    while True:
+        for item in pull():
+            finished += 1
+            yield item
+        for size, queue in pending.items():
+            if queue and size not in batches:
+                per_batch = max(1, atoms_per_batch // size)
+                n_slots = bucket(min(per_batch, len(queue)) if exhausted else per_batch, minimum=1)
+                batches[size] = SlotBatch(size, n_slots, potential, transform, dtype, skin, trajectory)
+        if not batches:
+            if exhausted and not any(pending.values()):
+                break
+            continue
+        for size in list(batches):
+            batch = batches[size]
+            queue = pending[size]
+            for job, result in batch.refill(queue):
+                finished += 1
+                yield job, result
+            if batch.idle:
+                del batches[size]
+                continue
+            more_coming = bool(queue) or not exhausted
+            for job, result in batch.run_chunk(chunk_steps, refill_at=max(1, batch.n_slots // 4) if more_coming else None):
+                finished += 1
+                yield job, result
+            in_flight = sum(b.n_running for b in batches.values()) + sum(len(q) for q in pending.values())
+            logger.debug("chunk %d: %d systems running", batch.chunks,
+                         (total - finished) if total is not None else in_flight)
+    logger.info("relaxed %d structures in %.2f s", finished, time.perf_counter() - t0)
+
+
+class SlotBatch:
+    """A fixed batch of ``n_slots`` slots of ``slot_atoms`` atom rows each, refilled in flight.
+
+    Slot ``s`` owns atom rows ``[s * slot_atoms, (s + 1) * slot_atoms)``; a structure of
+    ``n`` atoms uses the first ``n`` and the rest are padding. Shapes never change, so the
+    compiled programs are reused for every structure of this size class; only the neighbor
+    list may grow (a recompile) when its capacity overflows.
+    """
+
+    def __init__(self, slot_atoms, n_slots, potential, transform, dtype, skin, trajectory):
+        self.slot_atoms, self.n_slots = slot_atoms, n_slots
+        self.potential, self.transform, self.skin, self.trajectory = potential, transform, skin, trajectory
+        self.float_dtype = DTYPES[dtype]
+        A, S = slot_atoms * n_slots, n_slots
+        self.host = dict(
+            positions=np.zeros((A, 3)), numbers=np.zeros(A, np.int32), system=np.full(A, S, np.int32),
+            movable=np.zeros((A, 3), bool), cell=np.tile(np.eye(3), (S, 1, 1)),
+            wrap_cell=np.tile(np.eye(3), (S, 1, 1)), pbc=np.zeros((S, 3), bool),
+            n_atoms=np.zeros(S, np.int32), first_atom=(np.arange(S) * slot_atoms).astype(np.int32),
+        )
+        self.fmax = np.zeros(S)
+        self.max_steps = np.zeros(S, np.int64)
+        self.jobs: list[Job | None] = [None] * S
+        self.state = None
+        self.geometry = None
+        self.chunks = 0
+        logger.debug("new slot batch: %d slots of %d atoms", n_slots, slot_atoms)
+
+    @property
+    def idle(self) -> bool:
+        return all(job is None for job in self.jobs)
+
+    @property
+    def n_running(self) -> int:
+        return sum(job is not None for job in self.jobs)
+
+    def _device_geometry(self) -> Geometry:
+        h = self.host
+        f = self.float_dtype
+        return Geometry(
+            positions=jnp.asarray(h["positions"], f), numbers=jnp.asarray(h["numbers"]),
+            system=jnp.asarray(h["system"]), movable=jnp.asarray(h["movable"]),
+            cell=jnp.asarray(h["cell"], f), wrap_cell=jnp.asarray(h["wrap_cell"], f),
+            pbc=jnp.asarray(h["pbc"]), n_atoms=jnp.asarray(h["n_atoms"]),
+            first_atom=jnp.asarray(h["first_atom"]))
+
+    def _targets(self) -> Targets:
+        return Targets(fmax=jnp.asarray(self.fmax, self.float_dtype),
+                       max_steps=jnp.asarray(np.minimum(self.max_steps, 2**31 - 1), jnp.int32))
+
+    def _place(self, slot: int, job: Job | None) -> None:
+        h, P = self.host, self.slot_atoms
+        rows = slice(slot * P, (slot + 1) * P)
+        h["positions"][rows] = 0.0
+        h["numbers"][rows] = 0
+        h["system"][rows] = self.n_slots
+        h["movable"][rows] = False
+        h["cell"][slot] = np.eye(3)
+        h["wrap_cell"][slot] = np.eye(3)
+        h["pbc"][slot] = False
+        h["n_atoms"][slot] = 0
+        self.fmax[slot], self.max_steps[slot] = 0.0, 0
+        self.jobs[slot] = job
+        if job is None:
+            return
+        atoms, n = job.atoms, len(job.atoms)
+        used = slice(slot * P, slot * P + n)
+        h["positions"][used] = atoms.positions
+        h["numbers"][used] = atoms.numbers
+        h["system"][used] = slot
+        h["movable"][used] = movable_mask(atoms, job.name)
+        h["cell"][slot] = atoms.cell.array
+        h["wrap_cell"][slot] = complete_cell(atoms.cell.array, atoms.pbc)
+        h["pbc"][slot] = atoms.pbc
+        h["n_atoms"][slot] = n
+        self.fmax[slot], self.max_steps[slot] = job.fmax, job.max_steps
+
+    def refill(self, queue: collections.deque):
+        """Put waiting structures into free slots and start them; yield any that stop at step 0."""
+        free = [s for s, job in enumerate(self.jobs) if job is None]
+        if not free or (not queue and self.state is not None):
+            return
+        admitted = np.zeros(self.n_slots, bool)
+        for slot in free:
+            if not queue:
+                break
+            self._place(slot, queue.popleft())
+            admitted[slot] = True
+        if not admitted.any() and self.state is not None:
+            return
+        self.geometry = self._device_geometry()
+        targets = self._targets()
+        if self.state is None:
+            neighbors = nl.allocate(self.geometry, self.potential.cutoff, self.skin)
+            self.state = initial_state(self.geometry, self.potential, neighbors, targets, optimizer=self.transform)
+        else:
+            while True:
+                state = admit(self.state, self.geometry, self.potential, targets, jnp.asarray(admitted),
+                              optimizer=self.transform)
+                if not bool(state.neighbors.overflow):
+                    break
+                self._grow(self.geometry.replace(positions=state.positions))
+            self.state = state
+        energy, fmax = np.asarray(self.state.energy), np.asarray(self.state.fmax)
+        positions = forces = None
+        if self.trajectory:
+            positions, forces = np.asarray(self.state.positions), np.asarray(self.state.forces)
+        for slot in np.flatnonzero(admitted) if self.state is not None else []:
+            job = self.jobs[slot]
+            job.energies, job.fmaxes, job.frames = [float(energy[slot])], [float(fmax[slot])], []
+            if self.trajectory:
+                rows = self._rows(slot)
+                job.frames.append((positions[rows], forces[rows]))
+        yield from self._collect_finished()
+
+    def _rows(self, slot: int) -> slice:
+        start = slot * self.slot_atoms
+        return slice(start, start + len(self.jobs[slot].atoms))
+
+    def _grow(self, geometry: Geometry) -> None:
+        old = self.state.neighbors.capacity
+        grown = nl.grow(self.state.neighbors, geometry)
+        self.state = self.state._replace(neighbors=grown)
+        logger.info("neighbor list overflow: capacity %d -> %d pairs", old, grown.capacity)
+
+    def run_chunk(self, chunk_steps: int, refill_at: int | None):
+        """Run one chunk of steps; yield the systems that stopped."""
+        state, chunk = run_chunk(self.state, self.geometry, self.potential, self._targets(),
+                                 optimizer=self.transform, n_steps=chunk_steps, record=self.trajectory,
+                                 stop_after=refill_at if refill_at is not None else 2**30)
+        self.state = state
+        self.chunks += 1
+        taken = np.asarray(chunk.taken)
+        if taken.any():
+            e, f = np.asarray(chunk.energy), np.asarray(chunk.fmax)
+            if self.trajectory:
+                pos, frc = np.asarray(chunk.positions), np.asarray(chunk.forces)
+            for slot, job in enumerate(self.jobs):
+                if job is None:
+                    continue
+                rows = np.flatnonzero(taken[:, slot])
+                job.energies.extend(e[rows, slot].tolist())
+                job.fmaxes.extend(f[rows, slot].tolist())
+                if self.trajectory:
+                    r = self._rows(slot)
+                    job.frames.extend((pos[t, r], frc[t, r]) for t in rows)
+        if bool(state.neighbors.overflow):
+            self._grow(self.geometry.replace(positions=state.positions))
+        yield from self._collect_finished()
+
+    def _collect_finished(self):
+        status = np.asarray(self.state.status)
+        done = [s for s, job in enumerate(self.jobs) if job is not None and status[s] != RUNNING]
+        if not done:
+            return
+        positions, forces = np.asarray(self.state.positions), np.asarray(self.state.forces)
+        energy, fmax, steps = np.asarray(self.state.energy), np.asarray(self.state.fmax), np.asarray(self.state.steps)
+        stress = np.asarray(_final_stress(self.potential, self.geometry.replace(positions=self.state.positions),
+                                          self.state.neighbors))
+        for slot in done:
+            job = self.jobs[slot]
+            rows = self._rows(slot)
+            atoms = job.atoms.copy()
+            atoms.positions = positions[rows]
+            results = dict(energy=float(energy[slot]), free_energy=float(energy[slot]),
+                           forces=np.asarray(forces[rows], np.float64))
+            if atoms.pbc.all():
+                results["stress"] = full_3x3_to_voigt(np.asarray(stress[slot], np.float64))
+            atoms.calc = SinglePointCalculator(atoms, **results)
+            name = STATUS_NAMES[int(status[slot])]
+            reason = {
+                "converged": "",
+                "unconverged": f"not converged within {job.max_steps} steps (fmax {fmax[slot]:.4g} eV/Å)",
+                "diverged": "energy or forces became non-finite; stopped at the last finite geometry",
+            }.get(name, name)
+            trajectory = None
+            if self.trajectory:
+                trajectory = []
+                for (pos, frc), e in zip(job.frames, job.energies):
+                    frame = job.atoms.copy()
+                    frame.positions = pos
+                    frame.calc = SinglePointCalculator(frame, energy=float(e), forces=np.asarray(frc, np.float64))
+                    trajectory.append(frame)
+            result = RelaxResult(
+                name=job.name, atoms=atoms, energy=float(energy[slot]), initial_energy=float(job.energies[0]),
+                fmax=float(fmax[slot]), steps=int(steps[slot]), converged=name == "converged", status=name,
+                reason=reason, energies=np.asarray(job.energies, np.float64),
+                fmaxes=np.asarray(job.fmaxes, np.float64), trajectory=trajectory)
+            self._place(slot, None)
+            yield job, result
 
 
 @jax.jit
 def _final_stress(potential, geometry, neighbors):
     neighbors = nl.update(neighbors, geometry)
     return evaluate(potential, geometry, neighbors, compute_stress=True).stress
-
-
-def _run(batch: Batch, potential, transform, fmax, max_steps, skin, chunk_steps, trajectory):
-    geometry = batch.geometry
-    S = geometry.n_systems
-    n = batch.n_structures
-    float_dtype = geometry.positions.dtype
-    targets = Targets(
-        fmax=np.concatenate([fmax, np.zeros(S - n)]).astype(float_dtype),
-        max_steps=np.concatenate([max_steps, np.zeros(S - n, dtype=np.int64)]).astype(np.int32),
-    )
-    t0 = time.perf_counter()
-    neighbors = nl.allocate(geometry, potential.cutoff, skin)
-    state = initial_state(geometry, potential, neighbors, targets, optimizer=transform)
-    energies = [[e] for e in np.asarray(state.energy)[:n]]
-    fmaxes = [[f] for f in np.asarray(state.fmax)[:n]]
-    frames: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
-    slices = [batch.atom_slice(i) for i in range(n)]
-    if trajectory:
-        pos0, forces0 = np.asarray(state.positions), np.asarray(state.forces)
-        for i in range(n):
-            frames[i].append((pos0[slices[i]], forces0[slices[i]]))
-
-    chunks = 0
-    while (np.asarray(state.status) == RUNNING).any():
-        state, chunk = run_chunk(state, geometry, potential, targets, optimizer=transform,
-                                 n_steps=chunk_steps, record=trajectory)
-        chunks += 1
-        taken = np.asarray(chunk.taken)
-        if taken.any():
-            e, f = np.asarray(chunk.energy), np.asarray(chunk.fmax)
-            if trajectory:
-                pos, frc = np.asarray(chunk.positions), np.asarray(chunk.forces)
-            for i in range(n):
-                rows = np.flatnonzero(taken[:, i])
-                energies[i].extend(e[rows, i])
-                fmaxes[i].extend(f[rows, i])
-                if trajectory:
-                    frames[i].extend((pos[t, slices[i]], frc[t, slices[i]]) for t in rows)
-        if bool(state.neighbors.overflow):
-            old = state.neighbors.capacity
-            grown = nl.grow(state.neighbors, geometry.replace(positions=state.positions))
-            state = state._replace(neighbors=grown)
-            logger.info("neighbor list overflow: capacity %d -> %d pairs", old, grown.capacity)
-        logger.debug("chunk %d: %d systems running", chunks, int((np.asarray(state.status) == RUNNING).sum()))
-    logger.info("relaxed %d structures in %.2f s (%d chunks, %d neighbor builds)", n,
-                time.perf_counter() - t0, chunks, int(state.neighbors.n_builds))
-
-    status = np.asarray(state.status)
-    # the loop does not compute stress (positions-only relaxation): evaluate it once at the end
-    stress = np.asarray(_final_stress(potential, geometry.replace(positions=state.positions), state.neighbors))
-    out_atoms = batch.to_atoms(np.asarray(state.positions), np.asarray(state.energy),
-                               np.asarray(state.forces), stress)
-    steps = np.asarray(state.steps)
-    final_fmax = np.asarray(state.fmax)
-    results = []
-    for i in range(n):
-        name = STATUS_NAMES[int(status[i])]
-        reason = {
-            "converged": "",
-            "unconverged": f"not converged within {int(max_steps[i])} steps (fmax {final_fmax[i]:.4g} eV/Å)",
-            "diverged": "energy or forces became non-finite; stopped at the last finite geometry",
-        }.get(name, name)
-        traj = None
-        if trajectory:
-            traj = []
-            for (pos, frc), e in zip(frames[i], energies[i]):
-                atoms = batch.atoms[i].copy()
-                atoms.positions = pos
-                from ase.calculators.singlepoint import SinglePointCalculator
-
-                atoms.calc = SinglePointCalculator(atoms, energy=float(e), forces=np.asarray(frc, np.float64))
-                traj.append(atoms)
-        results.append(RelaxResult(
-            name=batch.names[i], atoms=out_atoms[i], energy=float(np.asarray(state.energy)[i]),
-            initial_energy=float(energies[i][0]), fmax=float(final_fmax[i]), steps=int(steps[i]),
-            converged=name == "converged", status=name, reason=reason,
-            energies=np.asarray(energies[i], dtype=np.float64), fmaxes=np.asarray(fmaxes[i], dtype=np.float64),
-            trajectory=traj,
-        ))
-    return results

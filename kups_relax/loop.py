@@ -124,6 +124,50 @@ def initial_state(geometry: Geometry, potential, neighbors: nl.NeighborList, tar
     )
 
 
+def _reindex(opt_state, geometry: Geometry):
+    from .transforms import SystemIndex
+
+    index = SystemIndex(geometry.system, geometry.n_systems)
+    return jax.tree.map(lambda x: index if isinstance(x, SystemIndex) else x, opt_state,
+                        is_leaf=lambda x: isinstance(x, SystemIndex))
+
+
+@functools.partial(jax.jit, static_argnames=("optimizer",))
+def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, admitted: jax.Array,
+          optimizer) -> LoopState:
+    """Start new structures in the slots marked in ``admitted (S,)`` (in-flight refill).
+
+    ``geometry`` already holds the new structures in those slots (or no atoms, for a slot
+    left empty); every other slot keeps its state bit for bit. The optimizer history of the
+    admitted slots is reset, the neighbor list rebuilt (check ``neighbors.overflow``), and
+    the new structures evaluated as at step 0.
+    """
+    rows = _rows(geometry, admitted)
+    positions = jnp.where(rows[:, None], geometry.positions, state.positions)
+    current = geometry.replace(positions=positions)
+    neighbors = nl.rebuild(state.neighbors, current)
+    ev = evaluate(potential, current, neighbors, compute_stress=False)
+    forces_c = jnp.where(geometry.movable, ev.forces, 0.0)
+    fmax = _max_force(forces_c, geometry)
+    finite = _finite(ev.energy, ev.forces, geometry)
+    status = jnp.where(geometry.n_atoms == 0, EMPTY,
+             jnp.where(~finite, DIVERGED,
+             jnp.where(fmax < targets.fmax, CONVERGED,
+             jnp.where(targets.max_steps <= 0, UNCONVERGED, RUNNING))))
+    # forget the old occupants' history under the old row index, then the new one's rows
+    opt_state = optimizer.reset(state.opt_state, admitted)
+    opt_state = optimizer.reset(_reindex(opt_state, geometry), admitted)
+    return LoopState(
+        positions=positions, opt_state=opt_state, neighbors=neighbors,
+        energy=jnp.where(admitted, ev.energy, state.energy),
+        forces=jnp.where(rows[:, None], ev.forces, state.forces),
+        stress=state.stress,
+        fmax=jnp.where(admitted, fmax, state.fmax),
+        steps=jnp.where(admitted, 0, state.steps),
+        status=jnp.where(admitted, status, state.status).astype(jnp.int32),
+    )
+
+
 def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, optimizer):
     active = state.status == RUNNING
     row_active = _rows(geometry, active)
@@ -163,10 +207,15 @@ def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, opt
     return out, moved & ~overflow
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "n_steps", "record"), donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=("optimizer", "n_steps", "record"))
 def run_chunk(state: LoopState, geometry: Geometry, potential, targets: Targets, *, optimizer,
-              n_steps: int, record: bool = False) -> tuple[LoopState, Frames]:
-    """Run up to ``n_steps`` steps (fewer if every system stops or the neighbor list overflows)."""
+              n_steps: int, record: bool = False, stop_after: jax.Array | int = 2**30
+              ) -> tuple[LoopState, Frames]:
+    """Run up to ``n_steps`` steps.
+
+    Stops early when every system has stopped, when the neighbor list overflows, or when
+    ``stop_after`` systems have stopped during this chunk (so the host can refill their slots).
+    """
     S, A = geometry.n_systems, geometry.n_atom_rows
     dtype = state.positions.dtype
     K_rec = n_steps if record else 0
@@ -179,9 +228,12 @@ def run_chunk(state: LoopState, geometry: Geometry, potential, targets: Targets,
         forces=jnp.zeros((K_rec, A, 3), dtype),
     )
 
+    running_at_start = state.status == RUNNING
+
     def cond(carry):
         st, _, t = carry
-        return (t < n_steps) & jnp.any(st.status == RUNNING) & ~st.neighbors.overflow
+        stopped = jnp.sum(running_at_start & (st.status != RUNNING))
+        return (t < n_steps) & jnp.any(st.status == RUNNING) & ~st.neighbors.overflow & (stopped < stop_after)
 
     def body(carry):
         st, fr, t = carry
