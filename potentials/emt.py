@@ -184,45 +184,60 @@ class EMT:
         S = geometry.n_systems
         A = geometry.n_atom_rows
         dtype = geometry.positions.dtype
+        table = {name: jnp.asarray(values, dtype=dtype if values.dtype.kind == "f" else None)
+                 for name, values in _TABLE.items()}
         z = jnp.clip(geometry.numbers, 0, len(chemical_symbols) - 1)
-        p = {name: jnp.asarray(values, dtype=dtype if values.dtype.kind == "f" else None)[z]
-             for name, values in _TABLE.items()}
+        p = {name: values[z] for name, values in table.items()}
         atom_mask = geometry.atom_mask
         atom_system = jnp.clip(geometry.system, 0, S - 1)
 
-        # per-system cutoff from the largest s0 (of the table, or of the atoms present)
+        # Per-pair parameters are looked up in small tables indexed by atomic number (and
+        # system), which XLA fuses into the pair arithmetic instead of materialising
+        # (E, k) gathers. rc, rc_list, acut: per system (asap) or constants (default).
         table_max = _max_s0(EMT_NUMBERS)
         if self.asap_cutoff:
             present = segment_max(jnp.where(atom_mask & p["known"], p["s0"], -jnp.inf), geometry.system, S)
             max_s0 = jnp.where(jnp.isfinite(present), present, table_max)
+            rc_s, rc_list_s, acut_s = cutoff_parameters(max_s0, True)
+            # -V0 / (2 gamma2) for every (system, atomic number), flattened to (S * 119,)
+            _, gamma2_sz = _gammas(table["s0"][None], table["eta2"][None], table["kappa"][None],
+                                   rc_s[:, None], acut_s[:, None])
+            v_sz = (-0.5 * table["V0"][None] / gamma2_sz).reshape(-1)
+            rc_a, acut_a = rc_s[atom_system], acut_s[atom_system]
         else:
-            max_s0 = jnp.full(S, table_max, dtype)
-        rc, rc_list, acut = (x[atom_system] for x in cutoff_parameters(max_s0, self.asap_cutoff))
-        gamma1, gamma2 = _gammas(p["s0"], p["eta2"], p["kappa"], rc, acut)
+            rc_c, rc_list_c, acut_c = cutoff_parameters(table_max, False)
+            _, gamma2_z = _gammas(table["s0"], table["eta2"], table["kappa"], rc_c, acut_c)
+            v_z = -0.5 * table["V0"] / gamma2_z
+            rc_a, acut_a = rc_c, acut_c
+        gamma1, _ = _gammas(p["s0"], p["eta2"], p["kappa"], rc_a, acut_a)
 
-        # everything a pair needs from its atoms, gathered once per end (i = sender = "self")
-        columns = ("s0", "eta2", "kappa", "log_n0", "neg_half_v0_over_gamma2", "rc", "rc_list", "acut")
-        per_atom = jnp.stack([p["s0"], p["eta2"], p["kappa"], jnp.log(p["n0"]), -0.5 * p["V0"] / gamma2,
-                              rc, rc_list, acut], axis=-1)
-        ends_i = dict(zip(columns, per_atom[neighbors.senders].T))
-        ends_j = dict(zip(columns, per_atom[neighbors.receivers].T))
+        i, j = neighbors.senders, neighbors.receivers
+        zi, zj = z[i], z[j]
+        if self.asap_cutoff:
+            pair_system = atom_system[i]
+            rc, rc_list, acut = rc_s[pair_system], rc_list_s[pair_system], acut_s[pair_system]
+            v_i = v_sz[pair_system * len(chemical_symbols) + zi]
+            v_j = v_sz[pair_system * len(chemical_symbols) + zj]
+        else:
+            rc, rc_list, acut = rc_c, rc_list_c, acut_c
+            v_i, v_j = v_z[zi], v_z[zj]
+        log_n0 = jnp.log(table["n0"])
 
         vec = pair_vectors(neighbors, geometry.positions, geometry.cell, geometry.system)
         d2 = jnp.sum(vec * vec, axis=-1)
         r = jnp.sqrt(jnp.where(neighbors.mask, d2, 1.0))  # padding pairs kept away from sqrt(0)
-        inside = neighbors.mask & (r < ends_i["rc_list"])
-        # log(w) + log(chi) with w the logistic cutoff and chi = n0_j / n0_i
-        log_w = -jnp.logaddexp(0.0, ends_i["acut"] * (r - ends_i["rc"]))
-        log_chi = ends_j["log_n0"] - ends_i["log_n0"]
-        dsigma1 = jnp.exp(log_w + log_chi - ends_j["eta2"] * (r - BETA * ends_j["s0"]))
-        dsigma2_self = jnp.exp(log_w + log_chi - ends_j["kappa"] * (r / BETA - ends_j["s0"]))
-        dsigma2_other = jnp.exp(log_w - log_chi - ends_i["kappa"] * (r / BETA - ends_i["s0"]))
-        pair_as = 0.5 * (ends_i["neg_half_v0_over_gamma2"] * dsigma2_self
-                         + ends_j["neg_half_v0_over_gamma2"] * dsigma2_other)
+        inside = neighbors.mask & (r < rc_list)
+        # log(w) + log(chi) with w the logistic cutoff and chi = n0_j / n0_i (i = sender = "self")
+        log_w = -jnp.logaddexp(0.0, acut * (r - rc))
+        log_chi = log_n0[zj] - log_n0[zi]
+        dsigma1 = jnp.exp(log_w + log_chi - table["eta2"][zj] * (r - BETA * table["s0"][zj]))
+        dsigma2_self = jnp.exp(log_w + log_chi - table["kappa"][zj] * (r / BETA - table["s0"][zj]))
+        dsigma2_other = jnp.exp(log_w - log_chi - table["kappa"][zi] * (r / BETA - table["s0"][zi]))
+        pair_as = 0.5 * (v_i * dsigma2_self + v_j * dsigma2_other)
 
         # one scatter for the three per-atom sums
         per_pair = jnp.where(inside[:, None], jnp.stack([dsigma1, pair_as, jnp.ones_like(r)], axis=-1), 0.0)
-        sigma1, e_as, n_neighbors = segment_sum(per_pair, neighbors.senders, A).T
+        sigma1, e_as, n_neighbors = segment_sum(per_pair, i, A).T
         has_neighbors = n_neighbors > 0
 
         # cohesive energy; atoms without neighbours have ds -> inf, E_c -> 0 (ASE skips them)
