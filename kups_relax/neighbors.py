@@ -42,6 +42,8 @@ class Capacities(NamedTuple):
         bins: cell-list bins over all those systems.
         bin_size: atoms per bin.
         offsets: neighbouring bins visited per atom (27 unless a cell is thinner than the cutoff).
+        partial_candidates: candidate pairs of a partial rebuild (only the systems that need
+            one); a larger partial rebuild falls back to a full one.
     """
 
     pairs: int
@@ -50,6 +52,7 @@ class Capacities(NamedTuple):
     bins: int = 8
     bin_size: int = 8
     offsets: int = 27
+    partial_candidates: int = 64
 
 
 @jax.tree_util.register_dataclass
@@ -146,12 +149,18 @@ def _mixed_radix(index: jax.Array, k: jax.Array) -> jax.Array:
     return jnp.stack([t0, t1, t2], axis=-1) - k
 
 
-def _dense_candidates(geometry: Geometry, lay: _Layout, capacity: int):
+def _dense_counts(geometry: Geometry, lay: _Layout, systems: jax.Array) -> jax.Array:
+    n_images = jnp.prod(2 * lay.k_dense + 1, axis=-1)
+    n = geometry.n_atoms.astype(jnp.int64)
+    return jnp.where(lay.use_cells | ~systems, 0, n * n * n_images)
+
+
+def _dense_candidates(geometry: Geometry, lay: _Layout, capacity: int, systems: jax.Array):
     """All atom pairs x all images, for the systems without a cell list (ragged over systems)."""
     S = geometry.n_systems
     n_images = jnp.prod(2 * lay.k_dense + 1, axis=-1)
     n = geometry.n_atoms.astype(jnp.int64)
-    counts = jnp.where(lay.use_cells, 0, n * n * n_images)
+    counts = _dense_counts(geometry, lay, systems)
     ends = jnp.cumsum(counts)
     starts = ends - counts
     c = jnp.arange(capacity, dtype=jnp.int64)
@@ -167,11 +176,11 @@ def _dense_candidates(geometry: Geometry, lay: _Layout, capacity: int):
     return i, j, _mixed_radix(img, lay.k_dense[s]), valid, ends[-1]
 
 
-def _cell_candidates(geometry: Geometry, lay: _Layout, caps: Capacities):
+def _cell_candidates(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Array):
     """Atoms of the cell-list systems x neighbouring bins x atoms in each bin."""
     A = geometry.n_atom_rows
     R, B, M, O = caps.cell_rows, caps.bins, caps.bin_size, caps.offsets
-    in_cells = lay.use_cells[lay.system] & geometry.atom_mask
+    in_cells = (lay.use_cells & systems)[lay.system] & geometry.atom_mask
     n_rows = jnp.sum(in_cells)
     (rows,) = jnp.nonzero(in_cells, size=R, fill_value=A)
     row_ok = rows < A
@@ -216,19 +225,28 @@ def _cell_candidates(geometry: Geometry, lay: _Layout, caps: Capacities):
 
 
 def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities,
-          n_builds: jax.Array | int = 0) -> NeighborList:
-    """Build the pair list from scratch (jit-compatible; capacities are static).
+          n_builds: jax.Array | int = 0, systems: jax.Array | None = None,
+          keep: "NeighborList | None" = None) -> NeighborList:
+    """Build the pair list (jit-compatible; capacities are static).
 
     Systems whose cell holds at least :data:`MIN_BINS_FOR_CELL_LIST` bins of width
     ``>= cutoff + skin`` use a cell list (cost linear in their atoms); the others
     enumerate all their atom pairs times the periodic images needed (cheapest for
     small systems and cells thinner than the cutoff). Either way a system's pairs come
     out in an order that does not depend on its slot.
+
+    A partial rebuild (``systems``, an ``(S,)`` mask, and ``keep``, the current list)
+    enumerates only the selected systems, within ``capacities.partial_candidates``, and
+    keeps the other systems' pairs as they are.
     """
     radius = cutoff + skin
+    S = geometry.n_systems
+    partial = systems is not None
+    systems = jnp.ones(S, bool) if systems is None else systems
     lay = _layout(geometry, radius)
-    i_d, j_d, t_d, ok_d, n_dense = _dense_candidates(geometry, lay, capacities.dense_candidates)
-    i_c, j_c, t_c, ok_c, (n_rows, n_bins, occupancy, n_offsets) = _cell_candidates(geometry, lay, capacities)
+    dense_capacity = capacities.partial_candidates if partial else capacities.dense_candidates
+    i_d, j_d, t_d, ok_d, n_dense = _dense_candidates(geometry, lay, dense_capacity, systems)
+    i_c, j_c, t_c, ok_c, (n_rows, n_bins, occupancy, n_offsets) = _cell_candidates(geometry, lay, capacities, systems)
     i = jnp.concatenate([i_d, i_c])
     j = jnp.concatenate([j_d, j_c])
     translation = jnp.concatenate([t_d, t_c])
@@ -240,29 +258,39 @@ def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities
     vec = positions[j] - positions[i] + matvec_rows(shift, geometry.cell[s])
     d2 = jnp.sum(vec * vec, axis=-1)
     is_self = (i == j) & jnp.all(translation == 0, axis=-1)
-    keep = valid & (d2 < radius * radius) & ~is_self
+    found = valid & (d2 < radius * radius) & ~is_self
+    if partial:
+        # the other systems keep their pairs (a slot emptied since has padding rows: dropped)
+        sender_system = geometry.system[keep.senders]
+        kept = keep.mask & (sender_system < S) & ~systems[jnp.clip(sender_system, 0, S - 1)]
+        i = jnp.concatenate([keep.senders.astype(i.dtype), i])
+        j = jnp.concatenate([keep.receivers.astype(j.dtype), j])
+        shift = jnp.concatenate([keep.shifts, shift])
+        found = jnp.concatenate([kept, found])
+        reference = jnp.where(geometry.atom_mask[:, None] & systems[lay.system][:, None],
+                              positions, keep.reference_positions)
+    else:
+        reference = positions
 
     E = capacities.pairs
-    slot = jnp.cumsum(keep) - 1
-    n_pairs = jnp.sum(keep)
-    target = jnp.where(keep & (slot < E), slot, E)  # out of range -> dropped
+    slot = jnp.cumsum(found) - 1
+    n_pairs = jnp.sum(found)
+    target = jnp.where(found & (slot < E), slot, E)  # out of range -> dropped
     needed = jnp.stack([n_dense, n_rows, n_bins, occupancy, n_offsets]).astype(jnp.int64)
-    limits = jnp.asarray(capacities[1:], dtype=jnp.int64)
+    limits = jnp.asarray([dense_capacity, capacities.cell_rows, capacities.bins, capacities.bin_size,
+                          capacities.offsets], dtype=jnp.int64)
     overflow = (n_pairs > E) | jnp.any(needed > limits)
+    if partial:
+        needed = needed.at[0].set(jnp.maximum(keep.needed[0], n_dense))
     return NeighborList(
         senders=jnp.zeros(E, jnp.int32).at[target].set(i.astype(jnp.int32), mode="drop"),
         receivers=jnp.zeros(E, jnp.int32).at[target].set(j.astype(jnp.int32), mode="drop"),
         shifts=jnp.zeros((E, 3), positions.dtype).at[target].set(shift, mode="drop"),
         mask=jnp.zeros(E, bool).at[target].set(True, mode="drop"),
-        reference_positions=positions, n_pairs=n_pairs, needed=needed,
+        reference_positions=reference, n_pairs=n_pairs, needed=needed,
         overflow=overflow, n_builds=jnp.asarray(n_builds) + 1,
         cutoff=float(cutoff), skin=float(skin), capacities=capacities,
     )
-
-
-def rebuild(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
-    """Build again for ``geometry`` with the same cutoff, skin and capacities (jit-compatible)."""
-    return build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds)
 
 
 def matvec_rows(vectors: jax.Array, matrices: jax.Array) -> jax.Array:
@@ -273,6 +301,30 @@ def matvec_rows(vectors: jax.Array, matrices: jax.Array) -> jax.Array:
     return vectors[:, 0, None] * matrices[:, 0] + vectors[:, 1, None] * matrices[:, 1] + vectors[:, 2, None] * matrices[:, 2]
 
 
+def rebuild(neighbors: NeighborList, geometry: Geometry, systems: jax.Array | None = None) -> NeighborList:
+    """Build again with the same cutoff, skin and capacities (jit-compatible).
+
+    With ``systems`` (an ``(S,)`` mask), only those systems are rebuilt when their
+    candidates fit the partial capacity, else everything is.
+    """
+    if systems is None:
+        return build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds)
+    lay = _layout(geometry, neighbors.cutoff + neighbors.skin)
+    fits = jnp.sum(_dense_counts(geometry, lay, systems)) <= neighbors.capacities.partial_candidates
+    return jax.lax.cond(
+        fits,
+        lambda: build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds,
+                      systems=systems, keep=neighbors),
+        lambda: build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds),
+    )
+
+
+def moved_too_far(neighbors: NeighborList, geometry: Geometry) -> jax.Array:
+    """``(S,)`` True for the systems with an atom that moved more than half the skin since the last build."""
+    moved = jnp.sum((geometry.positions - neighbors.reference_positions) ** 2, axis=-1) > (0.5 * neighbors.skin) ** 2
+    return jax.ops.segment_max(moved.astype(jnp.int32), geometry.system, num_segments=geometry.n_systems) > 0
+
+
 def needs_rebuild(neighbors: NeighborList, positions: jax.Array) -> jax.Array:
     """True when some atom moved more than half the skin since the last build."""
     moved = jnp.sum((positions - neighbors.reference_positions) ** 2, axis=-1)
@@ -280,15 +332,12 @@ def needs_rebuild(neighbors: NeighborList, positions: jax.Array) -> jax.Array:
 
 
 def update(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
-    """Rebuild ``neighbors`` for ``geometry.positions`` if the skin is exhausted (jit-compatible).
+    """Rebuild the systems whose skin is used up (jit-compatible); the others keep their pairs.
 
     Capacities are kept; check ``overflow`` afterwards.
     """
-    return jax.lax.cond(
-        needs_rebuild(neighbors, geometry.positions),
-        lambda: rebuild(neighbors, geometry),
-        lambda: neighbors,
-    )
+    flagged = moved_too_far(neighbors, geometry)
+    return jax.lax.cond(jnp.any(flagged), lambda: rebuild(neighbors, geometry, flagged), lambda: neighbors)
 
 
 def pair_vectors(neighbors: NeighborList, positions: jax.Array, cell: jax.Array, system: jax.Array) -> jax.Array:
@@ -317,11 +366,15 @@ def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | Non
     caps = capacities or Capacities(pairs=64)
     caps = caps._replace(pairs=max(caps.pairs, capacity or 0))
     for _ in range(8):
+        # partial rebuilds (a few systems at a time) are what the loop mostly does
+        caps = caps._replace(partial_candidates=max(caps.partial_candidates,
+                                                    bucket(caps.dense_candidates // 8, minimum=64)))
         nl = _build_jit(geometry, cutoff=float(cutoff), skin=float(skin), capacities=caps)
         needed = [int(nl.n_pairs)] + [int(x) for x in np.asarray(nl.needed)]
         if not bool(nl.overflow) and needed[0] * 1.25 <= caps.pairs:
             return nl
-        caps = Capacities(*(max(c, bucket(int(n * 1.25) + 1, minimum=8)) for c, n in zip(caps, needed)))
+        grown = [max(c, bucket(int(n * 1.25) + 1, minimum=8)) for c, n in zip(caps, needed)]
+        caps = Capacities(*grown, partial_candidates=caps.partial_candidates)
         caps = caps._replace(offsets=max(capacities.offsets if capacities else 0, needed[5]))
     raise RuntimeError(f"neighbor list capacities did not settle: {caps}")
 
