@@ -145,7 +145,7 @@ def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, adm
     rows = _rows(geometry, admitted)
     positions = jnp.where(rows[:, None], geometry.positions, state.positions)
     current = geometry.replace(positions=positions)
-    neighbors = nl.rebuild(state.neighbors, current)
+    neighbors = nl.rebuild(state.neighbors, current, admitted)
     ev = evaluate(potential, current, neighbors, compute_stress=False)
     forces_c = jnp.where(geometry.movable, ev.forces, 0.0)
     fmax = _max_force(forces_c, geometry)
