@@ -399,18 +399,22 @@ def relax_and_write(run: Run, todo, progress_enabled: bool) -> dict[str, Any]:
                 len(todo), run.settings["potential"], run.settings["optimizer"], run.settings["fmax"],
                 run.settings["max_steps"], run.settings["dtype"])
     t0 = time.perf_counter()
-    with Progress(len(todo), chunk_steps, enabled=progress_enabled):
-        results = relax([it.atoms for it in todo], run.potential, fmax=run.settings["fmax"],
-                        max_steps=run.settings["max_steps"], optimizer=run.optimizer,
-                        names=[it.name for it in todo], dtype=run.settings["dtype"], chunk_steps=chunk_steps,
-                        trajectory=True)
-    logger.info("relaxed %d systems in %.1f s", len(todo), time.perf_counter() - t0)
     invalid = {}
-    for item, result in zip(todo, results):  # issue 6 will hand these over as each system finishes
+
+    def write_as_it_finishes(index: int, result) -> None:
+        # each system's outputs are complete on disk the moment it stops, so a killed run loses
+        # only the systems still in flight
         if result.status == "invalid":
-            invalid[item.name] = result
+            invalid[todo[index].name] = result
         else:
-            write_system(run, result, item.source)
+            write_system(run, result, todo[index].source)
+
+    with Progress(len(todo), chunk_steps, enabled=progress_enabled):
+        relax([it.atoms for it in todo], run.potential, fmax=run.settings["fmax"],
+              max_steps=run.settings["max_steps"], optimizer=run.optimizer,
+              names=[it.name for it in todo], dtype=run.settings["dtype"], chunk_steps=chunk_steps,
+              trajectory=True, on_result=write_as_it_finishes)
+    logger.info("relaxed %d systems in %.1f s", len(todo), time.perf_counter() - t0)
     return invalid
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 import collections
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +111,7 @@ def relax(
     trajectory: bool = False,
     atoms_per_batch: int = DEFAULT_ATOMS_PER_BATCH,
     slot_atoms: int | None = None,
+    on_result: Callable[[int, RelaxResult], None] | None = None,
 ) -> list[RelaxResult]:
     """Relax many structures together, each on its own, with one jitted loop.
 
@@ -131,6 +132,8 @@ def relax(
         slot_atoms: atom rows of every slot, so that structures of different sizes share one
             batch (larger structures still get a class of their own); default: one size class
             per capacity bucket.
+        on_result: called as ``on_result(index, result)`` the moment each structure finishes
+            (for writing outputs as they arrive); results also come back in the returned list.
 
     Returns:
         One :class:`RelaxResult` per input, in input order. A structure that cannot be
@@ -153,6 +156,8 @@ def relax(
     for job, result in _stream(jobs, potential, resolve_optimizer(optimizer), dtype, skin, chunk_steps,
                                trajectory, atoms_per_batch, total=n, slot_size=slot_sizes):
         results[job.index] = result
+        if on_result is not None:
+            on_result(job.index, result)
     return results  # type: ignore[return-value]
 
 
