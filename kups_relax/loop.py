@@ -102,6 +102,17 @@ def _rows(geometry: Geometry, systems: jax.Array) -> jax.Array:
     return padded[jnp.clip(geometry.system, 0, geometry.n_systems)]
 
 
+def _step_zero(ev, geometry: Geometry, targets: Targets) -> tuple[jax.Array, jax.Array]:
+    """Largest force and status of freshly started systems (ASE's step 0: converged, or running)."""
+    fmax = _max_force(jnp.where(geometry.movable, ev.forces, 0.0), geometry)
+    finite = _finite(ev.energy, ev.forces, geometry)
+    status = jnp.where(geometry.n_atoms == 0, EMPTY,
+             jnp.where(~finite, DIVERGED,
+             jnp.where(fmax < targets.fmax, CONVERGED,
+             jnp.where(targets.max_steps <= 0, UNCONVERGED, RUNNING))))
+    return fmax, status
+
+
 @functools.partial(jax.jit, static_argnames=("optimizer",))
 def initial_state(geometry: Geometry, potential, neighbors: nl.NeighborList, targets: Targets,
                   optimizer) -> LoopState:
@@ -109,13 +120,7 @@ def initial_state(geometry: Geometry, potential, neighbors: nl.NeighborList, tar
     from .transforms import SystemIndex
 
     ev = evaluate(potential, geometry, neighbors, compute_stress=False)
-    forces_c = jnp.where(geometry.movable, ev.forces, 0.0)
-    fmax = _max_force(forces_c, geometry)
-    finite = _finite(ev.energy, ev.forces, geometry)
-    status = jnp.where(geometry.n_atoms == 0, EMPTY,
-             jnp.where(~finite, DIVERGED,
-             jnp.where(fmax < targets.fmax, CONVERGED,
-             jnp.where(targets.max_steps <= 0, UNCONVERGED, RUNNING))))
+    fmax, status = _step_zero(ev, geometry, targets)
     opt_state = optimizer.init(geometry.positions, SystemIndex(geometry.system, geometry.n_systems))
     return LoopState(
         positions=geometry.positions, opt_state=opt_state, neighbors=neighbors,
@@ -147,13 +152,7 @@ def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, adm
     current = geometry.replace(positions=positions)
     neighbors = nl.rebuild(state.neighbors, current, admitted)
     ev = evaluate(potential, current, neighbors, compute_stress=False)
-    forces_c = jnp.where(geometry.movable, ev.forces, 0.0)
-    fmax = _max_force(forces_c, geometry)
-    finite = _finite(ev.energy, ev.forces, geometry)
-    status = jnp.where(geometry.n_atoms == 0, EMPTY,
-             jnp.where(~finite, DIVERGED,
-             jnp.where(fmax < targets.fmax, CONVERGED,
-             jnp.where(targets.max_steps <= 0, UNCONVERGED, RUNNING))))
+    fmax, status = _step_zero(ev, geometry, targets)
     # forget the old occupants' history under the old row index, then the new one's rows
     opt_state = optimizer.reset(state.opt_state, admitted)
     opt_state = optimizer.reset(_reindex(opt_state, geometry), admitted)

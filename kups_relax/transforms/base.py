@@ -61,7 +61,7 @@ class EmptyState(NamedTuple):
 
 def select_rows(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
     """``new`` where the ``(N,)`` row mask is set, else ``old`` (broadcast over trailing axes)."""
-    return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
+    return jnp.where(mask.reshape(mask.shape + (1,) * (jnp.ndim(old) - 1)), new, old)
 
 
 @dataclasses.dataclass(frozen=True)
