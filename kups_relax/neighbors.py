@@ -155,29 +155,47 @@ def _dense_counts(geometry: Geometry, lay: _Layout, systems: jax.Array) -> jax.A
     return jnp.where(lay.use_cells | ~systems, 0, n * n * n_images)
 
 
-def _dense_candidates(geometry: Geometry, lay: _Layout, capacity: int, systems: jax.Array):
-    """All atom pairs x all images, for the systems without a cell list (ragged over systems)."""
-    S = geometry.n_systems
-    n_images = jnp.prod(2 * lay.k_dense + 1, axis=-1)
-    n = geometry.n_atoms.astype(jnp.int64)
+class _Dense(NamedTuple):
+    """Ragged all-pairs x images enumeration; candidate ``c`` decodes to ``(system, i, j, image)``."""
+
+    counts: jax.Array  # (S,) candidates of each system (0 if not enumerated)
+    ends: jax.Array  # (S,) inclusive cumulative candidate counts
+    total: jax.Array  # () candidates
+
+
+def _dense(geometry: Geometry, lay: _Layout, systems: jax.Array) -> _Dense:
     counts = _dense_counts(geometry, lay, systems)
     ends = jnp.cumsum(counts)
-    starts = ends - counts
-    c = jnp.arange(capacity, dtype=jnp.int64)
-    s = jnp.clip(jnp.searchsorted(ends, c, side="right"), 0, S - 1)
-    valid = c < ends[-1]
-    local = c - starts[s]
-    img = local % n_images[s]
-    pair = local // n_images[s]
-    n_s = jnp.maximum(n[s], 1)
-    first = geometry.first_atom[s].astype(jnp.int64)
+    return _Dense(counts=counts, ends=ends, total=ends[-1])
+
+
+def _dense_decode(geometry: Geometry, lay: _Layout, dense: _Dense, c: jax.Array):
+    """Candidate ids -> ``(i, j, translation (.., 3), valid)``."""
+    S = geometry.n_systems
+    s = jnp.clip(jnp.searchsorted(dense.ends, c, side="right", method="scan_unrolled"), 0, S - 1)
+    valid = c < dense.total
+    n_images = jnp.prod(2 * lay.k_dense + 1, axis=-1)[s]
+    local = c - (dense.ends[s] - dense.counts[s])
+    img = local % n_images
+    pair = local // n_images
+    n_s = jnp.maximum(geometry.n_atoms[s].astype(c.dtype), 1)
+    first = geometry.first_atom[s].astype(c.dtype)
     i = jnp.where(valid, first + pair // n_s, 0)
     j = jnp.where(valid, first + pair % n_s, 0)
-    return i, j, _mixed_radix(img, lay.k_dense[s]), valid, ends[-1]
+    return i, j, _mixed_radix(img, lay.k_dense[s]), valid
 
 
-def _cell_candidates(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Array):
-    """Atoms of the cell-list systems x neighbouring bins x atoms in each bin."""
+class _Cells(NamedTuple):
+    """Cell-list enumeration; candidate ``(r, o, m)``: row ``r``'s atom, neighbouring bin ``o``, slot ``m``."""
+
+    rows: jax.Array  # (R,) atom of each row (A for unused rows)
+    neighbours: jax.Array  # (R, O, M) candidate atom j (A if none)
+    translation: jax.Array  # (R, O, 3) image translation of each neighbouring bin
+    needs: tuple
+
+
+def _cells(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Array) -> _Cells:
+    """Bin the atoms of the cell-list systems; list each atom's neighbouring bins' atoms."""
     A = geometry.n_atom_rows
     R, B, M, O = caps.cell_rows, caps.bins, caps.bin_size, caps.offsets
     in_cells = (lay.use_cells & systems)[lay.system] & geometry.atom_mask
@@ -186,8 +204,10 @@ def _cell_candidates(geometry: Geometry, lay: _Layout, caps: Capacities, systems
     row_ok = rows < A
     rows_c = jnp.clip(rows, 0, A - 1)
     nb = lay.n_bins
+
     def flat_bin(s, b):
         return lay.bin_offset[s] + (b[..., 0] * nb[s, 1] + b[..., 1]) * nb[s, 2] + b[..., 2]
+
     s_row = lay.system[rows_c]
     key = jnp.where(row_ok, flat_bin(s_row, lay.bin_coord[rows_c]), B)
     order = jnp.argsort(key, stable=True)
@@ -198,8 +218,8 @@ def _cell_candidates(geometry: Geometry, lay: _Layout, caps: Capacities, systems
     stop = jnp.searchsorted(sorted_key, bin_ids, side="right")
     max_occupancy = jnp.max(stop - start)
     rank = jnp.arange(R) - start[jnp.clip(sorted_key, 0, B - 1)]
-    table = jnp.full((B, M), A, dtype=jnp.int64).at[
-        jnp.where(sorted_key < B, sorted_key, B), rank].set(sorted_atom, mode="drop")
+    table = jnp.full((B, M), A, dtype=jnp.int32).at[
+        jnp.where(sorted_key < B, sorted_key, B), rank].set(sorted_atom.astype(jnp.int32), mode="drop")
 
     k = lay.k_cells[s_row]  # (R, 3)
     n_offsets = jnp.prod(2 * k + 1, axis=-1)
@@ -212,16 +232,12 @@ def _cell_candidates(geometry: Geometry, lay: _Layout, caps: Capacities, systems
     wrapped = target - translation * nb_r
     inside = jnp.all(pbc_r | ((target >= 0) & (target < nb_r)), axis=-1)
     pair_ok = row_ok[:, None] & (o[None, :] < n_offsets[:, None]) & inside  # (R, O)
-    b_target = jnp.where(pair_ok, flat_bin(s_row[:, None], jnp.clip(wrapped, 0, nb_r - 1)), 0)
-    j = table[jnp.clip(b_target, 0, B - 1)]  # (R, O, M)
-    valid = pair_ok[:, :, None] & (j < A)
-    i = jnp.broadcast_to(rows_c[:, None, None], j.shape)
-    translation = jnp.broadcast_to(translation[:, :, None, :], j.shape + (3,))
+    b_target = flat_bin(s_row[:, None], jnp.clip(wrapped, 0, nb_r - 1))
+    neighbours = jnp.where(pair_ok[:, :, None], table[jnp.clip(b_target, 0, B - 1)], A)  # (R, O, M)
     n_cell_bins = jnp.sum(jnp.where(lay.use_cells, jnp.prod(nb, axis=-1), 0))
     max_offsets = jnp.max(jnp.where(lay.use_cells, jnp.prod(2 * lay.k_cells + 1, axis=-1), 0))
-    needs = (n_rows, n_cell_bins, max_occupancy, max_offsets)
-    return (i.reshape(-1), jnp.where(valid, j, 0).reshape(-1), translation.reshape(-1, 3),
-            valid.reshape(-1), needs)
+    return _Cells(rows=rows, neighbours=neighbours, translation=translation,
+                  needs=(n_rows, n_cell_bins, max_occupancy, max_offsets))
 
 
 def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities,
@@ -235,58 +251,96 @@ def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities
     small systems and cells thinner than the cutoff). Either way a system's pairs come
     out in an order that does not depend on its slot.
 
+    Candidates are only tested (one distance each, from wrapped positions); the pair
+    rows are decoded afterwards for the candidates kept, so the cost per candidate is small.
+
     A partial rebuild (``systems``, an ``(S,)`` mask, and ``keep``, the current list)
     enumerates only the selected systems, within ``capacities.partial_candidates``, and
     keeps the other systems' pairs as they are.
     """
     radius = cutoff + skin
-    S = geometry.n_systems
+    S, A = geometry.n_systems, geometry.n_atom_rows
     partial = systems is not None
     systems = jnp.ones(S, bool) if systems is None else systems
     lay = _layout(geometry, radius)
-    dense_capacity = capacities.partial_candidates if partial else capacities.dense_candidates
-    i_d, j_d, t_d, ok_d, n_dense = _dense_candidates(geometry, lay, dense_capacity, systems)
-    i_c, j_c, t_c, ok_c, (n_rows, n_bins, occupancy, n_offsets) = _cell_candidates(geometry, lay, capacities, systems)
-    i = jnp.concatenate([i_d, i_c])
-    j = jnp.concatenate([j_d, j_c])
-    translation = jnp.concatenate([t_d, t_c])
-    valid = jnp.concatenate([ok_d, ok_c])
-
     positions = geometry.positions
-    s = lay.system[i]
-    shift = translation.astype(positions.dtype) - lay.whole[j] + lay.whole[i]
-    vec = positions[j] - positions[i] + matvec_rows(shift, geometry.cell[s])
-    d2 = jnp.sum(vec * vec, axis=-1)
-    is_self = (i == j) & jnp.all(translation == 0, axis=-1)
-    found = valid & (d2 < radius * radius) & ~is_self
+    cell_of_atom = geometry.cell[lay.system]
+    wrapped = positions - matvec_rows(lay.whole, cell_of_atom)  # Cartesian, inside the cell
+
+    # dense candidates: decode, one distance each
+    C = capacities.partial_candidates if partial else capacities.dense_candidates
+    dense = _dense(geometry, lay, systems)
+    c = jnp.arange(C, dtype=jnp.int32)
+    i_d, j_d, t_d, ok_d = _dense_decode(geometry, lay, dense, c)
+    vec_d = wrapped[j_d] - wrapped[i_d] + matvec_rows(t_d.astype(positions.dtype), cell_of_atom[i_d])
+    self_d = (i_d == j_d) & jnp.all(t_d == 0, axis=-1)
+    found_d = ok_d & (jnp.sum(vec_d * vec_d, axis=-1) < radius * radius) & ~self_d
+
+    # cell-list candidates: (R, O, M), one distance each
+    cells = _cells(geometry, lay, capacities, systems)
+    rows_c = jnp.clip(cells.rows, 0, A - 1)
+    tvec = (cells.translation[..., 0, None] * cell_of_atom[rows_c][:, None, 0]
+            + cells.translation[..., 1, None] * cell_of_atom[rows_c][:, None, 1]
+            + cells.translation[..., 2, None] * cell_of_atom[rows_c][:, None, 2])  # (R, O, 3)
+    j_c = cells.neighbours
+    vec_c = wrapped[jnp.clip(j_c, 0, A - 1)] + (tvec - wrapped[rows_c][:, None, :])[:, :, None, :]
+    self_c = (j_c == rows_c[:, None, None]) & jnp.all(cells.translation == 0, axis=-1)[:, :, None]
+    found_c = (j_c < A) & (jnp.sum(vec_c * vec_c, axis=-1) < radius * radius) & ~self_c
+
+    found = jnp.concatenate([found_d, found_c.reshape(-1)])
+    n_kept = 0
     if partial:
         # the other systems keep their pairs (a slot emptied since has padding rows: dropped)
         sender_system = geometry.system[keep.senders]
         kept = keep.mask & (sender_system < S) & ~systems[jnp.clip(sender_system, 0, S - 1)]
-        i = jnp.concatenate([keep.senders.astype(i.dtype), i])
-        j = jnp.concatenate([keep.receivers.astype(j.dtype), j])
-        shift = jnp.concatenate([keep.shifts, shift])
         found = jnp.concatenate([kept, found])
+        n_kept = keep.capacity
+
+    E = capacities.pairs
+    slot = jnp.cumsum(found.astype(jnp.int32)) - 1
+    n_pairs = jnp.sum(found)
+    target = jnp.where(found & (slot < E), slot, E)  # out of range -> dropped
+    total = found.shape[0]
+    pick = jnp.full(E, total, jnp.int32).at[target].set(jnp.arange(total, dtype=jnp.int32), mode="drop")
+    real = pick < total
+
+    # decode the kept candidates into pair rows
+    cand = pick - n_kept
+    is_dense = (cand >= 0) & (cand < C)
+    i_e, j_e, t_e, _ = _dense_decode(geometry, lay, dense, jnp.clip(cand, 0, C - 1))
+    flat = jnp.clip(cand - C, 0, j_c.size - 1)
+    O, M = j_c.shape[1], j_c.shape[2]
+    r, om = flat // (O * M), flat % (O * M)
+    i_cell = rows_c[r]
+    j_cell = j_c.reshape(-1)[flat]
+    t_cell = cells.translation[r, om // M]
+    i = jnp.where(is_dense, i_e, i_cell)
+    j = jnp.where(is_dense, j_e, j_cell)
+    t = jnp.where(is_dense[:, None], t_e, t_cell).astype(positions.dtype)
+    shift = t - lay.whole[j] + lay.whole[i]
+    if partial:
+        from_keep = pick < n_kept
+        src = jnp.clip(pick, 0, n_kept - 1)
+        i = jnp.where(from_keep, keep.senders[src], i)
+        j = jnp.where(from_keep, keep.receivers[src], j)
+        shift = jnp.where(from_keep[:, None], keep.shifts[src], shift)
         reference = jnp.where(geometry.atom_mask[:, None] & systems[lay.system][:, None],
                               positions, keep.reference_positions)
     else:
         reference = positions
 
-    E = capacities.pairs
-    slot = jnp.cumsum(found) - 1
-    n_pairs = jnp.sum(found)
-    target = jnp.where(found & (slot < E), slot, E)  # out of range -> dropped
-    needed = jnp.stack([n_dense, n_rows, n_bins, occupancy, n_offsets]).astype(jnp.int64)
-    limits = jnp.asarray([dense_capacity, capacities.cell_rows, capacities.bins, capacities.bin_size,
+    n_rows, n_bins, occupancy, n_offsets = cells.needs
+    needed = jnp.stack([dense.total, n_rows, n_bins, occupancy, n_offsets]).astype(jnp.int64)
+    limits = jnp.asarray([C, capacities.cell_rows, capacities.bins, capacities.bin_size,
                           capacities.offsets], dtype=jnp.int64)
     overflow = (n_pairs > E) | jnp.any(needed > limits)
     if partial:
-        needed = needed.at[0].set(jnp.maximum(keep.needed[0], n_dense))
+        needed = needed.at[0].set(jnp.maximum(keep.needed[0], dense.total))
     return NeighborList(
-        senders=jnp.zeros(E, jnp.int32).at[target].set(i.astype(jnp.int32), mode="drop"),
-        receivers=jnp.zeros(E, jnp.int32).at[target].set(j.astype(jnp.int32), mode="drop"),
-        shifts=jnp.zeros((E, 3), positions.dtype).at[target].set(shift, mode="drop"),
-        mask=jnp.zeros(E, bool).at[target].set(True, mode="drop"),
+        senders=jnp.where(real, i, 0).astype(jnp.int32),
+        receivers=jnp.where(real, j, 0).astype(jnp.int32),
+        shifts=jnp.where(real[:, None], shift, 0.0),
+        mask=real,
         reference_positions=reference, n_pairs=n_pairs, needed=needed,
         overflow=overflow, n_builds=jnp.asarray(n_builds) + 1,
         cutoff=float(cutoff), skin=float(skin), capacities=capacities,
@@ -375,7 +429,7 @@ def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | Non
             return nl
         grown = [max(c, bucket(int(n * 1.25) + 1, minimum=8)) for c, n in zip(caps, needed)]
         caps = Capacities(*grown, partial_candidates=caps.partial_candidates)
-        caps = caps._replace(offsets=max(capacities.offsets if capacities else 0, needed[5]))
+        caps = caps._replace(offsets=max(capacities.offsets if capacities else 1, needed[5], 1))
     raise RuntimeError(f"neighbor list capacities did not settle: {caps}")
 
 
