@@ -409,12 +409,17 @@ def relax_and_write(run: Run, todo, progress_enabled: bool) -> dict[str, Any]:
         else:
             write_system(run, result, todo[index].source)
 
+    from .compile_stats import compile_stats
+
+    compiled_before = compile_stats()
     with Progress(len(todo), chunk_steps, enabled=progress_enabled):
         relax([it.atoms for it in todo], run.potential, fmax=run.settings["fmax"],
               max_steps=run.settings["max_steps"], optimizer=run.optimizer,
               names=[it.name for it in todo], dtype=run.settings["dtype"], chunk_steps=chunk_steps,
               trajectory=True, on_result=write_as_it_finishes)
-    logger.info("relaxed %d systems in %.1f s", len(todo), time.perf_counter() - t0)
+    compiled = compile_stats().since(compiled_before)
+    logger.info("relaxed %d systems in %.1f s; compiled %d programs, %d more from the compilation cache (%.1f s)",
+                len(todo), time.perf_counter() - t0, compiled.programs, compiled.cached, compiled.seconds)
     return invalid
 
 

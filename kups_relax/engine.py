@@ -24,9 +24,10 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from . import neighbors as nl
 from .batch import DTYPES, Geometry, complete_cell, full_3x3_to_voigt, movable_mask
 from .buckets import bucket
+from .compile_stats import compile_stats
 from .evaluate import evaluate
 from .loop import RUNNING, STATUS_NAMES, Targets, admit, initial_state, run_chunk
-from .transforms import Transform, ase_lbfgs
+from .transforms import Transform, ase_fire, ase_lbfgs
 from .validate import InvalidStructure, check_structure
 
 logger = logging.getLogger(__name__)
@@ -75,12 +76,19 @@ class RelaxResult:
     trajectory: list[Atoms] | None = None
 
 
+#: Optimizer names and the factories of their transforms (ASE's defaults).
+OPTIMIZERS: dict[str, Callable[[], Transform]] = {"lbfgs": ase_lbfgs, "fire": ase_fire}
+
+
 def resolve_optimizer(optimizer: str | Transform | None) -> Transform:
-    """An optimizer transform from a name (``"lbfgs"``) or a transform; default ASE's LBFGS."""
-    if optimizer is None or (isinstance(optimizer, str) and optimizer.lower() == "lbfgs"):
+    """An optimizer transform from a name (``"lbfgs"``, ``"fire"``) or a transform; default ASE's LBFGS."""
+    if optimizer is None:
         return ase_lbfgs()
     if isinstance(optimizer, str):
-        raise ValueError(f"unknown optimizer {optimizer!r} (available: 'lbfgs')")
+        factory = OPTIMIZERS.get(optimizer.lower())
+        if factory is None:
+            raise ValueError(f"unknown optimizer {optimizer!r} (available: {', '.join(map(repr, OPTIMIZERS))})")
+        return factory()
     return optimizer
 
 
@@ -121,7 +129,8 @@ def relax(
         fmax: force convergence criterion, eV/Å: largest per-atom force norm (after
             constraints) ``< fmax``, as in ASE. A scalar or one per structure.
         max_steps: step limit per structure (ASE's ``steps``); scalar or one per structure.
-        optimizer: ``"lbfgs"`` (default; ``ase.optimize.LBFGS`` defaults) or a transform
+        optimizer: ``"lbfgs"`` (default; ``ase.optimize.LBFGS`` defaults), ``"fire"``
+            (``ase.optimize.FIRE`` defaults) or a transform
             such as ``kups_relax.transforms.ase_lbfgs(maxstep=0.1)``.
         names: a name per structure for results and messages (default ``structure-<i>``).
         dtype: ``"float64"`` (default) or ``"float32"``.
@@ -245,6 +254,7 @@ def _stream(jobs: Iterator[Job], potential, transform, dtype, skin, chunk_steps,
             atoms_per_batch, total, slot_size=_pow2_class):
     """Validate, group by size class, run the slot batches round-robin; yield ``(job, result)``."""
     t0 = time.perf_counter()
+    compiled_before = compile_stats()
     pending: dict[int, collections.deque] = collections.defaultdict(collections.deque)
     batches: dict[int, SlotBatch] = {}
     exhausted = False
@@ -298,7 +308,9 @@ def _stream(jobs: Iterator[Job], potential, transform, dtype, skin, chunk_steps,
             in_flight = sum(b.n_running for b in batches.values()) + sum(len(q) for q in pending.values())
             logger.debug("chunk %d: %d systems running", batch.chunks,
                          (total - finished) if total is not None else in_flight)
-    logger.info("relaxed %d structures in %.2f s", finished, time.perf_counter() - t0)
+    compiled = compile_stats().since(compiled_before)
+    logger.info("relaxed %d structures in %.2f s; compiled %d programs, %d from the compilation cache (%.1f s)",
+                finished, time.perf_counter() - t0, compiled.programs, compiled.cached, compiled.seconds)
 
 
 class SlotBatch:

@@ -50,9 +50,9 @@ def test_slot_order_is_bit_identical(twenty, batched):
 
 @pytest.fixture(scope="module")
 def alone(twenty):
-    """Six systems of every kind, each relaxed on its own (each its own capacity bucket)."""
+    """Four systems of different kinds, each relaxed on its own (each its own capacity bucket)."""
     potential = LennardJones(**LJ_PARAMS)
-    picked = {"icosahedron-0", "cluster-13", "cluster-19", "bulk-1", "triclinic-2", "small-cell-0"}
+    picked = {"icosahedron-0", "cluster-19", "triclinic-2", "small-cell-0"}
     return {name: relax([atoms], potential, fmax=FMAX, max_steps=500, names=[name])[0]
             for name, atoms in twenty if name in picked}
 
@@ -66,7 +66,7 @@ def test_alone_equals_in_batch(twenty, batched, alone):
     random clusters, which amplify it (measured: 2.8e-12 A after 18 steps, 5e-11 A
     after 126 steps).
     """
-    assert len(alone) == 6
+    assert len(alone) == 4
     for name, a in alone.items():
         b = batched["forward"][name]
         assert a.steps == b.steps, name

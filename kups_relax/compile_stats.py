@@ -1,0 +1,49 @@
+"""How many XLA programs were compiled, and how many came from the persistent cache instead.
+
+JAX reports every backend compilation request and every persistent-cache hit through
+:mod:`jax.monitoring`; listeners registered on import count them for the whole process.
+Programs that compile in under ``jax_persistent_cache_min_compile_time_secs`` are never
+cached, so a warm second run still compiles those few small ones.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.monitoring
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileStats(NamedTuple):
+    """Programs compiled (``programs``), loaded from the persistent cache (``cached``) and seconds spent."""
+
+    programs: int
+    cached: int
+    seconds: float
+
+    def since(self, earlier: "CompileStats") -> "CompileStats":
+        return CompileStats(*(a - b for a, b in zip(self, earlier)))
+
+
+_totals = {"requests": 0, "hits": 0, "seconds": 0.0}
+
+
+def _on_duration(event: str, duration: float, **_) -> None:
+    if event == _COMPILE_EVENT:
+        _totals["requests"] += 1
+        _totals["seconds"] += duration
+
+
+def _on_event(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _totals["hits"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+jax.monitoring.register_event_listener(_on_event)
+
+
+def compile_stats() -> CompileStats:
+    """Totals for this process so far (see the module docstring)."""
+    return CompileStats(_totals["requests"] - _totals["hits"], _totals["hits"], _totals["seconds"])
