@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_STEPS = 10_000
 
 #: Default Verlet skin, Å.
-DEFAULT_SKIN = 0.5
+DEFAULT_SKIN = 1.0
 
 
 @dataclasses.dataclass
@@ -507,5 +507,6 @@ class SlotBatch:
 
 @jax.jit
 def _final_stress(potential, geometry, neighbors):
-    neighbors = nl.update(neighbors, geometry)
+    # the loop keeps the list current for every system's present positions (it is updated at
+    # each step's positions, and stopped systems no longer move), so no rebuild is compiled here
     return evaluate(potential, geometry, neighbors, compute_stress=True).stress
