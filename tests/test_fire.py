@@ -157,3 +157,32 @@ def test_streaming_reset(emt_named, emt_results):
         np.testing.assert_allclose(res.atoms.positions, ref.atoms.positions, rtol=0, atol=1e-10, err_msg=res.name)
         seen += 1
     assert seen == len(small)
+
+
+def test_ase_drop_in_matches_ase_fire(emt_named):
+    """kups_relax.ase.FIRE follows ase.optimize.FIRE, with and without the downhill check."""
+    from kups_relax.ase import FIRE as KupsFIRE
+
+    atoms = emt_named[3][1]
+    for downhill_check in (False, True):
+        a, b = atoms.copy(), atoms.copy()
+        a.calc, b.calc = AseEMT(), AseEMT()
+        ref = AseFIRE(a, logfile=None, downhill_check=downhill_check)
+        ref.run(fmax=FMAX, steps=MAX_STEPS)
+        ours = KupsFIRE(b, logfile=None, downhill_check=downhill_check)
+        ours.run(fmax=FMAX, steps=MAX_STEPS)
+        assert ours.nsteps == ref.nsteps
+        assert (ours.dt, ours.Nsteps) == pytest.approx((ref.dt, ref.Nsteps), abs=1e-12)
+        np.testing.assert_allclose(b.positions, a.positions, rtol=0, atol=1e-8)
+
+
+def test_ase_own_fire_test_with_drop_in(monkeypatch):
+    """ASE's ase/test/optimize/test_fire.py (it names ase.optimize.FIRE) run with our class in its place."""
+    from ase.build import bulk
+
+    import kups_relax.ase
+    ase_test = pytest.importorskip("ase.test.optimize.test_fire")
+    monkeypatch.setattr(ase_test, "FIRE", kups_relax.ase.FIRE)
+    gold = bulk("Au") * (2, 2, 2)  # ASE's distorted_bulk_gold fixture
+    gold[0].x += 0.5
+    ase_test.test_fire(gold)

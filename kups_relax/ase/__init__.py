@@ -2,6 +2,7 @@
 
 * :class:`LBFGS` -- ``ase.optimize.LBFGS`` with the engine computing the steps;
   with :class:`Calculator` attached, ``run()`` relaxes inside the jitted loop.
+* :class:`FIRE` -- ``ase.optimize.FIRE`` with the engine computing the steps.
 * :class:`Calculator` -- any potential of :mod:`potentials` as an ASE calculator.
 * :func:`relax_many` -- many ``Atoms`` with calculators attached, in one call.
 
@@ -20,7 +21,8 @@ True
 from __future__ import annotations
 
 from .calculator import Calculator
+from .fire import FIRE
 from .many import relax_many
 from .optimizer import LBFGS
 
-__all__ = ["Calculator", "LBFGS", "relax_many"]
+__all__ = ["Calculator", "FIRE", "LBFGS", "relax_many"]

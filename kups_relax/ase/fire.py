@@ -1,0 +1,79 @@
+"""``kups_relax.ase.FIRE``: a drop-in for ``ase.optimize.FIRE`` whose steps come from the engine.
+
+Arguments, defaults, attributes (``vel``, ``dt``, ``a``, ``Nsteps``), restart files
+(``(vel, dt)``, ASE's layout) and ``downhill_check`` behave as in ASE's FIRE (ase 3.29);
+the step itself is computed by the engine's per-system transform
+:class:`kups_relax.transforms.Fire` (one system), so a structure relaxed here follows
+the same path as in :func:`kups_relax.relax` with ``optimizer="fire"``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase.optimize.fire import FIRE as _AseFIRE
+
+from kups_relax.transforms import Fire, FireState, SystemIndex
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fire_update(transform: Fire, gradient, state: FireState, params):
+    return transform.update(gradient, state, params, jnp.ones((1,), bool))
+
+
+class FIRE(_AseFIRE):
+    """FIRE with the arguments and defaults of ``ase.optimize.FIRE``; the step comes from
+    :class:`kups_relax.transforms.Fire` (lengths Å, forces eV/Å)."""
+
+    def step(self, f=None):
+        gradient = self._get_gradient(f)  # dE/dx, flat (ndofs,)
+        optimizable = self.optimizable
+        if gradient.size % 3:
+            raise ValueError(f"FIRE: {gradient.size} degrees of freedom are not rows of 3")
+        started = self.vel is not None
+        if not started:
+            self.vel = np.zeros(optimizable.ndofs())
+            if self.downhill_check:
+                self.e_last = optimizable.get_value()
+                self.r_last = optimizable.get_x()
+                self.vel_last = self.vel.copy()
+        elif self.downhill_check:
+            e = optimizable.get_value()
+            if e > self.e_last:  # went uphill: back to the last positions, and stop (ASE's downhill check)
+                if self.position_reset_callback is not None:
+                    self.position_reset_callback(optimizable, self.r_last, e, self.e_last)
+                optimizable.set_x(self.r_last)
+                # the transform's "stop" branch, done here; it then starts afresh from rest
+                self.vel = np.zeros_like(self.vel)
+                self.a = self.astart
+                self.dt *= self.fdec
+                self.Nsteps = 0
+                started = False
+            self.e_last = optimizable.get_value()
+            self.r_last = optimizable.get_x()
+            self.vel_last = self.vel.copy()
+
+        rows = gradient.size // 3
+        # dt and a live in the state (Fire's own dt/a are only initial values), so the compiled step is reused
+        transform = Fire(maxstep=float(self.maxstep), dtmax=float(self.dtmax), Nmin=int(self.Nmin),
+                         finc=float(self.finc), fdec=float(self.fdec), astart=float(self.astart), fa=float(self.fa))
+        state = FireState(
+            velocity=jnp.asarray(np.reshape(self.vel, (rows, 3)), jnp.float64),
+            dt=jnp.full((1,), self.dt, jnp.float64),
+            a=jnp.full((1,), self.a, jnp.float64),
+            n_positive=jnp.full((1,), self.Nsteps, jnp.int32),
+            started=jnp.full((1,), started, bool),
+            index=SystemIndex(jnp.zeros((rows,), jnp.int32), 1),
+        )
+        r = optimizable.get_x()
+        dr, state = _fire_update(transform, jnp.asarray(np.reshape(gradient, (rows, 3)), jnp.float64), state,
+                                 jnp.asarray(np.reshape(r, (rows, 3)), jnp.float64))
+        self.vel = np.array(state.velocity, dtype=np.float64).reshape(-1)
+        self.dt = float(state.dt[0])
+        self.a = float(state.a[0])
+        self.Nsteps = int(state.n_positive[0])
+        optimizable.set_x(r + np.asarray(dr, dtype=np.float64).reshape(-1))
+        self.dump((self.vel, self.dt))
