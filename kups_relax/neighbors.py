@@ -408,16 +408,70 @@ def pair_vectors(neighbors: NeighborList, positions: jax.Array, cell: jax.Array,
 _build_jit = jax.jit(build, static_argnames=("cutoff", "skin", "capacities"))
 
 
+def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
+    """Capacities for a first build, computed on the host (numpy) so that it usually fits.
+
+    Everything but the pair count is what :func:`build` will need, recomputed the same way
+    (a last-bit difference only costs a second build); the pair capacity is an upper
+    estimate from each system's density. Each build with new capacities is a compilation,
+    so a good first guess saves seconds per new batch shape.
+    """
+    g = jax.device_get(geometry)
+    S = g.cell.shape[0]
+    n = np.asarray(g.n_atoms, np.int64)
+    mask = np.asarray(g.system) < S
+    system = np.clip(np.asarray(g.system), 0, S - 1)
+    inv = np.linalg.inv(np.asarray(g.wrap_cell, np.float64))
+    spacing = 1.0 / np.linalg.norm(inv, axis=-2)
+    pbc = np.asarray(g.pbc)
+    frac = np.einsum("ad,adk->ak", np.asarray(g.positions, np.float64), inv[system])
+    pbc_atom = pbc[system]
+    u = frac - np.where(pbc_atom, np.floor(frac), 0.0)
+    lo = np.full((S, 3), np.inf)
+    hi = np.full((S, 3), -np.inf)
+    np.minimum.at(lo, system[mask], u[mask])
+    np.maximum.at(hi, system[mask], u[mask])
+    has = (n > 0)[:, None]
+    extent = np.where(pbc, spacing, np.where(has, hi - lo, 0.0))
+    n_bins = np.clip(np.floor(extent / radius), 1, MAX_BINS_PER_DIRECTION).astype(np.int64)
+    width = np.where(has, extent / n_bins, 1.0)
+    k_cells = np.where(pbc, np.ceil(radius / np.maximum(width, 1e-12)), 1).astype(np.int64)
+    k_dense = np.where(pbc, np.ceil(radius / spacing), 0).astype(np.int64)
+    use_cells = (np.prod(n_bins, axis=-1) >= MIN_BINS_FOR_CELL_LIST) & (n > 0)
+    images = np.prod(2 * k_dense + 1, axis=-1)
+    dense = int(np.sum(np.where(use_cells, 0, n * n * images)))
+    rows = int(np.sum(n[use_cells]))
+    bins = int(np.sum(np.prod(n_bins, axis=-1)[use_cells]))
+    occupancy, offsets = 1, 1
+    if use_cells.any():
+        offsets = int(np.max(np.prod(2 * k_cells + 1, axis=-1)[use_cells]))
+        in_cells = mask & use_cells[system]
+        s_c = system[in_cells]
+        scaled = np.where(pbc_atom[in_cells], u[in_cells] * n_bins[s_c], (u[in_cells] - lo[s_c]) / width[s_c])
+        b = np.clip(np.floor(scaled), 0, n_bins[s_c] - 1).astype(np.int64)
+        offset = np.cumsum(np.where(use_cells, np.prod(n_bins, axis=-1), 0)) - np.where(use_cells, np.prod(n_bins, axis=-1), 0)
+        key = offset[s_c] + (b[:, 0] * n_bins[s_c, 1] + b[:, 1]) * n_bins[s_c, 2] + b[:, 2]
+        occupancy = int(np.bincount(key).max())
+    # pairs: neighbours within radius at a dense packing (0.1 atoms/A^3), never more than all pairs
+    sphere = 0.1 * 4.0 / 3.0 * np.pi * radius ** 3
+    pairs = int(np.sum(np.minimum(n * np.maximum(n - 1, 0) * images + n * (images - 1), n * sphere)))
+    grow = lambda x: bucket(int(x * 1.25) + 1, minimum=8)  # noqa: E731
+    return Capacities(pairs=bucket(int(pairs * 1.25) + 1, minimum=64), dense_candidates=bucket(dense, minimum=64),
+                      cell_rows=grow(rows), bins=grow(bins), bin_size=grow(occupancy), offsets=max(offsets, 1),
+                      partial_candidates=bucket(dense // 8, minimum=64))
+
+
 def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | None = None,
              capacities: Capacities | None = None) -> NeighborList:
     """Build a list on the host, choosing bucketed capacities large enough (jax-md's ``allocate``).
 
-    ``capacity`` (pairs) and ``capacities`` are lower bounds. Builds are repeated with
-    grown capacities until nothing overflows (every build reports what it needed, so
-    this takes two or three builds); the pair capacity is at least 25 % above the pairs
-    found, so the list can grow as atoms move.
+    ``capacity`` (pairs) and ``capacities`` are lower bounds. The first build uses
+    :func:`estimate_capacities`; builds are repeated with grown capacities until nothing
+    overflows (every build reports what it needed); the pair capacity is at least 25 %
+    above the pairs found, so the list can grow as atoms move.
     """
-    caps = capacities or Capacities(pairs=64)
+    estimate = estimate_capacities(geometry, cutoff + skin)
+    caps = Capacities(*(max(a, b) for a, b in zip(capacities, estimate))) if capacities else estimate
     caps = caps._replace(pairs=max(caps.pairs, capacity or 0))
     for _ in range(8):
         # partial rebuilds (a few systems at a time) are what the loop mostly does
