@@ -452,8 +452,11 @@ def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
         offset = np.cumsum(np.where(use_cells, np.prod(n_bins, axis=-1), 0)) - np.where(use_cells, np.prod(n_bins, axis=-1), 0)
         key = offset[s_c] + (b[:, 0] * n_bins[s_c, 1] + b[:, 1]) * n_bins[s_c, 2] + b[:, 2]
         occupancy = int(np.bincount(key).max())
-    # pairs: neighbours within radius at a dense packing (0.1 atoms/A^3), never more than all pairs
-    sphere = 0.1 * 4.0 / 3.0 * np.pi * radius ** 3
+    # pairs: neighbours within the radius at the system's own density (3-D periodic) or at a
+    # dense packing (0.1 atoms/A^3) otherwise, never more than all pairs and images
+    volume = np.abs(np.linalg.det(np.asarray(g.cell, np.float64)))
+    density = np.where(pbc.all(axis=-1) & (volume > 1e-9), n / np.where(volume > 1e-9, volume, 1.0), 0.1)
+    sphere = density * 4.0 / 3.0 * np.pi * radius ** 3
     pairs = int(np.sum(np.minimum(n * np.maximum(n - 1, 0) * images + n * (images - 1), n * sphere)))
     grow = lambda x: bucket(int(x * 1.25) + 1, minimum=8)  # noqa: E731
     return Capacities(pairs=bucket(int(pairs * 1.25) + 1, minimum=64), dense_candidates=bucket(dense, minimum=64),
@@ -479,7 +482,12 @@ def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | Non
                                                     bucket(caps.dense_candidates // 8, minimum=64)))
         nl = _build_jit(geometry, cutoff=float(cutoff), skin=float(skin), capacities=caps)
         needed = [int(nl.n_pairs)] + [int(x) for x in np.asarray(nl.needed)]
-        if not bool(nl.overflow) and needed[0] * 1.25 <= caps.pairs:
+        tight = bucket(int(needed[0] * 1.25) + 1, minimum=64)
+        if not bool(nl.overflow) and tight <= caps.pairs:
+            if caps.pairs > 2 * tight and (capacity or 0) <= tight and not capacities:
+                # the estimate was far too generous: padding pairs cost every evaluation
+                caps = caps._replace(pairs=tight)
+                continue
             return nl
         grown = [max(c, bucket(int(n * 1.25) + 1, minimum=8)) for c, n in zip(caps, needed)]
         caps = Capacities(*grown, partial_candidates=caps.partial_candidates)
