@@ -174,43 +174,12 @@ class Batch:
         if A < n_total or S < len(structures):
             raise ValueError(f"capacities ({A} atoms, {S} systems) too small for {n_total} atoms, {len(structures)} systems")
 
-        positions = np.zeros((A, 3))
-        numbers = np.zeros(A, dtype=np.int32)
-        system = np.full(A, S, dtype=np.int32)
-        movable = np.zeros((A, 3), dtype=bool)
-        cell = np.tile(np.eye(3), (S, 1, 1))
-        wrap_cell = np.tile(np.eye(3), (S, 1, 1))
-        pbc = np.zeros((S, 3), dtype=bool)
-        n_atoms = np.zeros(S, dtype=np.int32)
-        first_atom = np.full(S, n_total, dtype=np.int32)
-
+        host = empty_arrays(A, S, first_atom=np.full(S, n_total, dtype=np.int32))
         start = 0
         for s, (atoms, name) in enumerate(zip(structures, names)):
-            n = len(atoms)
-            stop = start + n
-            positions[start:stop] = atoms.positions
-            numbers[start:stop] = atoms.numbers
-            system[start:stop] = s
-            movable[start:stop] = movable_mask(atoms, name)
-            cell[s] = atoms.cell.array
-            pbc[s] = atoms.pbc
-            wrap_cell[s] = complete_cell(atoms.cell.array, atoms.pbc)
-            n_atoms[s] = n
-            first_atom[s] = start
-            start = stop
-
-        float_dtype = DTYPES[dtype]
-        geometry = Geometry(
-            positions=jnp.asarray(positions, dtype=float_dtype),
-            numbers=jnp.asarray(numbers),
-            system=jnp.asarray(system),
-            movable=jnp.asarray(movable),
-            cell=jnp.asarray(cell, dtype=float_dtype),
-            wrap_cell=jnp.asarray(wrap_cell, dtype=float_dtype),
-            pbc=jnp.asarray(pbc),
-            n_atoms=jnp.asarray(n_atoms),
-            first_atom=jnp.asarray(first_atom),
-        )
+            pack_structure(host, s, start, atoms, name)
+            start += len(atoms)
+        geometry = device_geometry(host, dtype)
         return cls(geometry=geometry, atoms=[a.copy() for a in structures], names=names)
 
     def atom_slice(self, i: int) -> slice:
@@ -236,22 +205,68 @@ class Batch:
         out = []
         start = 0
         for s, atoms in enumerate(self.atoms):
-            stop = start + len(atoms)
-            atoms = atoms.copy()
-            atoms.positions = positions[start:stop]
-            results = {}
-            if energies is not None:
-                results["energy"] = float(energies[s])
-                results["free_energy"] = float(energies[s])
-            if forces is not None:
-                results["forces"] = np.asarray(forces[start:stop], dtype=np.float64)
-            if stresses is not None and atoms.pbc.all():
-                results["stress"] = full_3x3_to_voigt(np.asarray(stresses[s], dtype=np.float64))
-            if results:
-                atoms.calc = SinglePointCalculator(atoms, **results)
-            out.append(atoms)
-            start = stop
+            rows = slice(start, start + len(atoms))
+            out.append(with_results(
+                atoms, positions[rows],
+                energy=None if energies is None else energies[s],
+                forces=None if forces is None else forces[rows],
+                stress=None if stresses is None else stresses[s]))
+            start = rows.stop
         return out
+
+
+def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray) -> dict[str, np.ndarray]:
+    """Host (numpy) arrays of an empty :class:`Geometry`: every row padding, every system empty."""
+    A, S = n_atom_rows, n_systems
+    return dict(
+        positions=np.zeros((A, 3)), numbers=np.zeros(A, np.int32), system=np.full(A, S, np.int32),
+        movable=np.zeros((A, 3), bool), cell=np.tile(np.eye(3), (S, 1, 1)),
+        wrap_cell=np.tile(np.eye(3), (S, 1, 1)), pbc=np.zeros((S, 3), bool),
+        n_atoms=np.zeros(S, np.int32), first_atom=np.asarray(first_atom, np.int32))
+
+
+def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: Atoms, name: str) -> None:
+    """Write ``atoms`` into system ``slot`` of the host arrays, its atoms at rows ``start:start + n``."""
+    rows = slice(start, start + len(atoms))
+    host["positions"][rows] = atoms.positions
+    host["numbers"][rows] = atoms.numbers
+    host["system"][rows] = slot
+    host["movable"][rows] = movable_mask(atoms, name)
+    host["cell"][slot] = atoms.cell.array
+    host["wrap_cell"][slot] = complete_cell(atoms.cell.array, atoms.pbc)
+    host["pbc"][slot] = atoms.pbc
+    host["n_atoms"][slot] = len(atoms)
+    host["first_atom"][slot] = start
+
+
+def device_geometry(host: dict[str, np.ndarray], dtype: str = "float64") -> Geometry:
+    """The :class:`Geometry` of host arrays, floats in ``dtype``."""
+    f = DTYPES[dtype]
+    return Geometry(
+        positions=jnp.asarray(host["positions"], f), numbers=jnp.asarray(host["numbers"]),
+        system=jnp.asarray(host["system"]), movable=jnp.asarray(host["movable"]),
+        cell=jnp.asarray(host["cell"], f), wrap_cell=jnp.asarray(host["wrap_cell"], f),
+        pbc=jnp.asarray(host["pbc"]), n_atoms=jnp.asarray(host["n_atoms"]),
+        first_atom=jnp.asarray(host["first_atom"]))
+
+
+def with_results(atoms: Atoms, positions: np.ndarray, energy=None, forces=None, stress=None) -> Atoms:
+    """A copy of ``atoms`` at ``positions`` with a ``SinglePointCalculator`` of the results given.
+
+    Stress (``(3, 3)``, eV/Å³) is attached only to 3-D periodic systems, in ASE's Voigt order.
+    """
+    atoms = atoms.copy()
+    atoms.positions = positions
+    results = {}
+    if energy is not None:
+        results["energy"] = results["free_energy"] = float(energy)
+    if forces is not None:
+        results["forces"] = np.asarray(forces, dtype=np.float64)
+    if stress is not None and atoms.pbc.all():
+        results["stress"] = full_3x3_to_voigt(np.asarray(stress, dtype=np.float64))
+    if results:
+        atoms.calc = SinglePointCalculator(atoms, **results)
+    return atoms
 
 
 def full_3x3_to_voigt(stress: np.ndarray) -> np.ndarray:

@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
-from ase.calculators.singlepoint import SinglePointCalculator
 
 from . import neighbors as nl
-from .batch import DTYPES, Geometry, complete_cell, full_3x3_to_voigt, movable_mask
+from .batch import DTYPES, Geometry, device_geometry, empty_arrays, pack_structure, with_results
 from .buckets import bucket
 from .compile_stats import compile_stats
 from .evaluate import evaluate
@@ -327,12 +326,8 @@ class SlotBatch:
         self.potential, self.transform, self.skin, self.trajectory = potential, transform, skin, trajectory
         self.float_dtype = DTYPES[dtype]
         A, S = slot_atoms * n_slots, n_slots
-        self.host = dict(
-            positions=np.zeros((A, 3)), numbers=np.zeros(A, np.int32), system=np.full(A, S, np.int32),
-            movable=np.zeros((A, 3), bool), cell=np.tile(np.eye(3), (S, 1, 1)),
-            wrap_cell=np.tile(np.eye(3), (S, 1, 1)), pbc=np.zeros((S, 3), bool),
-            n_atoms=np.zeros(S, np.int32), first_atom=(np.arange(S) * slot_atoms).astype(np.int32),
-        )
+        self.dtype = dtype
+        self.host = empty_arrays(A, S, first_atom=np.arange(S) * slot_atoms)
         self.fmax = np.zeros(S)
         self.max_steps = np.zeros(S, np.int64)
         self.jobs: list[Job | None] = [None] * S
@@ -350,14 +345,7 @@ class SlotBatch:
         return sum(job is not None for job in self.jobs)
 
     def _device_geometry(self) -> Geometry:
-        h = self.host
-        f = self.float_dtype
-        return Geometry(
-            positions=jnp.asarray(h["positions"], f), numbers=jnp.asarray(h["numbers"]),
-            system=jnp.asarray(h["system"]), movable=jnp.asarray(h["movable"]),
-            cell=jnp.asarray(h["cell"], f), wrap_cell=jnp.asarray(h["wrap_cell"], f),
-            pbc=jnp.asarray(h["pbc"]), n_atoms=jnp.asarray(h["n_atoms"]),
-            first_atom=jnp.asarray(h["first_atom"]))
+        return device_geometry(self.host, self.dtype)
 
     def _targets(self) -> Targets:
         return Targets(fmax=jnp.asarray(self.fmax, self.float_dtype),
@@ -378,16 +366,7 @@ class SlotBatch:
         self.jobs[slot] = job
         if job is None:
             return
-        atoms, n = job.atoms, len(job.atoms)
-        used = slice(slot * P, slot * P + n)
-        h["positions"][used] = atoms.positions
-        h["numbers"][used] = atoms.numbers
-        h["system"][used] = slot
-        h["movable"][used] = movable_mask(atoms, job.name)
-        h["cell"][slot] = atoms.cell.array
-        h["wrap_cell"][slot] = complete_cell(atoms.cell.array, atoms.pbc)
-        h["pbc"][slot] = atoms.pbc
-        h["n_atoms"][slot] = n
+        pack_structure(h, slot, slot * P, job.atoms, job.name)
         self.fmax[slot], self.max_steps[slot] = job.fmax, job.max_steps
 
     def refill(self, queue: collections.deque):
@@ -475,13 +454,8 @@ class SlotBatch:
         for slot in done:
             job = self.jobs[slot]
             rows = self._rows(slot)
-            atoms = job.atoms.copy()
-            atoms.positions = positions[rows]
-            results = dict(energy=float(energy[slot]), free_energy=float(energy[slot]),
-                           forces=np.asarray(forces[rows], np.float64))
-            if atoms.pbc.all():
-                results["stress"] = full_3x3_to_voigt(np.asarray(stress[slot], np.float64))
-            atoms.calc = SinglePointCalculator(atoms, **results)
+            atoms = with_results(job.atoms, positions[rows], energy=energy[slot], forces=forces[rows],
+                                 stress=stress[slot])
             name = STATUS_NAMES[int(status[slot])]
             reason = {
                 "converged": "",
@@ -490,12 +464,8 @@ class SlotBatch:
             }.get(name, name)
             trajectory = None
             if self.trajectory:
-                trajectory = []
-                for (pos, frc), e in zip(job.frames, job.energies):
-                    frame = job.atoms.copy()
-                    frame.positions = pos
-                    frame.calc = SinglePointCalculator(frame, energy=float(e), forces=np.asarray(frc, np.float64))
-                    trajectory.append(frame)
+                trajectory = [with_results(job.atoms, pos, energy=e, forces=frc)
+                              for (pos, frc), e in zip(job.frames, job.energies)]
             result = RelaxResult(
                 name=job.name, atoms=atoms, energy=float(energy[slot]), initial_energy=float(job.energies[0]),
                 fmax=float(fmax[slot]), steps=int(steps[slot]), converged=name == "converged", status=name,
