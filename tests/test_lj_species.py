@@ -12,7 +12,7 @@ from kups_relax import InvalidStructure, check_structure
 from kups_relax import neighbors as nl
 from kups_relax.batch import Batch
 from kups_relax.evaluate import evaluate
-from pairsum import pair_sum
+from pairsum import assert_matches, pair_sum
 from potentials import LennardJones
 from structures import LJ_PARAMS, lj_structures
 
@@ -43,15 +43,6 @@ def _evaluate_all(potential, structures):
     batch = Batch.from_atoms(structures)
     ev = _evaluate(potential, batch.geometry, nl.allocate(batch.geometry, potential.cutoff, 0.3))
     return batch, [np.asarray(x) for x in ev]
-
-
-def _check(batch, results, references, label):
-    energy, forces, stress = results
-    for s, (atoms, (e_ref, f_ref, s_ref)) in enumerate(zip(batch.atoms, references)):
-        assert abs(energy[s] - e_ref) <= 1e-10 * max(1, len(atoms)), (label, s, energy[s] - e_ref)
-        np.testing.assert_allclose(forces[batch.atom_slice(s)], f_ref, rtol=0, atol=1e-9, err_msg=f"{label} {s}")
-        if s_ref is not None:
-            np.testing.assert_allclose(stress[s], s_ref, rtol=0, atol=1e-10, err_msg=f"{label} {s}")
 
 
 def _ase(atoms, **params):
@@ -101,7 +92,7 @@ def test_one_species_table_equals_ase_scalar(structures, smooth):
                                          rc=LJ_PARAMS["rc"], smooth=smooth)
     assert potential.supported_numbers == {18} and potential.cutoff == LJ_PARAMS["rc"]
     batch, results = _evaluate_all(potential, structures)
-    _check(batch, results, [_ase(a, **params) for a in structures], f"smooth={smooth}")
+    assert_matches(batch, results, [_ase(a, **params) for a in structures], f"smooth={smooth}")
 
 
 @pytest.mark.parametrize("mixing,smooth", [("lorentz-berthelot", False), ("lorentz-berthelot", True),
@@ -113,7 +104,7 @@ def test_mixtures_match_numpy_pair_sum(alloys, mixing, smooth):
     assert potential.cutoff == pytest.approx(cutoff)
     batch, results = _evaluate_all(potential, alloys)
     assert np.abs(results[1]).max() > 1e-3
-    _check(batch, results, [pair_sum(a, cutoff, _numpy_lj(mixing, smooth)) for a in alloys], f"{mixing} {smooth}")
+    assert_matches(batch, results, [pair_sum(a, cutoff, _numpy_lj(mixing, smooth)) for a in alloys], f"{mixing} {smooth}")
 
 
 def test_uncovered_element_is_rejected(alloys):

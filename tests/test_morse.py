@@ -10,7 +10,7 @@ from ase.calculators.morse import MorsePotential as AseMorse
 from kups_relax import neighbors as nl
 from kups_relax.batch import Batch
 from kups_relax.evaluate import evaluate
-from pairsum import pair_sum
+from pairsum import assert_matches, pair_sum
 from potentials import MorsePotential
 from structures import lj_structures
 
@@ -25,15 +25,6 @@ def _evaluate_all(potential, structures):
     batch = Batch.from_atoms(structures)
     ev = _evaluate(potential, batch.geometry, nl.allocate(batch.geometry, potential.cutoff, 0.3))
     return batch, [np.asarray(x) for x in ev]
-
-
-def _check(batch, results, references, label):
-    energy, forces, stress = results
-    for s, (atoms, (e_ref, f_ref, s_ref)) in enumerate(zip(batch.atoms, references)):
-        assert abs(energy[s] - e_ref) <= 1e-10 * max(1, len(atoms)), (label, s)
-        np.testing.assert_allclose(forces[batch.atom_slice(s)], f_ref, rtol=0, atol=1e-9, err_msg=f"{label} {s}")
-        if s_ref is not None:
-            np.testing.assert_allclose(stress[s], s_ref, rtol=0, atol=1e-10, err_msg=f"{label} {s}")
 
 
 def _ase(atoms, **params):
@@ -59,7 +50,7 @@ def test_matches_ase_on_mixed_structures(structures):
     potential = MorsePotential(**AR)
     assert potential.cutoff == pytest.approx(2.7 * 3.8) and potential.supported_numbers is None
     batch, results = _evaluate_all(potential, structures)
-    _check(batch, results, [_ase(a, **AR) for a in structures], "Ar-like")
+    assert_matches(batch, results, [_ase(a, **AR) for a in structures], "Ar-like")
     assert np.abs(results[1]).max() > 1e-3  # non-trivial forces
 
 
@@ -67,14 +58,14 @@ def test_matches_ase_with_its_defaults(structures):
     """ASE's defaults (epsilon 1, r0 1, rho0 6, rcut 1.9..2.7) on the structures scaled to r0 = 1 Å."""
     scaled = [_scaled(a, SCALE) for a in structures]
     batch, results = _evaluate_all(MorsePotential(), scaled)
-    _check(batch, results, [_ase(a) for a in scaled], "defaults")
+    assert_matches(batch, results, [_ase(a) for a in scaled], "defaults")
 
 
 def test_matches_ase_with_other_parameters(structures):
     # same cutoff (a static of the neighbor list) and shapes as above: the compiled program is reused
     params = dict(epsilon=0.02, r0=3.6, rho0=4.5, rcut1=1.3, rcut2=2.7 * 3.8 / 3.6)
     batch, results = _evaluate_all(MorsePotential(**params), structures)
-    _check(batch, results, [_ase(a, **params) for a in structures], "other parameters")
+    assert_matches(batch, results, [_ase(a, **params) for a in structures], "other parameters")
 
 
 # ----------------------------------------------------------------------------- per species
@@ -133,14 +124,14 @@ def test_per_species_pairs_match_numpy_pair_sum(structures):
     cutoff = max(2.7 * 4.0, 2.7 * 3.95)
     assert potential.cutoff == pytest.approx(cutoff)
     batch, results = _evaluate_all(potential, alloys)
-    _check(batch, results, [pair_sum(a, cutoff, _numpy_morse) for a in alloys], "per species")
+    assert_matches(batch, results, [pair_sum(a, cutoff, _numpy_morse) for a in alloys], "per species")
 
 
 def test_one_species_table_equals_ase_scalar(structures):
     params = {name: {"Ar": value} for name, value in dict(AR, rcut1=1.9, rcut2=2.7).items()}
     potential = MorsePotential.per_species(**params)
     batch, results = _evaluate_all(potential, structures)
-    _check(batch, results, [_ase(a, **AR) for a in structures], "one species")
+    assert_matches(batch, results, [_ase(a, **AR) for a in structures], "one species")
 
 
 def test_per_species_errors():
