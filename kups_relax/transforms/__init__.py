@@ -4,6 +4,7 @@ from .base import Chain, EmptyState, Scale, SystemIndex, Transform, chain
 from .fire import Fire, FireState
 from .lbfgs import ScaleByAseLbfgs, ScaleByAseLbfgsState
 from .max_step import MaxStepSize, MaxStepSizeState
+from .optax_adapter import OptaxState, OptaxTransform, is_optax_spec, optax_optimizer
 
 
 def ase_lbfgs(maxstep: float = 0.2, memory: int = 100, damping: float = 1.0, alpha: float = 70.0) -> Chain:
@@ -23,6 +24,7 @@ def ase_fire(dt: float = 0.1, maxstep: float = 0.2, dtmax: float = 1.0, Nmin: in
 
 
 __all__ = [
-    "Chain", "EmptyState", "Fire", "FireState", "MaxStepSize", "MaxStepSizeState", "Scale", "ScaleByAseLbfgs",
-    "ScaleByAseLbfgsState", "SystemIndex", "Transform", "ase_fire", "ase_lbfgs", "chain",
+    "Chain", "EmptyState", "Fire", "FireState", "MaxStepSize", "MaxStepSizeState", "OptaxState", "OptaxTransform",
+    "Scale", "ScaleByAseLbfgs", "ScaleByAseLbfgsState", "SystemIndex", "Transform", "ase_fire", "ase_lbfgs", "chain",
+    "is_optax_spec", "optax_optimizer",
 ]
