@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 import collections
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,8 @@ from .buckets import bucket
 from .compile_stats import compile_stats
 from .evaluate import evaluate
 from .loop import RUNNING, STATUS_NAMES, Targets, admit, initial_state, run_chunk
-from .transforms import Transform, ase_fire, ase_lbfgs
+from .transforms import Transform, ase_fire, ase_lbfgs, is_optax_spec, optax_optimizer
+from .transforms.optax_adapter import OPTIMIZERS as OPTAX_OPTIMIZERS
 from .validate import InvalidStructure, check_structure
 
 logger = logging.getLogger(__name__)
@@ -79,15 +80,31 @@ class RelaxResult:
 OPTIMIZERS: dict[str, Callable[[], Transform]] = {"lbfgs": ase_lbfgs, "fire": ase_fire}
 
 
-def resolve_optimizer(optimizer: str | Transform | None) -> Transform:
-    """An optimizer transform from a name (``"lbfgs"``, ``"fire"``) or a transform; default ASE's LBFGS."""
+def resolve_optimizer(optimizer: str | Mapping | Transform | None) -> Transform:
+    """An optimizer transform from a name or a transform; default ASE's LBFGS.
+
+    Names: ``"lbfgs"``, ``"fire"``, or an optax optimizer ``"optax:adam(learning_rate=0.01)"``
+    (also as a mapping ``{"name": "optax:adam", ...}``; see
+    :mod:`kups_relax.transforms.optax_adapter`), chained with ASE's 0.2 Å max step.
+    """
     if optimizer is None:
         return ase_lbfgs()
+    if is_optax_spec(optimizer):
+        return optax_optimizer(optimizer)
     if isinstance(optimizer, str):
         factory = OPTIMIZERS.get(optimizer.lower())
         if factory is None:
-            raise ValueError(f"unknown optimizer {optimizer!r} (available: {', '.join(map(repr, OPTIMIZERS))})")
+            raise ValueError(f"unknown optimizer {optimizer!r} (available: {', '.join(map(repr, OPTIMIZERS))}, "
+                             f"or 'optax:<name>' with <name> one of {', '.join(OPTAX_OPTIMIZERS)})")
         return factory()
+    if isinstance(optimizer, Mapping):
+        raise ValueError(f"optimizer {dict(optimizer)!r}: only optax optimizers take the mapping form "
+                         f"({{'name': 'optax:adam', 'learning_rate': 0.01}}); use kups_relax.transforms.ase_lbfgs(...) "
+                         f"or ase_fire(...) for LBFGS or FIRE settings")
+    if isinstance(optimizer, tuple) and hasattr(optimizer, "init") and hasattr(optimizer, "update") \
+            and not hasattr(optimizer, "reset"):
+        raise ValueError("a bare optax GradientTransformation cannot be checked to keep systems apart; "
+                         "name it instead, e.g. optimizer='optax:adam(learning_rate=0.01)'")
     return optimizer
 
 
