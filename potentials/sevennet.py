@@ -1,0 +1,187 @@
+"""SevenNet-0 (a NequIP-style equivariant graph network) as a potential of the jitted loop.
+
+SevenNet (Park, Kim, Hwang, Han, J. Chem. Theory Comput. 20, 4857 (2024)) is a universal
+interatomic potential for 89 elements trained on Materials Project relaxations (MPtrj, PBE/PBE+U).
+This is the same network as the ``sevenn`` package's, evaluated on the batch's neighbour
+list with JAX; its weights are read from ``potentials/data/sevennet_0.npz`` (converted
+from sevenn's checkpoint by :mod:`potentials.convert_sevennet`, MIT licence, see
+``potentials/data/SEVENNET_LICENSE``). No torch is needed.
+
+Architecture (every piece in :mod:`potentials.sevennet_layers`, e3nn's conventions):
+
+* edges ``i -> j`` within 5 Å: 8 Bessel functions of ``r`` times the XPLOR switch (4.5-5 Å),
+  spherical harmonics ``l <= 2`` of ``r_j - r_i``;
+* atoms: a learned 128-channel embedding of the element;
+* 5 interaction blocks: self-connection (linear) + linear -> convolution (radial network
+  8-64-64-paths weights a ``'uvu'`` tensor product of the neighbour's features with the
+  harmonics, summed over neighbours, divided by ``sqrt(avg. neighbours)``) -> linear ->
+  gate; features ``128x0e -> 128x0e+64x1e+32x2e (x4) -> 128x0e``;
+* readout 128 -> 64 -> 1, then ``E_i = scale[Z_i] * e_i + shift[Z_i]`` (eV) and a sum per system.
+
+Forces and stress come from :func:`kups_relax.evaluate.evaluate` by autodiff, as for every
+potential. The dtype of the positions decides the precision (float32 or float64; the
+weights are float32 values either way, as in the reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from functools import cached_property
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase.data import chemical_symbols
+
+from kups_relax.batch import Geometry
+from kups_relax.neighbors import NeighborList, pair_vectors
+from kups_relax.segments import segment_sum
+
+from . import sevennet_layers as layers
+
+#: SevenNet-0's converted weights, shipped with the package.
+SEVENNET_0_FILE = Path(__file__).parent / "data" / "sevennet_0.npz"
+FORMAT = "kups-relax/sevennet/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class SevenNetConfig:
+    """Static hyperparameters of a SevenNet model (hashable, part of the compiled program).
+
+    Attributes:
+        cutoff: interaction cutoff, Å.
+        cutoff_on: start of the XPLOR switch, Å.
+        lmax_filter: largest ``l`` of the edge harmonics.
+        irreps: node irreps before/after every interaction block (``n_layers + 1`` of them).
+        act_scale: SiLU's second-moment normalisation constant (e3nn's ``normalize2mom``).
+        denominators: per block, what the summed messages are divided by.
+        numbers: atomic numbers of the species, in the order of the species tables.
+    """
+
+    cutoff: float
+    cutoff_on: float
+    lmax_filter: int
+    irreps: tuple[tuple[tuple[int, int], ...], ...]
+    act_scale: float
+    denominators: tuple[float, ...]
+    numbers: tuple[int, ...]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.irreps) - 1
+
+    def paths(self, t: int) -> tuple[layers.Path, ...]:
+        """The tensor-product paths of block ``t`` (its output keeps the ``l`` of ``irreps[t+1]``)."""
+        return layers.convolution_paths(self.irreps[t], self.lmax_filter, [l for _, l in self.irreps[t + 1]])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SevenNet:
+    """A SevenNet model (a pytree: ``params`` and ``species_index`` are leaves).
+
+    Build with :meth:`load` (any converted file) or :func:`sevennet_0`.
+
+    Attributes:
+        params: array name -> float32 weights (names as in the converted file).
+        species_index: ``(119,)`` int32 row of every atomic number in the species tables, -1 if unsupported.
+        config: the static :class:`SevenNetConfig`.
+        name: a label for logs and trajectory metadata.
+    """
+
+    params: dict[str, jax.Array]
+    species_index: jax.Array
+    config: SevenNetConfig = dataclasses.field(metadata=dict(static=True))
+    name: str = dataclasses.field(default="sevennet", metadata=dict(static=True))
+
+    @classmethod
+    def load(cls, path: str | Path, name: str | None = None) -> "SevenNet":
+        """Read a file written by :mod:`potentials.convert_sevennet` (numpy only, no torch)."""
+        path = Path(path)
+        with np.load(path) as data:
+            meta = json.loads(bytes(data["config.json"]).decode())
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a converted SevenNet file (format {meta.get('format')!r}, "
+                                 f"expected {FORMAT!r})")
+            params = {k: jnp.asarray(data[k]) for k in data.files if k != "config.json"}
+        config = SevenNetConfig(
+            cutoff=float(meta["cutoff"]), cutoff_on=float(meta["cutoff_on"]), lmax_filter=int(meta["lmax_filter"]),
+            irreps=tuple(layers.parse_irreps(s) for s in meta["irreps"]), act_scale=float(meta["act_scale"]),
+            denominators=tuple(float(d) for d in meta["denominators"]), numbers=tuple(int(z) for z in meta["numbers"]),
+        )
+        index = np.full(119, -1, dtype=np.int32)
+        index[list(config.numbers)] = np.arange(len(config.numbers), dtype=np.int32)
+        return cls(params=params, species_index=jnp.asarray(index), config=config, name=name or meta.get("model", path.stem))
+
+    @property
+    def cutoff(self) -> float:
+        return self.config.cutoff
+
+    @property
+    def supported_numbers(self) -> frozenset[int]:
+        return frozenset(self.config.numbers)
+
+    def check_numbers(self, numbers) -> None:
+        """Raise ``ValueError`` naming the elements outside the training set among ``numbers``."""
+        missing = sorted(set(int(z) for z in np.asarray(numbers).ravel()) - self.supported_numbers)
+        if missing:
+            names = ", ".join(f"{chemical_symbols[z] if 0 < z < len(chemical_symbols) else '?'} (Z={z})"
+                              for z in missing)
+            raise ValueError(f"{self.name} has no parameters for {names}; it covers "
+                             f"{len(self.config.numbers)} elements up to Pu (Z=94)")
+
+    def energy(self, geometry: Geometry, neighbors: NeighborList) -> jax.Array:
+        """Per-system energies ``(S,)`` in eV (jit-compatible)."""
+        cfg, dtype = self.config, geometry.positions.dtype
+        p = {k: v.astype(dtype) for k, v in self.params.items()}
+        n_rows, S = geometry.n_atom_rows, geometry.n_systems
+
+        # edges: i = sender receives the message of j = receiver, along r_j - r_i
+        vec = pair_vectors(neighbors, geometry.positions, geometry.cell, geometry.system)
+        r2 = jnp.sum(vec * vec, axis=-1)
+        inside = neighbors.mask & (r2 < cfg.cutoff ** 2)
+        safe = jnp.where(inside[:, None], vec, jnp.asarray([0.0, 0.0, 0.5 * cfg.cutoff], dtype))
+        r = jnp.sqrt(jnp.sum(safe * safe, axis=-1))
+        sh = layers.spherical_harmonics(safe / r[:, None], cfg.lmax_filter)
+        radial = layers.bessel_basis(r, p["bessel_coeffs"], cfg.cutoff) * layers.xplor_cutoff(
+            r, cfg.cutoff_on, cfg.cutoff)[:, None]
+        radial = jnp.where(inside[:, None], radial, 0.0)
+
+        species = jnp.clip(jnp.take(self.species_index, geometry.numbers, mode="clip"), 0, None)
+        embedding = p["embedding.l0"]
+        x = {0: (embedding[species] / math.sqrt(embedding.shape[0]))[:, :, None]}
+        for t in range(cfg.n_layers):
+            x = self._interaction(t, x, p, sh, radial, neighbors, n_rows)
+        scalars = x[0][:, :, 0]
+        hidden = scalars @ p["readout.0.l0"] / math.sqrt(p["readout.0.l0"].shape[0])
+        atomic = (hidden @ p["readout.1.l0"])[:, 0] / math.sqrt(p["readout.1.l0"].shape[0])
+        atomic = atomic * p["scale"][species] + p["shift"][species]
+        return segment_sum(atomic, geometry.system, S)
+
+    def _interaction(self, t, x, p, sh, radial, neighbors, n_rows):
+        cfg = self.config
+        out_ls = [l for _, l in cfg.irreps[t + 1]]
+
+        def blocks(name):
+            return {int(k.rsplit(".l", 1)[1]): v for k, v in p.items() if k.startswith(f"layer{t}.{name}.l")}
+
+        self_connection = layers.linear(x, blocks("self_connection"))
+        x = layers.linear(x, blocks("linear_1"))
+        mlp = [p[f"layer{t}.radial.{k}"] for k in range(sum(1 for key in p if key.startswith(f"layer{t}.radial.")))]
+        weights = layers.radial_mlp(radial, mlp, cfg.act_scale)
+        neighbour_features = {l: v[neighbors.receivers] for l, v in x.items()}
+        messages = layers.tensor_product(neighbour_features, sh, weights, cfg.paths(t))
+        x = {l: jax.ops.segment_sum(m, neighbors.senders, num_segments=n_rows) / cfg.denominators[t]
+             for l, m in messages.items()}
+        x = layers.linear(x, blocks("linear_2"))
+        x = layers.add(x, self_connection)
+        n_scalars = cfg.irreps[t + 1][0][0]
+        return layers.gate({l: x[l] for l in sorted(x) if l == 0 or l in out_ls}, n_scalars, cfg.act_scale)
+
+
+def sevennet_0() -> SevenNet:
+    """SevenNet-0 (11 July 2024) with the weights shipped in ``potentials/data``."""
+    return SevenNet.load(SEVENNET_0_FILE, name="SevenNet-0")
