@@ -65,6 +65,17 @@ def _text(value) -> str:
     return value
 
 
+def _optimizer(value) -> str:
+    """An optimizer name; a config mapping (``{name: optax:adam, learning_rate: ...}``) becomes its one-line form."""
+    if isinstance(value, Mapping):
+        from .transforms.optax_adapter import canonical_spec, is_optax_spec
+
+        if not is_optax_spec(value):
+            raise ValueError(f"only optax optimizers take the mapping form (name: optax:<name>), got {dict(value)!r}")
+        return canonical_spec(value)
+    return _text(value)
+
+
 def _flag(value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
@@ -131,7 +142,9 @@ OPTIONS: tuple[Option, ...] = (
            "energy model: lj, morse, emt or eam:<file> (default: %(default)s)"),
     Option("potential_params", _params, {},
            "potential parameters KEY=VALUE[,KEY=VALUE...], repeatable (e.g. sigma=3.4,epsilon=0.0104,rc=8.5)"),
-    Option("optimizer", _text, "lbfgs", "optimizer name (default: %(default)s, ASE's LBFGS defaults)"),
+    Option("optimizer", _optimizer, "lbfgs",
+           "optimizer: lbfgs, fire or optax:<name>[(key=value,...)], e.g. 'optax:adam(learning_rate=0.01)' "
+           "(default: %(default)s, ASE's LBFGS defaults)"),
     Option("fmax", _number(float), 0.05,
            "converged when every atom's force is below FMAX, eV/Å (default: %(default)s)", positive=True),
     Option("max_steps", _number(int), DEFAULT_MAX_STEPS, "step limit per system, ASE's 'steps' (default: %(default)s)",
@@ -267,6 +280,9 @@ def make_optimizer(name: str, maxstep: float | None):
         raise UsageError(str(err)) from None
     if maxstep is None:
         return name, transform
+    if transforms.is_optax_spec(name):
+        transform = transforms.optax_optimizer(name, maxstep=maxstep)
+        return transform, transform
     factory = getattr(transforms, f"ase_{name.lower()}", None)
     if factory is None:
         raise UsageError(f"--maxstep is not available for optimizer {name!r}")

@@ -72,19 +72,19 @@ DEFAULT_LEARNING_RATE = 0.01
 DEFAULT_MAXSTEP = 0.2
 
 #: optax optimizers (``optax.<name>``) that act on every coordinate separately; usable as ``optax:<name>``.
-OPTIMIZERS: tuple[str, ...] = (
+OPTIMIZERS: tuple[str, ...] = tuple(name for name in (
     "adabelief", "adadelta", "adagrad", "adam", "adamax", "adamaxw", "adamw", "adan", "amsgrad", "lion",
     "nadam", "nadamw", "optimistic_adam_v2", "optimistic_gradient_descent", "radam", "rmsprop", "rprop",
     "sgd", "sign_sgd", "signum", "yogi",
-)
+) if hasattr(optax, name))
 
 #: Elementwise optax transforms allowed inside ``optax:chain(...)`` (besides :data:`OPTIMIZERS`).
-BUILDING_BLOCKS: tuple[str, ...] = (
+BUILDING_BLOCKS: tuple[str, ...] = tuple(name for name in (
     "add_decayed_weights", "clip", "ema", "identity", "scale", "scale_by_adadelta", "scale_by_adam",
     "scale_by_adamax", "scale_by_adan", "scale_by_amsgrad", "scale_by_belief", "scale_by_learning_rate",
     "scale_by_lion", "scale_by_optimistic_gradient", "scale_by_radam", "scale_by_rms", "scale_by_rprop",
     "scale_by_rss", "scale_by_schedule", "scale_by_sign", "scale_by_stddev", "scale_by_yogi", "trace",
-)
+) if hasattr(optax, name))
 
 _SPANS_PARAMETERS = "reduces over many parameters at once"
 #: optax transforms that cannot run per system, and why (named in the error).
@@ -141,7 +141,7 @@ SCHEDULES: dict[str, Callable[..., Callable]] = {
         "linear_onecycle_schedule", "linear_schedule", "piecewise_constant_schedule",
         "piecewise_interpolate_schedule", "polynomial_schedule", "warmup_constant_schedule",
         "warmup_cosine_decay_schedule", "warmup_exponential_decay_schedule",
-    )
+    ) if hasattr(optax, name)
 }
 SCHEDULES["standard"] = standard
 
