@@ -26,9 +26,10 @@ if os.environ.get("KUPS_RELAX_COMPILATION_CACHE", "1") != "0" and not os.environ
 
 from .batch import Batch, Geometry  # noqa: E402
 from .engine import DEFAULT_MAX_STEPS, RelaxResult, relax, relax_iter  # noqa: E402
+from .filters import CellFilter  # noqa: E402
 from .validate import InvalidStructure, check_structure  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["Batch", "DEFAULT_MAX_STEPS", "Geometry", "InvalidStructure", "RelaxResult",
+__all__ = ["Batch", "CellFilter", "DEFAULT_MAX_STEPS", "Geometry", "InvalidStructure", "RelaxResult",
            "check_structure", "relax", "relax_iter", "__version__"]

@@ -3,11 +3,11 @@
 Layout (``A`` = atom capacity, ``S`` = system capacity, both bucketed):
 
 * per-atom rows, flat over the whole batch: ``positions (A, 3)``, ``numbers (A,)``,
-  ``system (A,)`` and ``movable (A, 3)``. A system's atoms are contiguous, starting at
+  ``system (A,)``, the constraint projections ``projection (A, 3, 3)`` and ``masses (A,)``. A system's atoms are contiguous, starting at
   ``first_atom[s]``; padding rows carry ``system == S`` and are dropped by every
   per-system reduction (see :mod:`kups_relax.segments`).
 * per-system tables: ``cell (S, 3, 3)`` (rows are lattice vectors, Å, as in ASE),
-  ``wrap_cell (S, 3, 3)``, ``pbc (S, 3)``, ``n_atoms (S,)``, ``first_atom (S,)``.
+  ``wrap_cell (S, 3, 3)``, ``pbc (S, 3)``, ``n_atoms (S,)``, ``first_atom (S,)``, ``fix_com (S,)``.
   Padding systems have no atoms.
 
 Readers build :class:`Batch` on the host; the jitted loop only ever sees its
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.constraints import FixAtoms, FixCartesian
 
 from .buckets import bucket
+from .constraints import constraint_arrays
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 
@@ -40,7 +40,10 @@ class Geometry:
         positions: ``(A, 3)`` Cartesian positions, Å.
         numbers: ``(A,)`` atomic numbers (0 for padding).
         system: ``(A,)`` system slot of every atom; ``S`` for padding rows.
-        movable: ``(A, 3)`` False for Cartesian components fixed by constraints.
+        projection: ``(A, 3, 3)`` each atom's constraint projection, applied to its force and
+            its step as ``P @ v`` (identity for a free atom, zero for ``FixAtoms``; see
+            :mod:`kups_relax.constraints`); zero on padding rows.
+        masses: ``(A,)`` atomic masses, amu (used by ``FixCom``); zero on padding rows.
         cell: ``(S, 3, 3)`` lattice vectors as rows, Å (ASE's ``atoms.cell``).
         wrap_cell: ``(S, 3, 3)`` ``cell`` with every non-periodic row replaced by a unit
             vector orthogonal to the others, so fractional coordinates are defined for
@@ -48,17 +51,20 @@ class Geometry:
         pbc: ``(S, 3)`` periodic directions.
         n_atoms: ``(S,)`` atoms in each system (0 for padding systems).
         first_atom: ``(S,)`` row of each system's first atom.
+        fix_com: ``(S,)`` True for systems with ASE's ``FixCom`` constraint.
     """
 
     positions: jax.Array
     numbers: jax.Array
     system: jax.Array
-    movable: jax.Array
+    projection: jax.Array
+    masses: jax.Array
     cell: jax.Array
     wrap_cell: jax.Array
     pbc: jax.Array
     n_atoms: jax.Array
     first_atom: jax.Array
+    fix_com: jax.Array
 
     @property
     def n_systems(self) -> int:
@@ -104,23 +110,14 @@ def complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
 
 
 def movable_mask(atoms: Atoms, name: str) -> np.ndarray:
-    """``(N, 3)`` bool: False where a ``FixAtoms``/``FixCartesian`` constraint fixes a component.
+    """``(N, 3)`` bool: False where the constraints fix a Cartesian component outright.
 
     Raises:
-        ValueError: for any other constraint, naming it and the structure.
+        ValueError: for an unsupported constraint, naming it and the structure
+            (see :func:`kups_relax.constraints.constraint_arrays`).
     """
-    movable = np.ones((len(atoms), 3), dtype=bool)
-    for constraint in atoms.constraints:
-        if isinstance(constraint, FixAtoms):
-            movable[constraint.index] = False
-        elif isinstance(constraint, FixCartesian):
-            movable[constraint.index] &= ~np.asarray(constraint.mask, dtype=bool)
-        else:
-            raise ValueError(
-                f"structure {name!r}: constraint {type(constraint).__name__} is not supported "
-                "(supported: FixAtoms, FixCartesian)"
-            )
-    return movable
+    projection, _ = constraint_arrays(atoms, name)
+    return np.any(projection != 0.0, axis=-2)
 
 
 @dataclasses.dataclass
@@ -220,9 +217,10 @@ def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray) -> di
     A, S = n_atom_rows, n_systems
     return dict(
         positions=np.zeros((A, 3)), numbers=np.zeros(A, np.int32), system=np.full(A, S, np.int32),
-        movable=np.zeros((A, 3), bool), cell=np.tile(np.eye(3), (S, 1, 1)),
+        projection=np.zeros((A, 3, 3)), masses=np.zeros(A), cell=np.tile(np.eye(3), (S, 1, 1)),
         wrap_cell=np.tile(np.eye(3), (S, 1, 1)), pbc=np.zeros((S, 3), bool),
-        n_atoms=np.zeros(S, np.int32), first_atom=np.asarray(first_atom, np.int32))
+        n_atoms=np.zeros(S, np.int32), first_atom=np.asarray(first_atom, np.int32),
+        fix_com=np.zeros(S, bool))
 
 
 def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: Atoms, name: str) -> None:
@@ -231,7 +229,8 @@ def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: At
     host["positions"][rows] = atoms.positions
     host["numbers"][rows] = atoms.numbers
     host["system"][rows] = slot
-    host["movable"][rows] = movable_mask(atoms, name)
+    host["projection"][rows], host["fix_com"][slot] = constraint_arrays(atoms, name)
+    host["masses"][rows] = atoms.get_masses()
     host["cell"][slot] = atoms.cell.array
     host["wrap_cell"][slot] = complete_cell(atoms.cell.array, atoms.pbc)
     host["pbc"][slot] = atoms.pbc
@@ -244,18 +243,23 @@ def device_geometry(host: dict[str, np.ndarray], dtype: str = "float64") -> Geom
     f = DTYPES[dtype]
     return Geometry(
         positions=jnp.asarray(host["positions"], f), numbers=jnp.asarray(host["numbers"]),
-        system=jnp.asarray(host["system"]), movable=jnp.asarray(host["movable"]),
+        system=jnp.asarray(host["system"]), projection=jnp.asarray(host["projection"], f),
+        masses=jnp.asarray(host["masses"], f),
         cell=jnp.asarray(host["cell"], f), wrap_cell=jnp.asarray(host["wrap_cell"], f),
         pbc=jnp.asarray(host["pbc"]), n_atoms=jnp.asarray(host["n_atoms"]),
-        first_atom=jnp.asarray(host["first_atom"]))
+        first_atom=jnp.asarray(host["first_atom"]), fix_com=jnp.asarray(host["fix_com"]))
 
 
-def with_results(atoms: Atoms, positions: np.ndarray, energy=None, forces=None, stress=None) -> Atoms:
-    """A copy of ``atoms`` at ``positions`` with a ``SinglePointCalculator`` of the results given.
+def with_results(atoms: Atoms, positions: np.ndarray, energy=None, forces=None, stress=None,
+                 cell: np.ndarray | None = None) -> Atoms:
+    """A copy of ``atoms`` at ``positions`` (and ``cell``, ``(3, 3)`` Å, if given) with a
+    ``SinglePointCalculator`` of the results given.
 
     Stress (``(3, 3)``, eV/Å³) is attached only to 3-D periodic systems, in ASE's Voigt order.
     """
     atoms = atoms.copy()
+    if cell is not None:
+        atoms.set_cell(np.asarray(cell, dtype=np.float64), scale_atoms=False)
     atoms.positions = positions
     results = {}
     if energy is not None:

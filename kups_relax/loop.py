@@ -15,6 +15,14 @@ So a system's ``steps`` counts like ASE's ``nsteps``, and the geometry it ends
 with is the one whose forces met ``fmax``. If the neighbor list overflows its
 capacity, the step is not taken (the whole state is returned as it was before
 the step, with ``overflow`` set); the host grows the capacity and calls again.
+
+Constraints (:mod:`kups_relax.constraints`) adjust the forces before the optimizer
+and its step after it, as ASE's ``adjust_forces``/``adjust_positions`` do.
+
+Variable-cell programs (``cell_params`` given, :mod:`kups_relax.filters`) run the
+optimizer on ASE's filter rows ``(A + 3 S, 3)``, move cells with the atoms, compute
+the stress at every step and converge on the filter's forces. Positions-only
+programs (``cell_params=None``) carry no cell state and compute no stress.
 """
 
 from __future__ import annotations
@@ -26,9 +34,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import filters
 from . import neighbors as nl
 from .batch import Geometry
+from .constraints import adjust_forces, adjust_step
 from .evaluate import evaluate
+from .filters import CellParams
 from .segments import segment_max
 
 RUNNING, CONVERGED, UNCONVERGED, DIVERGED, EMPTY = 0, 1, 2, 3, 4
@@ -54,9 +65,14 @@ class LoopState(NamedTuple):
         forces: ``(A, 3)`` eV/Å at ``positions`` (raw, before constraints).
         stress: ``(S, 3, 3)`` eV/Å³ (not computed during a positions-only relaxation: zeros;
             the engine evaluates the final stress once at the end).
-        fmax: ``(S,)`` largest per-atom force norm after constraints, eV/Å.
+        fmax: ``(S,)`` largest per-atom force norm after constraints, eV/Å (variable cell:
+            the largest row norm of the filter's forces, cell rows included, as ASE's).
         steps: ``(S,)`` steps taken (ASE's ``nsteps``).
         status: ``(S,)`` one of ``RUNNING, CONVERGED, UNCONVERGED, DIVERGED, EMPTY``.
+        cell: ``(S, 3, 3)`` current cells, Å (variable cell only, else ``None``).
+        cell_dof: ``(S, 3, 3)`` the filter's cell rows (variable cell only).
+        nl_cell: ``(S, 3, 3)`` the cell at which each system's pairs were last found
+            (variable cell only).
     """
 
     positions: jax.Array
@@ -68,13 +84,17 @@ class LoopState(NamedTuple):
     fmax: jax.Array
     steps: jax.Array
     status: jax.Array
+    cell: jax.Array | None = None
+    cell_dof: jax.Array | None = None
+    nl_cell: jax.Array | None = None
 
 
 class Frames(NamedTuple):
     """Per-step records of one chunk (row ``t`` = the ``t``-th step of the chunk).
 
     ``taken[t, s]`` says whether system ``s`` took step ``t``; positions and forces
-    are recorded only when the loop runs with ``record=True`` (else empty).
+    are recorded only when the loop runs with ``record=True`` (else empty), and cells
+    only when it also relaxes cells (else ``None``).
     """
 
     taken: jax.Array  # (K, S) bool
@@ -83,6 +103,7 @@ class Frames(NamedTuple):
     fmax: jax.Array  # (K, S)
     positions: jax.Array  # (K, A, 3) or (0, A, 3)
     forces: jax.Array  # (K, A, 3) or (0, A, 3)
+    cell: jax.Array | None = None  # (K, S, 3, 3) or (0, S, 3, 3); None for positions-only runs
 
 
 def _max_force(forces: jax.Array, geometry: Geometry) -> jax.Array:
@@ -102,77 +123,146 @@ def _rows(geometry: Geometry, systems: jax.Array) -> jax.Array:
     return padded[jnp.clip(geometry.system, 0, geometry.n_systems)]
 
 
-def _step_zero(ev, geometry: Geometry, targets: Targets) -> tuple[jax.Array, jax.Array]:
-    """Largest force and status of freshly started systems (ASE's step 0: converged, or running)."""
-    fmax = _max_force(jnp.where(geometry.movable, ev.forces, 0.0), geometry)
+def _step_zero(fmax: jax.Array, ev, geometry: Geometry, targets: Targets) -> jax.Array:
+    """Status of freshly started systems (ASE's step 0: converged, or running)."""
     finite = _finite(ev.energy, ev.forces, geometry)
-    status = jnp.where(geometry.n_atoms == 0, EMPTY,
-             jnp.where(~finite, DIVERGED,
-             jnp.where(fmax < targets.fmax, CONVERGED,
-             jnp.where(targets.max_steps <= 0, UNCONVERGED, RUNNING))))
-    return fmax, status
+    return jnp.where(geometry.n_atoms == 0, EMPTY,
+           jnp.where(~finite, DIVERGED,
+           jnp.where(fmax < targets.fmax, CONVERGED,
+           jnp.where(targets.max_steps <= 0, UNCONVERGED, RUNNING))))
+
+
+def _index(geometry: Geometry, cell_params: CellParams | None):
+    """The optimizer's row index: atoms, then (variable cell) 3 cell rows per system."""
+    from .transforms import SystemIndex
+
+    S = geometry.n_systems
+    if cell_params is None:
+        return SystemIndex(geometry.system, S)
+    cell_rows = jnp.repeat(jnp.arange(S, dtype=geometry.system.dtype), 3)
+    return SystemIndex(jnp.concatenate([geometry.system, cell_rows]), S)
+
+
+def _filter_forces(forces, stress, cell, dof, geometry: Geometry, cell_params: CellParams):
+    """The filter's forces ``(A + 3 S, 3)`` (atoms after constraints, times ``F``; cell rows) and ``F``."""
+    F = filters.deformation_gradient(cell, cell_params)
+    atom_rows = filters.atom_forces(adjust_forces(forces, geometry), F, geometry.system)
+    cell_rows = filters.cell_forces(stress, cell, dof, cell_params)
+    return jnp.concatenate([atom_rows, cell_rows.reshape(-1, 3)]), F
+
+
+def _filter_fmax(generalized: jax.Array, geometry: Geometry) -> jax.Array:
+    A, S = geometry.n_atom_rows, geometry.n_systems
+    atoms = _max_force(generalized[:A], geometry)
+    cell = jnp.max(jnp.linalg.norm(generalized[A:].reshape(S, 3, 3), axis=-1), axis=-1)
+    return jnp.maximum(atoms, cell)
+
+
+def _sel(flag: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.where(flag.reshape(flag.shape + (1,) * (a.ndim - 1)), a, b)
+
+
+def _wrap_cells(cell: jax.Array, geometry: Geometry) -> jax.Array:
+    """``wrap_cell`` for the current cells (systems without a periodic direction keep theirs)."""
+    return _sel(jnp.any(geometry.pbc, axis=-1), filters.complete_cell(cell, geometry.pbc), geometry.wrap_cell)
+
+
+@jax.jit
+def current_geometry(state: LoopState, geometry: Geometry) -> Geometry:
+    """``geometry`` at the state's positions (and, variable cell, its cells)."""
+    if state.cell is None:
+        return geometry.replace(positions=state.positions)
+    return geometry.replace(positions=state.positions, cell=state.cell, wrap_cell=_wrap_cells(state.cell, geometry))
+
+
+def with_neighbors(state: LoopState, neighbors: nl.NeighborList) -> LoopState:
+    """``state`` with a list fully rebuilt at its current geometry (after the host grew it)."""
+    return state._replace(neighbors=neighbors, nl_cell=state.cell)
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer",))
 def initial_state(geometry: Geometry, potential, neighbors: nl.NeighborList, targets: Targets,
-                  optimizer) -> LoopState:
+                  optimizer, cell_params: CellParams | None = None) -> LoopState:
     """Evaluate the starting geometry and set every system's status (ASE's step 0)."""
-    from .transforms import SystemIndex
-
-    ev = evaluate(potential, geometry, neighbors, compute_stress=False)
-    fmax, status = _step_zero(ev, geometry, targets)
-    opt_state = optimizer.init(geometry.positions, SystemIndex(geometry.system, geometry.n_systems))
+    variable = cell_params is not None
+    ev = evaluate(potential, geometry, neighbors, compute_stress=variable)
+    index = _index(geometry, cell_params)
+    if not variable:
+        fmax = _max_force(adjust_forces(ev.forces, geometry), geometry)
+        params, extra = geometry.positions, {}
+    else:
+        dof = filters.initial_dof(cell_params)
+        generalized, _ = _filter_forces(ev.forces, ev.stress, geometry.cell, dof, geometry, cell_params)
+        fmax = _filter_fmax(generalized, geometry)
+        params = jnp.concatenate([geometry.positions, dof.reshape(-1, 3)])
+        extra = dict(cell=geometry.cell, cell_dof=dof, nl_cell=geometry.cell)
+    status = _step_zero(fmax, ev, geometry, targets)
     return LoopState(
-        positions=geometry.positions, opt_state=opt_state, neighbors=neighbors,
+        positions=geometry.positions, opt_state=optimizer.init(params, index), neighbors=neighbors,
         energy=ev.energy, forces=ev.forces, stress=ev.stress, fmax=fmax,
-        steps=jnp.zeros(geometry.n_systems, jnp.int32), status=status.astype(jnp.int32),
+        steps=jnp.zeros(geometry.n_systems, jnp.int32), status=status.astype(jnp.int32), **extra,
     )
 
 
-def _reindex(opt_state, geometry: Geometry):
+def _reindex(opt_state, index):
     from .transforms import SystemIndex
 
-    index = SystemIndex(geometry.system, geometry.n_systems)
     return jax.tree.map(lambda x: index if isinstance(x, SystemIndex) else x, opt_state,
                         is_leaf=lambda x: isinstance(x, SystemIndex))
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer",))
 def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, admitted: jax.Array,
-          optimizer) -> LoopState:
+          optimizer, cell_params: CellParams | None = None) -> LoopState:
     """Start new structures in the slots marked in ``admitted (S,)`` (in-flight refill).
 
-    ``geometry`` already holds the new structures in those slots (or no atoms, for a slot
-    left empty); every other slot keeps its state bit for bit. The optimizer history of the
-    admitted slots is reset, the neighbor list rebuilt (check ``neighbors.overflow``), and
-    the new structures evaluated as at step 0.
+    ``geometry`` (and ``cell_params``) already hold the new structures in those slots (or no
+    atoms, for a slot left empty); every other slot keeps its state bit for bit. The optimizer
+    history of the admitted slots is reset, the neighbor list rebuilt (check
+    ``neighbors.overflow``), and the new structures evaluated as at step 0.
     """
+    variable = cell_params is not None
     rows = _rows(geometry, admitted)
     positions = jnp.where(rows[:, None], geometry.positions, state.positions)
-    current = geometry.replace(positions=positions)
+    if variable:
+        cell = _sel(admitted, geometry.cell, state.cell)
+        dof = _sel(admitted, filters.initial_dof(cell_params), state.cell_dof)
+        wrap = _sel(admitted, geometry.wrap_cell, _wrap_cells(cell, geometry))
+        current = geometry.replace(positions=positions, cell=cell, wrap_cell=wrap)
+    else:
+        current = geometry.replace(positions=positions)
     neighbors = nl.rebuild(state.neighbors, current, admitted)
-    ev = evaluate(potential, current, neighbors, compute_stress=False)
-    fmax, status = _step_zero(ev, geometry, targets)
+    ev = evaluate(potential, current, neighbors, compute_stress=variable)
+    if variable:
+        generalized, _ = _filter_forces(ev.forces, ev.stress, cell, dof, geometry, cell_params)
+        fmax = _filter_fmax(generalized, geometry)
+        rebuilt = nl.rebuilt_systems(state.neighbors, current, admitted)
+        extra = dict(cell=cell, cell_dof=dof, nl_cell=_sel(rebuilt, cell, state.nl_cell),
+                     stress=_sel(admitted, ev.stress, state.stress))
+    else:
+        fmax = _max_force(adjust_forces(ev.forces, geometry), geometry)
+        extra = dict(stress=state.stress)
+    status = _step_zero(fmax, ev, geometry, targets)
     # forget the old occupants' history under the old row index, then the new one's rows
     opt_state = optimizer.reset(state.opt_state, admitted)
-    opt_state = optimizer.reset(_reindex(opt_state, geometry), admitted)
+    opt_state = optimizer.reset(_reindex(opt_state, _index(geometry, cell_params)), admitted)
     return LoopState(
         positions=positions, opt_state=opt_state, neighbors=neighbors,
         energy=jnp.where(admitted, ev.energy, state.energy),
         forces=jnp.where(rows[:, None], ev.forces, state.forces),
-        stress=state.stress,
         fmax=jnp.where(admitted, fmax, state.fmax),
         steps=jnp.where(admitted, 0, state.steps),
         status=jnp.where(admitted, status, state.status).astype(jnp.int32),
+        **extra,
     )
 
 
 def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, optimizer):
     active = state.status == RUNNING
     row_active = _rows(geometry, active)
-    forces_c = jnp.where(geometry.movable, state.forces, 0.0)
+    forces_c = adjust_forces(state.forces, geometry)
     updates, opt_state = optimizer.update(-forces_c, state.opt_state, state.positions, active)
-    updates = jnp.where(geometry.movable & row_active[:, None], updates, 0.0)
+    updates = jnp.where(row_active[:, None], adjust_step(updates, geometry), 0.0)
     trial = geometry.replace(positions=state.positions + updates)
 
     neighbors = nl.update(state.neighbors, trial)
@@ -180,8 +270,7 @@ def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, opt
     finite = _finite(ev.energy, ev.forces, geometry)
     moved = active & finite
     row_moved = _rows(geometry, moved)
-    forces_new_c = jnp.where(geometry.movable, ev.forces, 0.0)
-    fmax_new = _max_force(forces_new_c, geometry)
+    fmax_new = _max_force(adjust_forces(ev.forces, geometry), geometry)
     steps = state.steps + moved.astype(jnp.int32)
     status = jnp.where(active & ~finite, DIVERGED,
              jnp.where(moved & (fmax_new < targets.fmax), CONVERGED,
@@ -197,20 +286,90 @@ def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, opt
         steps=steps,
         status=status.astype(jnp.int32),
     )
+    return _keep_unless_overflow(new, state, neighbors), moved & ~neighbors.overflow
+
+
+def _keep_unless_overflow(new: LoopState, state: LoopState, neighbors: nl.NeighborList) -> LoopState:
     # an overflowing neighbor list means wrong forces: keep the old state, flag it for the host
     overflow = neighbors.overflow
     keep_old = lambda n, o: jnp.where(overflow, o, n)  # noqa: E731
     out = jax.tree.map(keep_old, new._replace(neighbors=None), state._replace(neighbors=None))
     kept_neighbors = jax.tree.map(keep_old, neighbors, state.neighbors)
-    out = out._replace(neighbors=dataclasses.replace(kept_neighbors, overflow=overflow))
-    return out, moved & ~overflow
+    return out._replace(neighbors=dataclasses.replace(kept_neighbors, overflow=overflow))
+
+
+def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets, optimizer,
+               cell_params: CellParams):
+    """One step on ASE's filter rows: atoms in the undeformed cell and the cell rows."""
+    S, A = geometry.n_systems, geometry.n_atom_rows
+    cp = cell_params
+    active = state.status == RUNNING
+    row_active = _rows(geometry, active)
+    moving = active & cp.variable  # systems whose cell moves this step
+    row_moving = _rows(geometry, moving)
+
+    generalized, F = _filter_forces(state.forces, state.stress, state.cell, state.cell_dof, geometry, cp)
+    z = jnp.where(_rows(geometry, cp.variable)[:, None],
+                  filters.to_reference(state.positions, F, geometry.system), state.positions)
+    params = jnp.concatenate([z, state.cell_dof.reshape(-1, 3)])
+    updates, opt_state = optimizer.update(-generalized, state.opt_state, params, active)
+    gen_active = jnp.concatenate([row_active, jnp.repeat(moving, 3)])
+    updates = jnp.where(gen_active[:, None], updates, 0.0)
+
+    # the cell from the new cell rows; the atoms scaled with it, then moved to z' (I + D)
+    # relative to that, the move adjusted by the constraints (ASE's set_cell + set_positions)
+    cell_new, stretch, dof_read = filters.new_cell(state.cell_dof + updates[A:].reshape(S, 3, 3), cp)
+    eye = jnp.broadcast_to(jnp.eye(3, dtype=cell_new.dtype), cell_new.shape)
+    cell_new = _sel(moving, cell_new, state.cell)
+    dof_read = _sel(moving, dof_read, state.cell_dof)
+    scale = _sel(moving, jnp.linalg.solve(_sel(moving, state.cell, eye), cell_new), eye)
+    x_scaled = filters.row_matmul(state.positions, scale, geometry.system)
+    x_proposed = filters.row_matmul(z + updates[:A], stretch, geometry.system)
+    base = jnp.where(row_moving[:, None], x_scaled, state.positions)
+    step = jnp.where(row_moving[:, None], x_proposed - x_scaled, updates[:A])
+    positions = base + jnp.where(row_active[:, None], adjust_step(step, geometry), 0.0)
+    trial = geometry.replace(positions=positions, cell=cell_new, wrap_cell=_wrap_cells(cell_new, geometry))
+
+    flagged = filters.neighbor_strain_exceeded(
+        positions, state.neighbors.reference_positions, cell_new, state.nl_cell, cp.variable,
+        geometry.system, S, state.neighbors.cutoff, state.neighbors.skin)
+    neighbors, rebuilt = jax.lax.cond(
+        jnp.any(flagged),
+        lambda: (nl.rebuild(state.neighbors, trial, flagged), nl.rebuilt_systems(state.neighbors, trial, flagged)),
+        lambda: (state.neighbors, jnp.zeros_like(flagged)))
+    ev = evaluate(potential, trial, neighbors, compute_stress=True)
+    finite = _finite(ev.energy, ev.forces, geometry)
+    moved = active & finite
+    row_moved = _rows(geometry, moved)
+    generalized_new, _ = _filter_forces(ev.forces, ev.stress, cell_new, dof_read, geometry, cp)
+    fmax_new = _filter_fmax(generalized_new, geometry)
+    steps = state.steps + moved.astype(jnp.int32)
+    status = jnp.where(active & ~finite, DIVERGED,
+             jnp.where(moved & (fmax_new < targets.fmax), CONVERGED,
+             jnp.where(moved & (steps >= targets.max_steps), UNCONVERGED, state.status)))
+    new = LoopState(
+        positions=jnp.where(row_moved[:, None], positions, state.positions),
+        opt_state=opt_state,
+        neighbors=neighbors,
+        energy=jnp.where(moved, ev.energy, state.energy),
+        forces=jnp.where(row_moved[:, None], ev.forces, state.forces),
+        stress=_sel(moved, ev.stress, state.stress),
+        fmax=jnp.where(moved, fmax_new, state.fmax),
+        steps=steps,
+        status=status.astype(jnp.int32),
+        cell=_sel(moved, cell_new, state.cell),
+        cell_dof=_sel(moved, dof_read, state.cell_dof),
+        nl_cell=_sel(rebuilt, cell_new, state.nl_cell),
+    )
+    return _keep_unless_overflow(new, state, neighbors), moved & ~neighbors.overflow
 
 
 @functools.partial(jax.jit, static_argnames=("optimizer", "n_steps", "record"))
 def run_chunk(state: LoopState, geometry: Geometry, potential, targets: Targets, *, optimizer,
-              n_steps: int, record: bool = False, stop_after: jax.Array | int = 2**30
-              ) -> tuple[LoopState, Frames]:
-    """Run up to ``n_steps`` steps.
+              n_steps: int, record: bool = False, stop_after: jax.Array | int = 2**30,
+              cell_params: CellParams | None = None) -> tuple[LoopState, Frames]:
+    """Run up to ``n_steps`` steps (variable cell when ``cell_params`` is given; ``geometry``
+    then holds the input cells, the state the current ones).
 
     Stops early when every system has stopped, when the neighbor list overflows, or when
     ``stop_after`` systems have stopped during this chunk (so the host can refill their slots).
@@ -225,6 +384,7 @@ def run_chunk(state: LoopState, geometry: Geometry, potential, targets: Targets,
         fmax=jnp.zeros((n_steps, S), dtype),
         positions=jnp.zeros((K_rec, A, 3), dtype),
         forces=jnp.zeros((K_rec, A, 3), dtype),
+        cell=None if cell_params is None else jnp.zeros((K_rec, S, 3, 3), dtype),
     )
 
     running_at_start = state.status == RUNNING
@@ -236,7 +396,10 @@ def run_chunk(state: LoopState, geometry: Geometry, potential, targets: Targets,
 
     def body(carry):
         st, fr, t = carry
-        st, moved = _step(st, geometry, potential, targets, optimizer)
+        if cell_params is None:
+            st, moved = _step(st, geometry, potential, targets, optimizer)
+        else:
+            st, moved = _step_cell(st, geometry, potential, targets, optimizer, cell_params)
         fr = fr._replace(
             taken=fr.taken.at[t].set(moved),
             step=fr.step.at[t].set(st.steps),
@@ -246,6 +409,8 @@ def run_chunk(state: LoopState, geometry: Geometry, potential, targets: Targets,
         if record:
             fr = fr._replace(positions=fr.positions.at[t].set(st.positions),
                              forces=fr.forces.at[t].set(st.forces))
+            if cell_params is not None:
+                fr = fr._replace(cell=fr.cell.at[t].set(st.cell))
         return st, fr, t + 1
 
     state = state._replace(neighbors=dataclasses.replace(state.neighbors, overflow=jnp.asarray(False)))

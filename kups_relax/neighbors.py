@@ -498,3 +498,14 @@ def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | Non
 def grow(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
     """A list with capacities large enough for ``geometry`` (after an overflow)."""
     return allocate(geometry, neighbors.cutoff, neighbors.skin, capacities=neighbors.capacities)
+
+
+def rebuilt_systems(neighbors: NeighborList, geometry: Geometry, systems: jax.Array) -> jax.Array:
+    """``(S,)`` the systems that ``rebuild(neighbors, geometry, systems)`` builds anew.
+
+    ``systems`` when the partial rebuild fits its capacity, else every system (the same test as
+    :func:`rebuild`). The variable-cell loop uses it to know at which cell each system's pairs were found.
+    """
+    lay = _layout(geometry, neighbors.cutoff + neighbors.skin)
+    fits = jnp.sum(_dense_counts(geometry, lay, systems)) <= neighbors.capacities.partial_candidates
+    return systems | ~fits
