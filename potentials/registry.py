@@ -112,3 +112,15 @@ register_potential("lj", _lennard_jones, "Lennard-Jones, ASE's LennardJones para
 register_potential("morse", _morse, "Morse, ASE's MorsePotential parameters")
 register_potential("eam", _eam, "embedded-atom method from a file: eam:<path> (.eam, .eam.alloy, .eam.fs)")
 register_potential("emt", _emt, "effective-medium theory, ASE's EMT (asap_cutoff=True for ASAP's cutoff)")
+
+
+def _sevennet_0(argument: str | None, **params):
+    _no_argument("sevennet-0", argument)
+    if params:
+        raise ValueError(f"potential 'sevennet-0' takes no parameters, got {sorted(params)}")
+    from .sevennet import sevennet_0
+
+    return sevennet_0()
+
+
+register_potential("sevennet-0", _sevennet_0, "SevenNet-0 universal ML potential (89 elements, MPtrj; weights shipped)")

@@ -34,7 +34,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ase.data import chemical_symbols
 
 from kups_relax.batch import Geometry
 from kups_relax.neighbors import NeighborList, pair_vectors
@@ -124,15 +123,6 @@ class SevenNet:
     def supported_numbers(self) -> frozenset[int]:
         return frozenset(self.config.numbers)
 
-    def check_numbers(self, numbers) -> None:
-        """Raise ``ValueError`` naming the elements outside the training set among ``numbers``."""
-        missing = sorted(set(int(z) for z in np.asarray(numbers).ravel()) - self.supported_numbers)
-        if missing:
-            names = ", ".join(f"{chemical_symbols[z] if 0 < z < len(chemical_symbols) else '?'} (Z={z})"
-                              for z in missing)
-            raise ValueError(f"{self.name} has no parameters for {names}; it covers "
-                             f"{len(self.config.numbers)} elements up to Pu (Z=94)")
-
     def energy(self, geometry: Geometry, neighbors: NeighborList) -> jax.Array:
         """Per-system energies ``(S,)`` in eV (jit-compatible)."""
         cfg, dtype = self.config, geometry.positions.dtype
@@ -153,31 +143,54 @@ class SevenNet:
         species = jnp.clip(jnp.take(self.species_index, geometry.numbers, mode="clip"), 0, None)
         embedding = p["embedding.l0"]
         x = {0: (embedding[species] / math.sqrt(embedding.shape[0]))[:, :, None]}
-        for t in range(cfg.n_layers):
-            x = self._interaction(t, x, p, sh, radial, neighbors, n_rows)
+        edges = (sh, radial, neighbors.senders, neighbors.receivers)
+        t = 0
+        while t < cfg.n_layers:
+            # blocks with the same irreps in and out share one traced body (lax.scan): less to compile
+            run = 1
+            while t + run < cfg.n_layers and cfg.irreps[t] == cfg.irreps[t + run + 1] == cfg.irreps[t + run]:
+                run += 1
+            if run == 1:
+                x = self._interaction(t, x, self._layer_params(p, t), edges, n_rows)
+            else:
+                stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[self._layer_params(p, k)
+                                                                            for k in range(t, t + run)])
+
+                def body(x, layer_params, t=t):
+                    return self._interaction(t, x, layer_params, edges, n_rows), None
+
+                x, _ = jax.lax.scan(body, x, stacked)
+            t += run
         scalars = x[0][:, :, 0]
         hidden = scalars @ p["readout.0.l0"] / math.sqrt(p["readout.0.l0"].shape[0])
         atomic = (hidden @ p["readout.1.l0"])[:, 0] / math.sqrt(p["readout.1.l0"].shape[0])
         atomic = atomic * p["scale"][species] + p["shift"][species]
         return segment_sum(atomic, geometry.system, S)
 
-    def _interaction(self, t, x, p, sh, radial, neighbors, n_rows):
-        cfg = self.config
-        out_ls = [l for _, l in cfg.irreps[t + 1]]
-
+    def _layer_params(self, p: dict, t: int) -> dict:
+        """Block ``t``'s weights: ``{"self_connection"|"linear_1"|"linear_2": {l: W}, "radial": [W, ...],
+        "denominator": ()}``."""
         def blocks(name):
-            return {int(k.rsplit(".l", 1)[1]): v for k, v in p.items() if k.startswith(f"layer{t}.{name}.l")}
+            prefix = f"layer{t}.{name}.l"
+            return {int(k[len(prefix):]): v for k, v in p.items() if k.startswith(prefix)}
 
-        self_connection = layers.linear(x, blocks("self_connection"))
-        x = layers.linear(x, blocks("linear_1"))
-        mlp = [p[f"layer{t}.radial.{k}"] for k in range(sum(1 for key in p if key.startswith(f"layer{t}.radial.")))]
-        weights = layers.radial_mlp(radial, mlp, cfg.act_scale)
-        neighbour_features = {l: v[neighbors.receivers] for l, v in x.items()}
-        messages = layers.tensor_product(neighbour_features, sh, weights, cfg.paths(t))
-        x = {l: jax.ops.segment_sum(m, neighbors.senders, num_segments=n_rows) / cfg.denominators[t]
+        n_radial = sum(1 for key in p if key.startswith(f"layer{t}.radial."))
+        return dict(self_connection=blocks("self_connection"), linear_1=blocks("linear_1"),
+                    linear_2=blocks("linear_2"), radial=[p[f"layer{t}.radial.{k}"] for k in range(n_radial)],
+                    denominator=jnp.asarray(self.config.denominators[t], p["shift"].dtype))
+
+    def _interaction(self, t: int, x: dict, w: dict, edges, n_rows: int) -> dict:
+        """Interaction block ``t``: features ``l -> (A, mul, 2l+1)`` -> the next block's."""
+        cfg = self.config
+        sh, radial, senders, receivers = edges
+        out_ls = [l for _, l in cfg.irreps[t + 1]]
+        self_connection = layers.linear(x, w["self_connection"])
+        x = layers.linear(x, w["linear_1"])
+        weights = layers.radial_mlp(radial, w["radial"], cfg.act_scale)
+        messages = layers.tensor_product({l: v[receivers] for l, v in x.items()}, sh, weights, cfg.paths(t))
+        x = {l: jax.ops.segment_sum(m, senders, num_segments=n_rows) / w["denominator"]
              for l, m in messages.items()}
-        x = layers.linear(x, blocks("linear_2"))
-        x = layers.add(x, self_connection)
+        x = layers.add(layers.linear(x, w["linear_2"]), self_connection)
         n_scalars = cfg.irreps[t + 1][0][0]
         return layers.gate({l: x[l] for l in sorted(x) if l == 0 or l in out_ls}, n_scalars, cfg.act_scale)
 

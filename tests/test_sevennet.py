@@ -1,0 +1,217 @@
+"""SevenNet-0 in JAX against the reference implementation (sevenn's torch model and ASE calculator).
+
+One batch of 36 structures across the periodic table (bulk crystals, oxides and other
+compounds, molecules in a box and in vacuum, surfaces, strained triclinic cells, cells far
+smaller than the 5 Å cutoff) is evaluated in one compiled program per dtype, and compared with
+
+* float32: ``sevenn.calculator.SevenNetCalculator`` (float32, as shipped);
+* float64: sevenn's model built in float64 on the same graph (tighter tolerances).
+
+Then a small mixed batch is relaxed with the engine and with ``ase.optimize.LBFGS`` + sevenn's
+calculator (the 20+ structure comparison is ``benchmarks/bench_sevennet.py --relax-parity``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sevenn")
+
+import jax  # noqa: E402
+from ase import Atoms  # noqa: E402
+from ase.build import bulk, fcc100, fcc111, molecule  # noqa: E402
+from ase.optimize import LBFGS  # noqa: E402
+
+from kups_relax import neighbors as nbl  # noqa: E402
+from kups_relax import relax  # noqa: E402
+from kups_relax.batch import Batch  # noqa: E402
+from kups_relax.evaluate import evaluate  # noqa: E402
+from potentials import get_potential  # noqa: E402
+from potentials.sevennet import SevenNet, sevennet_0  # noqa: E402
+
+warnings.filterwarnings("ignore", module="sevenn")
+warnings.filterwarnings("ignore", message=".*TorchScript.*")
+
+
+def _rattled(atoms: Atoms, amount: float, seed: int) -> Atoms:
+    atoms = atoms.copy()
+    atoms.rattle(amount, seed=seed)
+    return atoms
+
+
+def _strained(atoms: Atoms, seed: int, size: float = 0.05) -> Atoms:
+    atoms = atoms.copy()
+    strain = np.eye(3) + np.random.default_rng(seed).uniform(-size, size, (3, 3))
+    atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+    return atoms
+
+
+def _perovskite(a_site: str, b_site: str, a: float) -> Atoms:
+    return Atoms(f"{a_site}{b_site}O3", cell=[a, a, a], pbc=True,
+                 scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)])
+
+
+def _boxed(name: str, box: float, pbc: bool = True) -> Atoms:
+    m = molecule(name)
+    m.set_cell([box, box, box])
+    m.center()
+    m.pbc = pbc
+    return m
+
+
+def parity_structures() -> list[tuple[str, Atoms]]:
+    """36 small structures (1-12 atoms) of 40+ elements; every random draw is seeded."""
+    s: list[tuple[str, Atoms]] = []
+    elemental = [("Cu", "fcc", 3.61), ("Al", "fcc", 4.04), ("Ni", "fcc", 3.52), ("Pt", "fcc", 3.92),
+                 ("Fe", "bcc", 2.83), ("W", "bcc", 3.17), ("Li", "bcc", 3.44), ("Cs", "bcc", 6.1),
+                 ("Si", "diamond", 5.43), ("C", "diamond", 3.57), ("Ge", "diamond", 5.66)]
+    for k, (el, kind, a) in enumerate(elemental):
+        s.append((f"{el}-{kind}-primitive", _rattled(bulk(el, kind, a=a), 0.05, k)))
+    for k, (el, a, c) in enumerate([("Mg", 3.21, 5.21), ("Ti", 2.95, 4.68), ("Ru", 2.71, 4.28)]):
+        s.append((f"{el}-hcp", _rattled(bulk(el, "hcp", a=a, c=c), 0.05, 20 + k)))
+    compounds = [("NaCl", "rocksalt", 5.64), ("MgO", "rocksalt", 4.21), ("LiF", "rocksalt", 4.03),
+                 ("GaAs", "zincblende", 5.65), ("ZnS", "zincblende", 5.41), ("CsCl", "cesiumchloride", 4.12),
+                 ("KBr", "rocksalt", 6.6), ("CdTe", "zincblende", 6.48), ("InP", "zincblende", 5.87),
+                 ("CeO2", "fluorite", 5.41)]
+    for k, (f, kind, a) in enumerate(compounds):
+        s.append((f"{f}-{kind}", _rattled(bulk(f, kind, a=a), 0.05, 30 + k)))
+    s.append(("SrTiO3-perovskite", _rattled(_perovskite("Sr", "Ti", 3.9), 0.05, 40)))
+    s.append(("BaZrO3-perovskite", _rattled(_perovskite("Ba", "Zr", 4.19), 0.05, 41)))
+    s.append(("Co-cubic-triclinic", _rattled(_strained(bulk("Co", "fcc", a=3.54, cubic=True), 50), 0.05, 50)))
+    s.append(("Au-triclinic", _rattled(_strained(bulk("Au", "fcc", a=4.08) * (2, 1, 1), 51, 0.08), 0.05, 51)))
+    s.append(("HfO2-fluorite-triclinic", _rattled(_strained(bulk("HfO2", "fluorite", a=5.1), 52), 0.05, 52)))
+    s.append(("Mo-bcc-sheared", _rattled(_strained(bulk("Mo", "bcc", a=3.15, cubic=True), 53, 0.1), 0.05, 53)))
+    s.append(("H2O-in-box", _rattled(_boxed("H2O", 7.0), 0.02, 60)))
+    s.append(("CH4-in-box", _rattled(_boxed("CH4", 7.5), 0.02, 61)))
+    s.append(("CO2-vacuum", _rattled(_boxed("CO2", 8.0, pbc=False), 0.02, 62)))
+    s.append(("NH3-in-box", _rattled(_boxed("NH3", 6.5), 0.02, 63)))
+    slab = fcc111("Pd", size=(1, 1, 4), a=3.89, vacuum=6.0)
+    s.append(("Pd111-slab", _rattled(slab, 0.05, 70)))
+    slab = fcc100("Ag", size=(1, 1, 3), a=4.09, vacuum=5.0)
+    slab.pbc = (True, True, False)
+    s.append(("Ag100-slab-2d", _rattled(slab, 0.05, 71)))
+    return s
+
+
+STRUCTURES = parity_structures()
+
+
+@pytest.fixture(scope="module")
+def model() -> SevenNet:
+    return sevennet_0()
+
+
+@jax.jit
+def _evaluate(potential, geometry, neighbors):
+    return evaluate(potential, geometry, neighbors, True)
+
+
+def ours(potential: SevenNet, structures: list[Atoms], dtype: str):
+    """Energies (eV), per-structure forces (eV/Å) and stresses (eV/Å³) of one batch evaluation."""
+    batch = Batch.from_atoms(structures, dtype=dtype)
+    neighbors = nbl.allocate(batch.geometry, potential.cutoff, 0.0)
+    result = jax.device_get(_evaluate(potential, batch.geometry, neighbors))
+    first = np.asarray(batch.geometry.first_atom)
+    forces = [np.asarray(result.forces[f:f + len(a)], np.float64) for f, a in zip(first, structures)]
+    return np.asarray(result.energy, np.float64)[:len(structures)], forces, np.asarray(result.stress, np.float64)
+
+
+def reference_float32(structures: list[Atoms]):
+    """sevenn's ASE calculator, as users run it."""
+    from sevenn.calculator import SevenNetCalculator
+
+    calc = SevenNetCalculator("7net-0", device="cpu")
+    out = []
+    for atoms in structures:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        out.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)))
+    return out
+
+
+def reference_float64(structures: list[Atoms]):
+    """sevenn's model in float64 (its Wigner symbols too) on sevenn's own graph of each structure."""
+    import sevenn._keys as KEY
+    import sevenn.util
+    from sevenn.atom_graph_data import AtomGraphData
+    from sevenn.calculator import SevenNetCalculator
+    from sevenn.train.dataload import unlabeled_atoms_to_graph
+
+    from e3nn.o3 import wigner_3j
+
+    net = sevenn.util.load_checkpoint("7net-0").build_model().double().eval()
+    # the tensor products' Wigner symbols were made in float32: recompute them in float64
+    for name, buffer in list(net.named_buffers()):
+        module_name, _, leaf = name.rpartition(".")
+        if leaf.startswith("_w3j_"):
+            exact = wigner_3j(*(int(v) for v in leaf[5:].split("_")), dtype=torch.float64)
+            assert torch.allclose(buffer, exact, atol=1e-6), name
+            net.get_submodule(module_name)._buffers[leaf] = exact
+    net.set_is_batch_data(False)
+
+    def one_hot_in_float64(module, inputs, data):  # sevenn's one-hot embedding is always float32
+        for key in (KEY.NODE_FEATURE, KEY.NODE_ATTR):
+            data[key] = data[key].double()
+        return data
+
+    net._modules["onehot_idx_to_onehot"].register_forward_hook(one_hot_in_float64)
+    calc = SevenNetCalculator(net, file_type="model_instance", device="cpu")
+    out = []
+    for atoms in structures:
+        graph = unlabeled_atoms_to_graph(atoms, net.cutoff)
+        edge_vec = torch.from_numpy(np.array(graph[KEY.EDGE_VEC], np.float64))
+        data = AtomGraphData.from_numpy_dict(graph)  # casts floats to float32
+        for key in list(data.keys()):
+            if isinstance(data[key], torch.Tensor) and data[key].is_floating_point():
+                data[key] = data[key].double()
+        data[KEY.EDGE_VEC] = edge_vec  # the float64 edge vectors and volume, not their float32 copies
+        data[KEY.CELL_VOLUME] = torch.tensor(atoms.cell.volume, dtype=torch.float64)
+        r = calc.output_to_results(net(data))
+        voigt = r["stress"]
+        stress = np.array([[voigt[0], voigt[5], voigt[4]], [voigt[5], voigt[1], voigt[3]],
+                           [voigt[4], voigt[3], voigt[2]]])
+        out.append((r["energy"], r["forces"], stress))
+    return out
+
+
+def _compare(structures, got, want, tol_energy, tol_force, tol_stress):
+    energies, forces, stresses = got
+    worst = dict(energy=0.0, forces=0.0, stress=0.0)
+    for k, (atoms, (e, f, s)) in enumerate(zip(structures, want)):
+        name = STRUCTURES[k][0]
+        d_e = abs(energies[k] - e) / len(atoms)
+        d_f = np.abs(forces[k] - f).max()
+        assert d_e <= tol_energy, f"{name}: energy differs by {d_e:.2e} eV/atom"
+        assert d_f <= tol_force, f"{name}: forces differ by {d_f:.2e} eV/A"
+        worst["energy"], worst["forces"] = max(worst["energy"], d_e), max(worst["forces"], d_f)
+        if atoms.pbc.all():
+            d_s = np.abs(stresses[k] - s).max()
+            assert d_s <= tol_stress, f"{name}: stress differs by {d_s:.2e} eV/A^3"
+            worst["stress"] = max(worst["stress"], d_s)
+    return worst
+
+
+def test_structures_cover_the_brief():
+    numbers = set().union(*(set(a.numbers) for _, a in STRUCTURES))
+    assert len(STRUCTURES) >= 30 and len(numbers) >= 40
+    assert any(not a.pbc.any() for _, a in STRUCTURES) and any(a.pbc.sum() == 2 for _, a in STRUCTURES)
+    # cells thinner than the cutoff: every atom sees its own periodic images
+    assert sum(min(a.cell.cellpar()[:3]) < 5.0 for _, a in STRUCTURES if a.pbc.all()) >= 20
+
+
+def test_energy_forces_stress_float32_match_sevenn_calculator(model):
+    structures = [a for _, a in STRUCTURES]
+    worst = _compare(structures, ours(model, structures, "float32"), reference_float32(structures),
+                     tol_energy=1e-5, tol_force=1e-4, tol_stress=1e-5)
+    print("float32 worst differences:", worst)
+
+
+def test_energy_forces_stress_float64_match_sevenn_in_float64(model):
+    structures = [a for _, a in STRUCTURES]
+    worst = _compare(structures, ours(model, structures, "float64"), reference_float64(structures),
+                     tol_energy=1e-10, tol_force=1e-9, tol_stress=1e-11)
+    print("float64 worst differences:", worst)
