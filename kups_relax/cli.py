@@ -151,6 +151,14 @@ OPTIONS: tuple[Option, ...] = (
            aliases=("--steps",), minimum=0),
     Option("maxstep", _number(float), None,
            "largest move of any atom in one step, Å (default: the optimizer's, 0.2 for lbfgs)", positive=True),
+    Option("cell", _text, None,
+           "also relax the cell, as ASE's filters: frechet (FrechetCellFilter) or unit (UnitCellFilter); "
+           "systems without a periodic direction keep relaxing positions only (default: positions only)",
+           choices=("frechet", "unit")),
+    Option("pressure", _number(float), 0.0,
+           "external pressure for --cell, eV/Å³ (ASE's scalar_pressure; 1 GPa = 0.00624 eV/Å³) (default: %(default)s)"),
+    Option("hydrostatic_strain", _flag, False, "with --cell: only hydrostatic cell deformation"),
+    Option("constant_volume", _flag, False, "with --cell: keep the volume (approximately) constant"),
     Option("dtype", _text, "float64", "floating point precision (default: %(default)s)",
            choices=("float64", "float32")),
     Option("chunk_steps", _number(int), 64, "steps per device call between progress updates (default: %(default)s)",
@@ -265,6 +273,22 @@ def make_potential(name: str, params: Mapping[str, Any]):
         raise UsageError(message) from None
 
 
+def make_cell_filter(settings: Mapping[str, Any]):
+    """The :class:`~kups_relax.filters.CellFilter` of ``--cell``/``--pressure``/... (``None``: positions only)."""
+    from .filters import CellFilter
+
+    kind = settings.get("cell")
+    cell_options = {k: settings.get(k) for k in ("hydrostatic_strain", "constant_volume")}
+    if kind is None:
+        used = [f"--{k.replace('_', '-')}" for k, v in cell_options.items() if v]
+        if settings.get("pressure"):
+            used.append("--pressure")
+        if used:
+            raise UsageError(f"{', '.join(used)} need(s) --cell frechet or --cell unit")
+        return None
+    return CellFilter(kind=kind, scalar_pressure=float(settings.get("pressure") or 0.0), **cell_options)
+
+
 def make_optimizer(name: str, maxstep: float | None):
     """``(what relax() gets, the transform)`` for ``--optimizer NAME`` and ``--maxstep``.
 
@@ -309,8 +333,10 @@ class Run:
         s = self.settings
         # the neighbor-list radius of a potential is an upper bound that does not decide results
         potential = {k: v for k, v in self.potential_info.items() if k != "cutoff"}
+        cell = make_cell_filter(s)
+        extra = {} if cell is None else dict(cell_filter=dataclasses.asdict(cell))
         return json.dumps(dict(potential=potential, optimizer=self.optimizer_info, fmax=s["fmax"],
-                               max_steps=s["max_steps"], dtype=s["dtype"]), sort_keys=True, default=str)
+                               max_steps=s["max_steps"], dtype=s["dtype"], **extra), sort_keys=True, default=str)
 
     def h5_path(self, name: str) -> Path:
         return self.out / f"{name}.h5"
@@ -432,7 +458,7 @@ def relax_and_write(run: Run, todo, progress_enabled: bool) -> dict[str, Any]:
         relax([it.atoms for it in todo], run.potential, fmax=run.settings["fmax"],
               max_steps=run.settings["max_steps"], optimizer=run.optimizer,
               names=[it.name for it in todo], dtype=run.settings["dtype"], chunk_steps=chunk_steps,
-              trajectory=True, on_result=write_as_it_finishes)
+              trajectory=True, on_result=write_as_it_finishes, cell_filter=make_cell_filter(run.settings))
     compiled = compile_stats().since(compiled_before)
     logger.info("relaxed %d systems in %.1f s; compiled %d programs, %d more from the compilation cache (%.1f s)",
                 len(todo), time.perf_counter() - t0, compiled.programs, compiled.cached, compiled.seconds)
@@ -498,6 +524,7 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
             raise UsageError("--plot needs matplotlib: pip install 'kups-relax[plot]'") from None
     potential = make_potential(settings["potential"], settings["potential_params"])
     optimizer, transform = make_optimizer(settings["optimizer"], settings["maxstep"])
+    make_cell_filter(settings)  # bad --cell combinations are usage errors before anything is read
     run = Run(out=Path(settings["out"]), settings=settings, potential=potential, optimizer=optimizer,
               potential_info=potential_metadata(potential, settings["potential"]),
               optimizer_info=optimizer_metadata(transform, settings["optimizer"]))

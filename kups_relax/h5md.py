@@ -19,7 +19,8 @@ A file written by :func:`write_relaxation` reads with plain ``h5py``::
     /parameters/                 attrs: name, source, status, reason, converged, steps, fmax,
                                  max_steps, dtype, initial_energy, final_energy, final_fmax,
                                  n_atoms, package, version, settings (JSON of everything that
-                                 decides the result)
+                                 decides the result), constraints (JSON of ASE's
+                                 ``todict()`` of every constraint, when there are any)
         potential/               attrs: name and every parameter of the potential
         optimizer/               attrs: name and its settings (maxstep, ...)
 
@@ -152,6 +153,8 @@ def write_relaxation(
 
         params = f.create_group("parameters")
         _attrs(params.attrs, parameters)
+        if first.constraints:  # every constraint, exactly (``fixed`` above covers only the fixed components)
+            params.attrs["constraints"] = json.dumps([c.todict() for c in first.constraints], default=_plain)
         _attrs(params.create_group("potential").attrs, potential)
         _attrs(params.create_group("optimizer").attrs, optimizer)
 
@@ -202,6 +205,7 @@ def read_trajectory(path: str | Path, index: int | slice = slice(None)) -> list[
         forces = particles["force/value"][()][rows]
         edges = particles["box/edges/value"][()][rows]
         energies = f["observables/potential_energy/value"][()][rows]
+        constraints_json = f["parameters"].attrs.get("constraints") if "parameters" in f else None
         stress_at, stress = None, None
         if "observables/stress" in f:
             stress_at = int(f["observables/stress/step"][-1])
@@ -209,7 +213,12 @@ def read_trajectory(path: str | Path, index: int | slice = slice(None)) -> list[
     frames = []
     for k, t in enumerate(rows):
         atoms = Atoms(numbers=numbers, positions=positions[k], cell=edges[k], pbc=pbc)
-        atoms.set_constraint(_constraints(fixed))
+        if constraints_json is not None:
+            from ase.constraints import dict2constraint
+
+            atoms.set_constraint([dict2constraint(d) for d in json.loads(constraints_json)])
+        else:
+            atoms.set_constraint(_constraints(fixed))
         atoms.info["step"] = int(steps[t])
         results = dict(energy=float(energies[k]), free_energy=float(energies[k]), forces=forces[k])
         if stress is not None and int(steps[t]) == stress_at:

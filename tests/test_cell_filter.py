@@ -166,3 +166,14 @@ def test_options_and_errors():
     assert "volume" in check_variable_cell(slab)
     res = relax([slab], EMT, cell_filter="frechet", max_steps=0)[0]
     assert res.status == "invalid" and "volume" in res.reason
+
+
+def test_cli_cell_settings():
+    from kups_relax.cli import UsageError, build_parser, make_cell_filter, resolve_settings
+
+    settings = resolve_settings(build_parser().parse_args(
+        ["x.xyz", "--cell", "unit", "--pressure", "0.002", "--hydrostatic-strain"]))
+    assert make_cell_filter(settings) == CellFilter(kind="unit", scalar_pressure=0.002, hydrostatic_strain=True)
+    assert make_cell_filter(resolve_settings(build_parser().parse_args(["x.xyz"]))) is None
+    with pytest.raises(UsageError, match="--constant-volume"):
+        make_cell_filter(resolve_settings(build_parser().parse_args(["x.xyz", "--constant-volume"])))
