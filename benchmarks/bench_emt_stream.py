@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         n_conv = sum(s == "converged" for s in status_e)
         for label in ("cold", "warm"):
             wall, _, log = runs[label]
-            ratio = f"{ref[0] / wall:.2f}x" if ref else ""
+            ratio = f"{ref[0] / wall:.3g}x" if ref else ""
             same = f"{int(np.sum(steps_e == ref[1]))}/{len(steps_e)}" if ref else ""
             de = f"{np.max(np.abs(energy_e - ref[2]) / atoms_e):.1e}" if ref else ""
             print(f"| {mode} | relax-batch, {label} cache | {wall:.2f} | {ratio} | {compiled_programs(log)} | "
