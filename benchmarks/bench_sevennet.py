@@ -1,0 +1,205 @@
+"""SevenNet-0 on the CPU: kups-relax (JAX) vs sevenn's torch model, evaluation and relaxation.
+
+    python benchmarks/bench_sevennet.py [--n 24] [--dtype float32] [--fmax 0.05] [--skip-relax]
+
+* forces: one batched evaluation (energy, forces, stress) of ``--n`` structures with the engine
+  (compiled; compile time reported apart) vs ``sevenn``'s ASE calculator one structure at a
+  time, and vs torch-sim's batched ``SevenNetModel`` (``sevenn.torchsim``) when it loads offline;
+* relax: ``kups_relax.relax`` (L-BFGS, ASE's defaults) on the same structures vs
+  ``ase.optimize.LBFGS`` + sevenn's calculator, structure by structure; reports both times
+  and the parity: step counts (equal / within how many) and final energies per atom.
+
+Structures (``relax_structures``): rattled bulk metals, semiconductors and ionic crystals, an
+fcc vacancy cell, an fcc(111) slab, oxides (MgO, SrTiO3, rutile TiO2) and molecules in a box;
+2 to 31 atoms. Prints markdown tables for benchmarks/RESULTS.md. Timings on a shared machine
+are noisy; torch runs with one thread per process unless ``--torch-threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+os.environ.setdefault("KUPS_RELAX_COMPILATION_CACHE", "0")
+warnings.filterwarnings("ignore")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from ase import Atoms  # noqa: E402
+from ase.build import bulk, fcc111, molecule  # noqa: E402
+from ase.optimize import LBFGS  # noqa: E402
+
+from kups_relax import neighbors as nbl  # noqa: E402
+from kups_relax import relax  # noqa: E402
+from kups_relax.batch import Batch  # noqa: E402
+from kups_relax.evaluate import evaluate  # noqa: E402
+from potentials import get_potential  # noqa: E402
+
+
+def _rattle(atoms: Atoms, seed: int, amount: float = 0.1) -> Atoms:
+    atoms = atoms.copy()
+    atoms.rattle(amount, seed=seed)
+    return atoms
+
+
+def _boxed(name: str, box: float) -> Atoms:
+    m = molecule(name)
+    m.set_cell([box, box, box])
+    m.center()
+    m.pbc = True
+    return m
+
+
+def relax_structures(n: int) -> list[tuple[str, Atoms]]:
+    """``n`` named structures (cycling through the set below with new rattles)."""
+    rutile = Atoms("Ti2O4", cell=[4.59, 4.59, 2.96], pbc=True,
+                   scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.305, 0.305, 0), (0.695, 0.695, 0),
+                                     (0.805, 0.195, 0.5), (0.195, 0.805, 0.5)])
+    srtio3 = Atoms("SrTiO3", cell=[3.9, 3.9, 3.9], pbc=True,
+                   scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)])
+    vacancy = bulk("Cu", "fcc", a=3.63, cubic=True) * (2, 2, 2)
+    del vacancy[0]
+    base = [
+        ("Cu-fcc", bulk("Cu", "fcc", a=3.63, cubic=True)),
+        ("Al-fcc", bulk("Al", "fcc", a=4.04, cubic=True)),
+        ("Fe-bcc", bulk("Fe", "bcc", a=2.84, cubic=True) * (2, 1, 1)),
+        ("W-bcc", bulk("W", "bcc", a=3.18, cubic=True)),
+        ("Mg-hcp", bulk("Mg", "hcp", a=3.2, c=5.2) * (1, 1, 2)),
+        ("Si-diamond", bulk("Si", "diamond", a=5.47, cubic=True)),
+        ("GaAs-zincblende", bulk("GaAs", "zincblende", a=5.75, cubic=True)),
+        ("NaCl-rocksalt", bulk("NaCl", "rocksalt", a=5.7, cubic=True)),
+        ("MgO-rocksalt", bulk("MgO", "rocksalt", a=4.25, cubic=True)),
+        ("SrTiO3-perovskite", srtio3),
+        ("TiO2-rutile", rutile),
+        ("Cu-vacancy", vacancy),
+        ("Pt111-slab", fcc111("Pt", size=(2, 2, 3), a=3.97, vacuum=6.0)),
+        ("H2O-in-box", _boxed("H2O", 8.0)),
+        ("CH4-in-box", _boxed("CH4", 8.0)),
+        ("NH3-in-box", _boxed("NH3", 8.0)),
+    ]
+    out = []
+    for k in range(n):
+        name, atoms = base[k % len(base)]
+        amount = 0.03 if "box" in name else 0.1
+        out.append((f"{name}-{k}", _rattle(atoms, seed=100 + k, amount=amount)))
+    return out
+
+
+def sevenn_calculator(threads: int):
+    import torch
+    from sevenn.calculator import SevenNetCalculator
+
+    torch.set_num_threads(threads)
+    return SevenNetCalculator("7net-0", device="cpu")
+
+
+def bench_forces(potential, structures, dtype, calc, repeats=3):
+    batch = Batch.from_atoms(structures, dtype=dtype)
+    neighbors = nbl.allocate(batch.geometry, potential.cutoff, 0.0)
+    fn = jax.jit(lambda p, g, n: evaluate(p, g, n, True))
+    t = time.perf_counter()
+    compiled = fn.lower(potential, batch.geometry, neighbors).compile()
+    t_compile = time.perf_counter() - t
+    jax.block_until_ready(compiled(potential, batch.geometry, neighbors))
+    t = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(compiled(potential, batch.geometry, neighbors))
+    t_ours = (time.perf_counter() - t) / repeats
+    t = time.perf_counter()
+    for atoms in structures:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        atoms.get_forces()
+        atoms.get_stress()
+    t_ref = time.perf_counter() - t
+    t_ts = None
+    try:
+        import torch
+        import torch_sim as ts
+        from sevenn.torchsim import SevenNetModel
+
+        model = SevenNetModel("7net-0", device="cpu", dtype=torch.float32)
+        state = ts.io.atoms_to_state(structures, torch.device("cpu"), torch.float32)
+        model(state)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            model(state)
+        t_ts = (time.perf_counter() - t) / repeats
+    except Exception as err:  # torch-sim is optional; say why it did not run
+        print(f"torch-sim skipped: {type(err).__name__}: {err}")
+    return t_compile, t_ours, t_ref, t_ts, int(neighbors.n_pairs), neighbors.capacity
+
+
+def bench_relax(potential, named, dtype, calc, fmax):
+    names = [n for n, _ in named]
+    structures = [a for _, a in named]
+    t = time.perf_counter()
+    relax(structures, potential, fmax=fmax, dtype=dtype, names=names)
+    t_cold = time.perf_counter() - t
+    t = time.perf_counter()
+    ours = relax(structures, potential, fmax=fmax, dtype=dtype, names=names)
+    t_warm = time.perf_counter() - t
+    t = time.perf_counter()
+    theirs = []
+    for atoms in structures:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        opt = LBFGS(atoms, logfile=None)
+        opt.run(fmax=fmax, steps=1000)
+        theirs.append((opt.nsteps, atoms.get_potential_energy()))
+    t_ref = time.perf_counter() - t
+    rows = []
+    for name, atoms, r, (steps, energy) in zip(names, structures, ours, theirs):
+        rows.append((name, len(atoms), r.steps, steps, abs(r.energy - energy) / len(atoms), r.status))
+    return t_cold, t_warm, t_ref, rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=24, help="structures (default %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--fmax", type=float, default=0.05)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--skip-relax", action="store_true")
+    args = parser.parse_args()
+    potential = get_potential("sevennet-0")
+    named = relax_structures(args.n)
+    structures = [a for _, a in named]
+    n_atoms = sum(len(a) for a in structures)
+    calc = sevenn_calculator(args.torch_threads)
+    print(f"{args.n} structures, {n_atoms} atoms, {args.dtype}, {os.cpu_count()} cores, "
+          f"torch threads {args.torch_threads} (shared machine: noisy)")
+
+    t_compile, t_ours, t_ref, t_ts, pairs, capacity = bench_forces(potential, structures, args.dtype, calc)
+    print(f"\nforce evaluation ({pairs} pairs in a {capacity}-pair list; compile {t_compile:.1f} s)\n")
+    print("| method | s per evaluation of all | us per atom | speed-up vs ASE + sevenn |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, t in [("kups-relax SevenNet-0 (JAX, one batch)", t_ours), ("ASE + sevenn calculator (one by one)", t_ref),
+                     ("torch-sim + sevenn SevenNetModel (one batch)", t_ts)]:
+        if t is not None:
+            print(f"| {label} | {t:.3f} | {1e6 * t / n_atoms:.0f} | {t_ref / t:.2f}x |")
+
+    if args.skip_relax:
+        return
+    t_cold, t_warm, t_ref, rows = bench_relax(potential, named, args.dtype, calc, args.fmax)
+    print(f"\nrelaxation to fmax {args.fmax} eV/A (L-BFGS, ASE defaults)\n")
+    print("| method | s | speed-up vs ASE |")
+    print("| --- | ---: | ---: |")
+    print(f"| kups-relax incl. compilation | {t_cold:.1f} | {t_ref / t_cold:.2f}x |")
+    print(f"| kups-relax compiled | {t_warm:.1f} | {t_ref / t_warm:.2f}x |")
+    print(f"| ASE LBFGS + sevenn calculator | {t_ref:.1f} | 1.00x |")
+    print("\n| structure | atoms | steps ours | steps ASE | abs dE eV/atom | status |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for name, n, s_ours, s_ase, de, status in rows:
+        print(f"| {name} | {n} | {s_ours} | {s_ase} | {de:.1e} | {status} |")
+    diffs = np.array([abs(r[2] - r[3]) for r in rows])
+    worst_de = max(r[4] for r in rows)
+    print(f"\nsame step count: {int(np.sum(diffs == 0))}/{len(rows)}; largest step difference {diffs.max()}; "
+          f"total steps ours {sum(r[2] for r in rows)} / ASE {sum(r[3] for r in rows)}; "
+          f"largest final energy difference {worst_de:.1e} eV/atom")
+
+
+if __name__ == "__main__":
+    main()
