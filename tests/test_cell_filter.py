@@ -8,6 +8,8 @@ and stresses. A cluster in the same batch has no cell degrees of freedom.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from ase import Atoms
@@ -177,3 +179,40 @@ def test_cli_cell_settings():
     assert make_cell_filter(resolve_settings(build_parser().parse_args(["x.xyz"]))) is None
     with pytest.raises(UsageError, match="--constant-volume"):
         make_cell_filter(resolve_settings(build_parser().parse_args(["x.xyz", "--constant-volume"])))
+
+
+# --- ASE's own filter tests (ase/test/filter/test_cellfilter.py) with our LBFGS drop-in -----------
+# They build ``LBFGS(filter)`` from their module-level name; we point it at kups_relax.ase.LBFGS.
+# Their calculator is asap3's EMT, so our optimizer steps on ASE's filter rows (the host path).
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+    from ase.test.conftest import asap3, testdir  # noqa: F401  (ASE's fixtures)
+    from ase.test.filter import test_cellfilter as ase_cellfilter
+
+
+@pytest.fixture(name="ase_atoms")
+def fixture_ase_atoms(asap3):  # noqa: F811
+    return ase_cellfilter.atoms.__wrapped__(asap3)
+
+
+@pytest.fixture(name="our_lbfgs")
+def fixture_our_lbfgs(monkeypatch):
+    from kups_relax.ase import LBFGS
+
+    monkeypatch.setattr(ase_cellfilter, "LBFGS", LBFGS)
+    return LBFGS
+
+
+@pytest.mark.parametrize("cellfilter", [UnitCellFilter, FrechetCellFilter])
+def test_ase_pressure(our_lbfgs, ase_atoms, cellfilter):
+    ase_cellfilter.test_pressure(ase_atoms, cellfilter)
+
+
+@pytest.mark.parametrize("cellfilter", [UnitCellFilter, FrechetCellFilter])
+def test_ase_constant_volume(our_lbfgs, ase_atoms, cellfilter):
+    ase_cellfilter.test_constant_volume(ase_atoms, cellfilter)
+
+
+def test_ase_unitcellfilter(our_lbfgs, asap3, testdir):  # noqa: F811
+    ase_cellfilter.test_unitcellfilter(asap3, testdir)
