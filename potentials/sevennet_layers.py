@@ -198,9 +198,9 @@ def tensor_product(x: Mapping[int, jax.Array], sh: Mapping[int, jax.Array], weig
         l3s = sorted({p.l3 for p in paths if p.l1 == l1 and p.l2 == l2})
         cg = np.concatenate([wigner_3j(l1, l2, l3) * math.sqrt(2 * l3 + 1) for l3 in l3s], axis=-1)
         t = jnp.einsum("ijk,ej->eik", jnp.asarray(cg, dtype), sh[l2])  # (E, 2l1+1, K)
-        xl = x[l1]
-        # sum over i as broadcast products: XLA's CPU batched small matmuls are slow
-        prod = sum(xl[:, :, i, None] * t[:, None, i, :] for i in range(2 * l1 + 1))  # (E, mul, K)
+        # (E, mul, K); as a batched matmul its gradient is two batched matmuls, which XLA's CPU
+        # backend runs faster than the broadcast-and-reduce alternative
+        prod = jnp.einsum("eui,eik->euk", x[l1], t) if l1 > 0 else x[l1] * t
         split, start = {}, 0
         for l3 in l3s:
             split[l3] = prod[:, :, start:start + 2 * l3 + 1]
