@@ -1,10 +1,10 @@
 """SevenNet-0 on the CPU: kups-relax (JAX) vs sevenn's torch model, evaluation and relaxation.
 
-    python benchmarks/bench_sevennet.py [--n 24] [--dtype float32] [--fmax 0.05] [--skip-relax]
+    python benchmarks/bench_sevennet.py [--n 24] [--dtype float32] [--fmax 0.05] [--skin S] [--skip-relax]
 
 * forces: one batched evaluation (energy, forces, stress) of ``--n`` structures with the engine
   (compiled; compile time reported apart) vs ``sevenn``'s ASE calculator one structure at a
-  time, and vs torch-sim's batched ``SevenNetModel`` (``sevenn.torchsim``) when it loads offline;
+  time, and vs torch-sim's batched ``SevenNetModel`` (``torch_sim.models.sevennet``) when it loads offline;
 * relax: ``kups_relax.relax`` (L-BFGS, ASE's defaults) on the same structures vs
   ``ase.optimize.LBFGS`` + sevenn's calculator, structure by structure; reports both times
   and the parity: step counts (equal / within how many) and final energies per atom.
@@ -116,11 +116,13 @@ def bench_forces(potential, structures, dtype, calc, repeats=3):
     t_ref = time.perf_counter() - t
     t_ts = None
     try:
+        import sevenn.util
         import torch
         import torch_sim as ts
-        from sevenn.torchsim import SevenNetModel
+        from torch_sim.models.sevennet import SevenNetModel
 
-        model = SevenNetModel("7net-0", device="cpu", dtype=torch.float32)
+        net = sevenn.util.load_checkpoint("7net-0").build_model()
+        model = SevenNetModel(net, device="cpu", dtype=torch.float32)
         state = ts.io.atoms_to_state(structures, torch.device("cpu"), torch.float32)
         model(state)
         t = time.perf_counter()
@@ -132,14 +134,15 @@ def bench_forces(potential, structures, dtype, calc, repeats=3):
     return t_compile, t_ours, t_ref, t_ts, int(neighbors.n_pairs), neighbors.capacity
 
 
-def bench_relax(potential, named, dtype, calc, fmax):
+def bench_relax(potential, named, dtype, calc, fmax, skin):
     names = [n for n, _ in named]
     structures = [a for _, a in named]
+    options = dict(fmax=fmax, dtype=dtype, names=names) | ({} if skin is None else dict(skin=skin))
     t = time.perf_counter()
-    relax(structures, potential, fmax=fmax, dtype=dtype, names=names)
+    relax(structures, potential, **options)
     t_cold = time.perf_counter() - t
     t = time.perf_counter()
-    ours = relax(structures, potential, fmax=fmax, dtype=dtype, names=names)
+    ours = relax(structures, potential, **options)
     t_warm = time.perf_counter() - t
     t = time.perf_counter()
     theirs = []
@@ -162,6 +165,8 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--fmax", type=float, default=0.05)
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--skin", type=float, default=None,
+                        help="neighbour-list skin for the relaxation, A (default: the engine's)")
     parser.add_argument("--skip-relax", action="store_true")
     args = parser.parse_args()
     potential = get_potential("sevennet-0")
@@ -183,8 +188,9 @@ def main():
 
     if args.skip_relax:
         return
-    t_cold, t_warm, t_ref, rows = bench_relax(potential, named, args.dtype, calc, args.fmax)
-    print(f"\nrelaxation to fmax {args.fmax} eV/A (L-BFGS, ASE defaults)\n")
+    t_cold, t_warm, t_ref, rows = bench_relax(potential, named, args.dtype, calc, args.fmax, args.skin)
+    skin = "engine default" if args.skin is None else f"{args.skin} A"
+    print(f"\nrelaxation to fmax {args.fmax} eV/A (L-BFGS, ASE defaults; skin {skin})\n")
     print("| method | s | speed-up vs ASE |")
     print("| --- | ---: | ---: |")
     print(f"| kups-relax incl. compilation | {t_cold:.1f} | {t_ref / t_cold:.2f}x |")

@@ -13,6 +13,7 @@ calculator (the 20+ structure comparison is ``benchmarks/bench_sevennet.py --rel
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -33,6 +34,7 @@ from kups_relax.evaluate import evaluate  # noqa: E402
 from potentials import get_potential  # noqa: E402
 from potentials.sevennet import SevenNet, sevennet_0  # noqa: E402
 
+torch.set_num_threads(1)  # the reference runs 10x faster than with threads fighting JAX's on a small machine
 warnings.filterwarnings("ignore", module="sevenn")
 warnings.filterwarnings("ignore", message=".*TorchScript.*")
 
@@ -113,7 +115,10 @@ def _evaluate(potential, geometry, neighbors):
 def ours(potential: SevenNet, structures: list[Atoms], dtype: str):
     """Energies (eV), per-structure forces (eV/Å) and stresses (eV/Å³) of one batch evaluation."""
     batch = Batch.from_atoms(structures, dtype=dtype)
-    neighbors = nbl.allocate(batch.geometry, potential.cutoff, 0.0)
+    # pairs found in float64 (one neighbour-list program for both dtypes), stored in ``dtype``
+    neighbors = nbl.allocate(Batch.from_atoms(structures).geometry, potential.cutoff, 0.0)
+    neighbors = dataclasses.replace(neighbors, shifts=neighbors.shifts.astype(dtype),
+                                    reference_positions=batch.geometry.positions)
     result = jax.device_get(_evaluate(potential, batch.geometry, neighbors))
     first = np.asarray(batch.geometry.first_atom)
     forces = [np.asarray(result.forces[f:f + len(a)], np.float64) for f, a in zip(first, structures)]
@@ -215,3 +220,38 @@ def test_energy_forces_stress_float64_match_sevenn_in_float64(model):
     worst = _compare(structures, ours(model, structures, "float64"), reference_float64(structures),
                      tol_energy=1e-10, tol_force=1e-9, tol_stress=1e-11)
     print("float64 worst differences:", worst)
+
+
+def test_registry_name_and_unsupported_elements():
+    potential = get_potential("sevennet-0")
+    assert isinstance(potential, SevenNet) and potential.cutoff == 5.0 and len(potential.supported_numbers) == 89
+    with pytest.raises(ValueError, match="takes no parameters"):
+        get_potential("sevennet-0", cutoff=6.0)
+    polonium = Atoms("Po", cell=[3.35] * 3, pbc=True)
+    (result,) = relax([polonium], potential, names=["alpha-Po"])
+    assert result.status == "invalid" and "Po" in result.reason
+
+
+RELAX_SET = [
+    ("Cu-fcc", _rattled(bulk("Cu", "fcc", a=3.63, cubic=True), 0.1, 80)),
+    ("NaCl-rocksalt", _rattled(bulk("NaCl", "rocksalt", a=5.7), 0.1, 81)),
+    ("Si-diamond", _rattled(bulk("Si", "diamond", a=5.47), 0.1, 82)),
+    ("H2O-in-box", _rattled(_boxed("H2O", 6.0), 0.03, 83)),
+]
+
+
+def test_relaxation_matches_ase_lbfgs_with_sevenn(model):
+    """Same L-BFGS steps and final energies as ASE + sevenn (20 structures: benchmarks/bench_sevennet.py)."""
+    from sevenn.calculator import SevenNetCalculator
+
+    names = [n for n, _ in RELAX_SET]
+    results = relax([a for _, a in RELAX_SET], model, fmax=0.05, dtype="float32", names=names)
+    calc = SevenNetCalculator("7net-0", device="cpu")
+    for (name, atoms), ours_ in zip(RELAX_SET, results):
+        atoms = atoms.copy()
+        atoms.calc = calc
+        opt = LBFGS(atoms, logfile=None)
+        opt.run(fmax=0.05, steps=200)
+        assert ours_.converged, name
+        assert ours_.steps == opt.nsteps, f"{name}: {ours_.steps} steps, ASE {opt.nsteps}"
+        assert abs(ours_.energy - atoms.get_potential_energy()) / len(atoms) <= 1e-5, name
