@@ -2,7 +2,8 @@
 
 :func:`fast_path_calculator` decides whether an object can take it (a plain
 ``Atoms`` -- no filter -- with a :class:`~kups_relax.ase.Calculator`, only
-``FixAtoms``/``FixCartesian`` constraints, and a structure the engine accepts).
+``FixAtoms``/``FixCartesian``/``FixedLine``/``FixedPlane``/``FixCom`` constraints, and a
+structure the engine accepts; filters take the host path).
 :class:`LoopRelaxation` then runs :func:`kups_relax.loop.run_chunk` chunk by
 chunk from a given optimizer state and hands back every step's positions,
 energy and forces, so the ASE-facing optimizer can write its log and

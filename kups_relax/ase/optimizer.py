@@ -13,7 +13,8 @@ Two paths, one state:
   for its coordinates and gradient (``get_x``/``get_gradient``, so a cell filter's
   extra rows are just more rows of the system) and one jitted call computes the step.
 * **fast path** (``run()`` on a plain ``Atoms`` whose calculator is
-  :class:`kups_relax.ase.Calculator`, constraints only ``FixAtoms``/``FixCartesian``):
+  :class:`kups_relax.ase.Calculator`, constraints the engine supports: ``FixAtoms``,
+  ``FixCartesian``, ``FixedLine``, ``FixedPlane``, ``FixCom``):
   the whole relaxation runs in the engine's jitted loop
   (:class:`kups_relax.ase.fast.LoopRelaxation`). Afterwards every recorded step is
   replayed on the ``Atoms`` (positions, cached energy/forces), so log lines,
