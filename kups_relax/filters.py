@@ -28,8 +28,6 @@ vacuum direction), so its cell must have a volume.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +111,16 @@ def resolve_cell_filter(value: "None | str | CellFilter") -> CellFilter | None:
     if isinstance(value, str):
         return CellFilter(kind=value.lower())
     raise TypeError(f"cell_filter must be None, 'frechet', 'unit' or a CellFilter, got {type(value).__name__}")
+
+
+def resolve_cell_filters(value, n: int) -> list[CellFilter | None]:
+    """One :class:`CellFilter` (or ``None``) per structure from a single setting or a sequence of ``n``."""
+    if value is None or isinstance(value, (str, CellFilter)):
+        return [resolve_cell_filter(value)] * n
+    items = list(value)
+    if len(items) != n:
+        raise ValueError(f"cell_filter has {len(items)} entries for {n} structures")
+    return [resolve_cell_filter(v) for v in items]
 
 
 def has_cell_dof(atoms: Atoms) -> bool:
@@ -407,13 +415,3 @@ def neighbor_strain_exceeded(positions: jax.Array, reference_positions: jax.Arra
     s = 1.0 - jnp.sqrt(jnp.sum((M - jnp.eye(3, dtype=M.dtype)) ** 2, axis=(-2, -1)))
     allowed = 0.5 * ((cutoff + skin) * s - cutoff)
     return largest > allowed
-
-
-def resolve_cell_filters(value, n: int) -> list[CellFilter | None]:
-    """One :class:`CellFilter` (or ``None``) per structure from a single setting or a sequence of ``n``."""
-    if value is None or isinstance(value, (str, CellFilter)):
-        return [resolve_cell_filter(value)] * n
-    items = list(value)
-    if len(items) != n:
-        raise ValueError(f"cell_filter has {len(items)} entries for {n} structures")
-    return [resolve_cell_filter(v) for v in items]

@@ -181,6 +181,33 @@ def test_options_and_errors():
     assert res.status == "invalid" and "volume" in res.reason
 
 
+def test_matrix_functions_match_scipy():
+    """The small expm / Fréchet derivative / logm the loop uses, against scipy's (ASE's) to round-off."""
+    import jax.numpy as jnp
+    import scipy.linalg as sl
+
+    from kups_relax.filters import _expm, _expm_frechet, _logm_near_identity
+
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(4, 3, 3)) * np.array([1e-3, 0.05, 0.2, 0.4])[:, None, None]
+    E = rng.normal(size=(4, 3, 3)) * 50.0
+    for i, (ours, ref) in enumerate(zip(_expm(jnp.asarray(A)), [sl.expm(a) for a in A])):
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-14, err_msg=str(i))
+    L = _expm_frechet(jnp.asarray(A), jnp.asarray(E))
+    for i in range(4):
+        np.testing.assert_allclose(L[i], sl.expm_frechet(A[i], E[i], compute_expm=False), rtol=1e-13, atol=1e-12)
+    F = np.stack([sl.expm(a) for a in A])
+    np.testing.assert_allclose(_logm_near_identity(jnp.asarray(F)), A, rtol=0, atol=1e-13)
+
+
+def test_settings_from_an_ase_filter():
+    a = bulk("Cu", "fcc", a=3.6, cubic=True)
+    f = FrechetCellFilter(a, mask=[1, 1, 1, 0, 0, 0], scalar_pressure=0.01, exp_cell_factor=2.0)
+    assert CellFilter.from_ase(f) == CellFilter(scalar_pressure=0.01, mask=[1, 1, 1, 0, 0, 0], exp_cell_factor=2.0)
+    u = UnitCellFilter(a, hydrostatic_strain=True)
+    assert CellFilter.from_ase(u) == CellFilter(kind="unit", hydrostatic_strain=True, cell_factor=4.0)
+
+
 def test_cli_cell_settings():
     from kups_relax.cli import UsageError, build_parser, make_cell_filter, resolve_settings
 
