@@ -164,6 +164,30 @@ def test_batch_invariance_variable_cell(lbfgs_run):
         np.testing.assert_array_equal(res.atoms.cell.array, twin.atoms.cell.array, err_msg=res.name)
 
 
+def test_relax_many_runs_ase_filters_in_the_engine(lbfgs_run):
+    """``kups_relax.ase.relax_many`` on ASE filter objects (our calculator attached) relaxes them in
+    the engine with each filter's settings: the same program and numbers as ``relax`` above."""
+    from kups_relax.ase import Calculator, relax_many
+
+    named, results = lbfgs_run
+    objects, atoms_list = [], []
+    for _, atoms, cell_filter in named:
+        a = atoms.copy()
+        a.calc = Calculator(EMT)
+        atoms_list.append(a)
+        if cell_filter is None or not a.pbc.any():
+            objects.append(a)
+            continue
+        kw = dict(scalar_pressure=cell_filter.scalar_pressure, hydrostatic_strain=cell_filter.hydrostatic_strain,
+                  constant_volume=cell_filter.constant_volume, mask=cell_filter.mask)
+        objects.append(FrechetCellFilter(a, **kw) if cell_filter.kind == "frechet" else UnitCellFilter(a, **kw))
+    assert relax_many(objects, fmax=FMAX, steps=MAX_STEPS) == [True] * len(named)
+    for a, res in zip(atoms_list, results):
+        np.testing.assert_array_equal(a.positions, res.atoms.positions, err_msg=res.name)
+        np.testing.assert_array_equal(a.cell.array, res.atoms.cell.array, err_msg=res.name)
+        assert a.get_potential_energy() == res.energy
+
+
 def test_options_and_errors():
     assert CellFilter(mask=[1, 1, 1, 0, 0, 0]).mask == ((1, 0, 0), (0, 1, 0), (0, 0, 1))
     with pytest.raises(ValueError, match="kind"):

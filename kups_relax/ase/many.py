@@ -1,10 +1,11 @@
 """Many ``Atoms`` with calculators attached, relaxed in one call (``ase.optimize.LBFGS`` semantics).
 
 Structures whose calculator is :class:`kups_relax.ase.Calculator` (plain
-``Atoms``, supported constraints) go through the engine's jitted loop together,
-one batch per potential. Every other one (any ASE calculator, filters, other
-constraints) is evaluated on the host, system by system, while the L-BFGS steps
-of all of them are computed in one batched call per step. Each structure ends
+``Atoms``, or ``Atoms`` in a fresh ``FrechetCellFilter``/``UnitCellFilter``, which
+the engine relaxes with the filter's settings; supported constraints) go through the
+engine's jitted loop together, one batch per potential. Every other one (any ASE
+calculator, other filters, other constraints) is evaluated on the host, system by
+system, while the L-BFGS steps of all of them are computed in one batched call per step. Each structure ends
 where ``ase.optimize.LBFGS(atoms).run(fmax, steps)`` would leave it.
 """
 
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 
 from kups_relax.engine import DEFAULT_MAX_STEPS, relax
+from kups_relax.filters import CellFilter, check_variable_cell
 
 from .calculator import Calculator
 from .fast import fast_path_calculator
@@ -59,22 +61,29 @@ def relax_many(
 
     batches: dict[tuple, list[int]] = {}
     host: list[int] = []
+    engine_atoms, cell_filters = {}, {}
     for i, obj in enumerate(structures):
-        calc = fast_path_calculator(obj)
+        atoms, cell_filter = _engine_view(obj)
+        calc = None if atoms is None else fast_path_calculator(atoms)
         if calc is None:
             host.append(i)
         else:
+            engine_atoms[i], cell_filters[i] = atoms, cell_filter
             batches.setdefault(_batch_key(calc), []).append(i)
 
     transform = lbfgs_transform(maxstep, memory, damping, alpha)
     for members in batches.values():
-        calc: Calculator = structures[members[0]].calc
+        calc: Calculator = engine_atoms[members[0]].calc
         logger.info("relaxing %d structures in the jitted loop (%s)", len(members), type(calc.potential).__name__)
-        results = relax([structures[i] for i in members], calc.potential, fmax=fmax, max_steps=steps,
+        filters = [cell_filters[i] for i in members]
+        results = relax([engine_atoms[i] for i in members], calc.potential, fmax=fmax, max_steps=steps,
                         optimizer=transform, names=[f"structure-{i}" for i in members],
-                        dtype=calc.dtype, skin=calc.skin)
+                        dtype=calc.dtype, skin=calc.skin,
+                        cell_filter=filters if any(f is not None for f in filters) else None)
         for i, result in zip(members, results):
-            atoms = structures[i]
+            atoms = engine_atoms[i]
+            if cell_filters[i] is not None:
+                atoms.set_cell(result.atoms.cell.array, scale_atoms=False)
             atoms.set_positions(result.atoms.positions, apply_constraint=False)
             cached = result.atoms.calc.results
             atoms.calc.set_results(atoms, result.energy, cached["forces"], cached.get("stress"))
@@ -114,6 +123,28 @@ def _relax_on_host(objects, fmax, steps, maxstep, memory, damping, alpha) -> lis
                 taken[i] += 1
                 gradients[i] = opt.get_gradient()
                 done[i] = bool(opt.converged(gradients[i], fmax))
+
+
+def _engine_view(obj) -> tuple:
+    """``(atoms, cell filter or None)`` for the engine, or ``(None, None)`` when ``obj`` is something else.
+
+    A plain ``Atoms`` is itself; a ``FrechetCellFilter``/``UnitCellFilter`` that has not moved
+    yet (its original cell is the atoms' cell) gives its ``Atoms`` and its settings.
+    """
+    from ase import Atoms
+    from ase.filters import FrechetCellFilter, UnitCellFilter
+
+    if type(obj) is Atoms:
+        return obj, None
+    if type(obj) in (FrechetCellFilter, UnitCellFilter) and type(obj.atoms) is Atoms:
+        try:
+            cell_filter = CellFilter.from_ase(obj)
+        except ValueError as err:
+            logger.debug("host path: %s", err)
+            return None, None
+        if check_variable_cell(obj.atoms) is None and obj.atoms.pbc.any():
+            return obj.atoms, cell_filter
+    return None, None
 
 
 def _batch_key(calc: Calculator) -> tuple:
