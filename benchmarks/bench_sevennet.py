@@ -61,6 +61,8 @@ def relax_structures(n: int) -> list[tuple[str, Atoms]]:
                    scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)])
     vacancy = bulk("Cu", "fcc", a=3.63, cubic=True) * (2, 2, 2)
     del vacancy[0]
+    slab = fcc111("Pt", size=(2, 2, 3), a=3.97, vacuum=6.0)
+    slab.pbc = True  # 12 A of vacuum between images (> 5 A cutoff); torch-sim wants one pbc for all
     base = [
         ("Cu-fcc", bulk("Cu", "fcc", a=3.63, cubic=True)),
         ("Al-fcc", bulk("Al", "fcc", a=4.04, cubic=True)),
@@ -74,7 +76,7 @@ def relax_structures(n: int) -> list[tuple[str, Atoms]]:
         ("SrTiO3-perovskite", srtio3),
         ("TiO2-rutile", rutile),
         ("Cu-vacancy", vacancy),
-        ("Pt111-slab", fcc111("Pt", size=(2, 2, 3), a=3.97, vacuum=6.0)),
+        ("Pt111-slab", slab),
         ("H2O-in-box", _boxed("H2O", 8.0)),
         ("CH4-in-box", _boxed("CH4", 8.0)),
         ("NH3-in-box", _boxed("NH3", 8.0)),

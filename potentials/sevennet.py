@@ -77,6 +77,29 @@ class SevenNetConfig:
         return layers.convolution_paths(self.irreps[t], self.lmax_filter, [l for _, l in self.irreps[t + 1]])
 
 
+@jax.tree_util.register_pytree_node_class
+class Weights:
+    """The float32 weight arrays of a model by name (a pytree; a short ``repr`` for metadata and logs)."""
+
+    def __init__(self, arrays: dict[str, jax.Array]):
+        self.arrays = dict(arrays)
+
+    def tree_flatten(self):
+        names = tuple(sorted(self.arrays))
+        return tuple(self.arrays[k] for k in names), names
+
+    @classmethod
+    def tree_unflatten(cls, names, leaves):
+        return cls(dict(zip(names, leaves)))
+
+    def __repr__(self) -> str:
+        try:
+            n = sum(int(np.prod(a.shape)) for a in self.arrays.values())
+        except Exception:  # traced or abstract leaves
+            n = "?"
+        return f"Weights({len(self.arrays)} arrays, {n} parameters)"
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SevenNet:
@@ -85,13 +108,13 @@ class SevenNet:
     Build with :meth:`load` (any converted file) or :func:`sevennet_0`.
 
     Attributes:
-        params: array name -> float32 weights (names as in the converted file).
+        params: :class:`Weights`, array name -> float32 weights (names as in the converted file).
         species_index: ``(119,)`` int32 row of every atomic number in the species tables, -1 if unsupported.
         config: the static :class:`SevenNetConfig`.
         name: a label for logs and trajectory metadata.
     """
 
-    params: dict[str, jax.Array]
+    params: Weights
     species_index: jax.Array
     config: SevenNetConfig = dataclasses.field(metadata=dict(static=True))
     name: str = dataclasses.field(default="sevennet", metadata=dict(static=True))
@@ -113,7 +136,7 @@ class SevenNet:
         )
         index = np.full(119, -1, dtype=np.int32)
         index[list(config.numbers)] = np.arange(len(config.numbers), dtype=np.int32)
-        return cls(params=params, species_index=jnp.asarray(index), config=config, name=name or meta.get("model", path.stem))
+        return cls(params=Weights(params), species_index=jnp.asarray(index), config=config, name=name or meta.get("model", path.stem))
 
     @property
     def cutoff(self) -> float:
@@ -126,7 +149,7 @@ class SevenNet:
     def energy(self, geometry: Geometry, neighbors: NeighborList) -> jax.Array:
         """Per-system energies ``(S,)`` in eV (jit-compatible)."""
         cfg, dtype = self.config, geometry.positions.dtype
-        p = {k: v.astype(dtype) for k, v in self.params.items()}
+        p = {k: v.astype(dtype) for k, v in self.params.arrays.items()}
         n_rows, S = geometry.n_atom_rows, geometry.n_systems
 
         # edges: i = sender receives the message of j = receiver, along r_j - r_i
