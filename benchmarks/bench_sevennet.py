@@ -183,7 +183,8 @@ def main():
     print(f"\nforce evaluation ({pairs} pairs in a {capacity}-pair list; compile {t_compile:.1f} s)\n")
     print("| method | s per evaluation of all | us per atom | speed-up vs ASE + sevenn |")
     print("| --- | ---: | ---: | ---: |")
-    for label, t in [("kups-relax SevenNet-0 (JAX, one batch)", t_ours), ("ASE + sevenn calculator (one by one)", t_ref),
+    for label, t in [("kups-relax SevenNet-0 (JAX, one batch)", t_ours),
+                     ("ASE + sevenn calculator (one by one)", t_ref),
                      ("torch-sim + sevenn SevenNetModel (one batch)", t_ts)]:
         if t is not None:
             print(f"| {label} | {t:.3f} | {1e6 * t / n_atoms:.0f} | {t_ref / t:.2f}x |")

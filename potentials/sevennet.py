@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from functools import cached_property
 from pathlib import Path
 
 import jax
@@ -136,7 +135,8 @@ class SevenNet:
         )
         index = np.full(119, -1, dtype=np.int32)
         index[list(config.numbers)] = np.arange(len(config.numbers), dtype=np.int32)
-        return cls(params=Weights(params), species_index=jnp.asarray(index), config=config, name=name or meta.get("model", path.stem))
+        return cls(params=Weights(params), species_index=jnp.asarray(index), config=config,
+                   name=name or meta.get("model", path.stem))
 
     @property
     def cutoff(self) -> float:

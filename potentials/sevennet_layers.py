@@ -75,7 +75,7 @@ def spherical_harmonics(unit: jax.Array, lmax: int) -> dict[int, jax.Array]:
 
 
 def bessel_basis(r: jax.Array, coeffs: jax.Array, cutoff: float) -> jax.Array:
-    """``(2/r_c) sin(k_n r) / r`` for distances ``r`` ``(E,)`` Å and wave numbers ``coeffs`` ``(B,)`` 1/Å -> ``(E, B)``."""
+    """``(2/r_c) sin(k_n r) / r`` for distances ``r`` ``(E,)`` Å, wave numbers ``coeffs`` ``(B,)`` 1/Å -> ``(E, B)``."""
     return (2.0 / cutoff) * jnp.sin(coeffs[None, :] * r[:, None]) / r[:, None]
 
 

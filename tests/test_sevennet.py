@@ -125,11 +125,16 @@ def ours(potential: SevenNet, structures: list[Atoms], dtype: str):
     return np.asarray(result.energy, np.float64)[:len(structures)], forces, np.asarray(result.stress, np.float64)
 
 
-def reference_float32(structures: list[Atoms]):
-    """sevenn's ASE calculator, as users run it."""
+@pytest.fixture(scope="module")
+def sevenn_calculator():
+    """sevenn's ASE calculator for SevenNet-0 (float32, from the checkpoint in the wheel: offline)."""
     from sevenn.calculator import SevenNetCalculator
 
-    calc = SevenNetCalculator("7net-0", device="cpu")
+    return SevenNetCalculator("7net-0", device="cpu")
+
+
+def reference_float32(structures: list[Atoms], calc):
+    """sevenn's ASE calculator, as users run it."""
     out = []
     for atoms in structures:
         atoms = atoms.copy()
@@ -208,10 +213,10 @@ def test_structures_cover_the_brief():
     assert sum(min(a.cell.cellpar()[:3]) < 5.0 for _, a in STRUCTURES if a.pbc.all()) >= 20
 
 
-def test_energy_forces_stress_float32_match_sevenn_calculator(model):
+def test_energy_forces_stress_float32_match_sevenn_calculator(model, sevenn_calculator):
     structures = [a for _, a in STRUCTURES]
-    worst = _compare(structures, ours(model, structures, "float32"), reference_float32(structures),
-                     tol_energy=1e-5, tol_force=1e-4, tol_stress=1e-5)
+    want = reference_float32(structures, sevenn_calculator)
+    worst = _compare(structures, ours(model, structures, "float32"), want, tol_energy=1e-5, tol_force=1e-4, tol_stress=1e-5)
     print("float32 worst differences:", worst)
 
 
@@ -240,13 +245,11 @@ RELAX_SET = [
 ]
 
 
-def test_relaxation_matches_ase_lbfgs_with_sevenn(model):
+def test_relaxation_matches_ase_lbfgs_with_sevenn(model, sevenn_calculator):
     """Same L-BFGS steps and final energies as ASE + sevenn (20 structures: benchmarks/bench_sevennet.py)."""
-    from sevenn.calculator import SevenNetCalculator
-
     names = [n for n, _ in RELAX_SET]
     results = relax([a for _, a in RELAX_SET], model, fmax=0.05, dtype="float32", names=names)
-    calc = SevenNetCalculator("7net-0", device="cpu")
+    calc = sevenn_calculator
     for (name, atoms), ours_ in zip(RELAX_SET, results):
         atoms = atoms.copy()
         atoms.calc = calc
