@@ -23,9 +23,12 @@ from ase import Atoms
 from . import neighbors as nl
 from .batch import DTYPES, Geometry, device_geometry, empty_arrays, pack_structure, with_results
 from .buckets import bucket
+from .layout import SlotLayout, atoms_budget, plan_layout, shares_batch, slot_size
 from .compile_stats import compile_stats
 from .evaluate import evaluate
-from .loop import RUNNING, STATUS_NAMES, Targets, admit, initial_state, run_chunk
+from .filters import (CellFilter, check_variable_cell, device_cell_params, empty_cell_table, pack_cell,
+                      resolve_cell_filter, resolve_cell_filters)
+from .loop import RUNNING, STATUS_NAMES, Targets, admit, current_geometry, initial_state, run_chunk, with_neighbors
 from .transforms import Transform, ase_fire, ase_lbfgs, is_optax_spec, optax_optimizer
 from .transforms.optax_adapter import OPTIMIZERS as OPTAX_OPTIMIZERS
 from .validate import InvalidStructure, check_structure
@@ -117,10 +120,6 @@ def _per_system(value, n: int, name: str, dtype) -> np.ndarray:
     return arr
 
 
-#: Default atom rows per batch of slots (one batch per size class).
-DEFAULT_ATOMS_PER_BATCH = 8192
-
-
 def relax(
     structures: Sequence[Atoms],
     potential,
@@ -133,9 +132,9 @@ def relax(
     skin: float = DEFAULT_SKIN,
     chunk_steps: int = 64,
     trajectory: bool = False,
-    atoms_per_batch: int = DEFAULT_ATOMS_PER_BATCH,
-    slot_atoms: int | None = None,
+    atoms_per_batch: int | None = None,
     on_result: Callable[[int, RelaxResult], None] | None = None,
+    cell_filter: "str | CellFilter | Sequence[str | CellFilter | None] | None" = None,
 ) -> list[RelaxResult]:
     """Relax many structures together, each on its own, with one jitted loop.
 
@@ -153,12 +152,15 @@ def relax(
         skin: neighbor-list skin, Å.
         chunk_steps: steps per device call between host checks.
         trajectory: also return every frame of every structure (``RelaxResult.trajectory``).
-        atoms_per_batch: atom rows of one batch of slots (see :func:`relax_iter`).
-        slot_atoms: atom rows of every slot, so that structures of different sizes share one
-            batch (larger structures still get a class of their own); default: one size class
-            per capacity bucket.
+        atoms_per_batch: budget of atom rows per batch (see :mod:`kups_relax.layout`); default
+            :func:`~kups_relax.layout.atoms_budget` (8192 on a CPU, from memory on a GPU).
         on_result: called as ``on_result(index, result)`` the moment each structure finishes
             (for writing outputs as they arrive); results also come back in the returned list.
+        cell_filter: relax the cells too, as ASE's filters do: ``"frechet"``
+            (``FrechetCellFilter``), ``"unit"`` (``UnitCellFilter``) or a
+            :class:`~kups_relax.filters.CellFilter` with their options (pressure, mask, ...), or
+            one of these per structure (``None``: that structure keeps its cell). Structures
+            without a periodic direction relax their positions only.
 
     Returns:
         One :class:`RelaxResult` per input, in input order. A structure that cannot be
@@ -171,15 +173,15 @@ def relax(
         raise ValueError(f"names has {len(names)} entries for {n} structures")
     fmax_all = _per_system(fmax, n, "fmax", np.float64)
     max_steps_all = _per_system(max_steps, n, "max_steps", np.int64)
+    cell_filters = resolve_cell_filters(cell_filter, n)
     jobs = (Job(index=i, name=names[i], atoms=structures[i], fmax=float(fmax_all[i]),
-                max_steps=int(max_steps_all[i])) for i in range(n))
-    if slot_atoms is None:
-        slot_sizes = plan_slot_sizes([len(a) for a in structures if isinstance(a, Atoms)])
-    else:
-        slot_sizes = lambda n_atoms: max(bucket(n_atoms, minimum=8), slot_atoms)  # noqa: E731
+                max_steps=int(max_steps_all[i]), cell_filter=cell_filters[i]) for i in range(n))
+    budget = atoms_per_batch or atoms_budget()
+    sizes = [len(a) for a in structures if isinstance(a, Atoms)]
     results: list[RelaxResult | None] = [None] * n
     for job, result in _stream(jobs, potential, resolve_optimizer(optimizer), dtype, skin, chunk_steps,
-                               trajectory, atoms_per_batch, total=n, slot_size=slot_sizes):
+                               trajectory, budget, total=n, known_sizes=sizes,
+                               variable_cell=any(f is not None for f in cell_filters)):
         results[job.index] = result
         if on_result is not None:
             on_result(job.index, result)
@@ -197,24 +199,31 @@ def relax_iter(
     skin: float = DEFAULT_SKIN,
     chunk_steps: int = 64,
     trajectory: bool = False,
-    atoms_per_batch: int = DEFAULT_ATOMS_PER_BATCH,
+    atoms_per_batch: int | None = None,
+    cell_filter: "str | CellFilter | None" = None,
 ) -> Iterator[tuple[int, RelaxResult]]:
     """Stream structures of any number through fixed slots; yield ``(input index, result)`` as each finishes.
 
-    Structures are grouped by size class (atoms rounded up to a capacity bucket); each class
-    has a batch of ``atoms_per_batch // class size`` slots. When systems finish (converged,
-    step limit, diverged), their slots take the next structures of their class between
-    chunks, with fresh optimizer state, without recompiling. Memory holds only the
-    structures in flight and a short read-ahead, whatever the length of the stream.
+    Structures wait for a slot of their size (atoms rounded up to a capacity bucket) in one
+    batch of mixed slot sizes planned from the first structures read and the
+    ``atoms_per_batch`` budget (:mod:`kups_relax.layout`); a structure larger than an eighth
+    of the budget gets a batch of its own size. When systems finish (converged, step limit,
+    diverged), their slots take the next structures between chunks, with fresh optimizer
+    state, without recompiling. Memory holds only the structures in flight and a short
+    read-ahead, whatever the length of the stream.
     Items are ``Atoms`` (named ``structure-<i>``) or ``(name, Atoms)`` pairs.
     """
+    cell_filter = resolve_cell_filter(cell_filter)
+
     def jobs():
         for i, item in enumerate(structures):
             name, atoms = item if isinstance(item, tuple) else (f"structure-{i}", item)
-            yield Job(index=i, name=name, atoms=atoms, fmax=float(fmax), max_steps=int(max_steps))
+            yield Job(index=i, name=name, atoms=atoms, fmax=float(fmax), max_steps=int(max_steps),
+                      cell_filter=cell_filter)
 
     for job, result in _stream(jobs(), potential, resolve_optimizer(optimizer), dtype, skin, chunk_steps,
-                               trajectory, atoms_per_batch, total=None):
+                               trajectory, atoms_per_batch or atoms_budget(), total=None,
+                               variable_cell=cell_filter is not None):
         yield job.index, result
 
 
@@ -227,6 +236,7 @@ class Job:
     atoms: Atoms
     fmax: float
     max_steps: int
+    cell_filter: CellFilter | None = None
     energies: list = dataclasses.field(default_factory=list)
     fmaxes: list = dataclasses.field(default_factory=list)
     frames: list = dataclasses.field(default_factory=list)
@@ -238,44 +248,58 @@ def _invalid(job: Job, reason: str) -> RelaxResult:
                        fmax=float("nan"), steps=0, converged=False, status="invalid", reason=reason)
 
 
-#: A size class with fewer structures than this is merged into the next larger class:
-#: one compiled program less is worth more than the padding.
-MIN_CLASS_STRUCTURES = 64
+class WaitingRoom:
+    """Structures waiting for a slot of one batch: a queue per slot size, first come first served."""
 
+    def __init__(self) -> None:
+        self.by_size: dict[int, collections.deque] = collections.defaultdict(collections.deque)
 
-def plan_slot_sizes(sizes: Sequence[int]):
-    """Map a structure's atom count to its slot size, for a known list of structures.
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.by_size.values())
 
-    Classes are capacity buckets; walking from the largest down, a bucket holding fewer
-    than :data:`MIN_CLASS_STRUCTURES` structures joins the class above it, so a short list
-    of mixed sizes runs as one batch (one compilation) and a long one as a few batches
-    with little padding.
-    """
-    counts = collections.Counter(bucket(n, minimum=8) for n in sizes)
-    assignment: dict[int, int] = {}
-    current = None
-    for size in sorted(counts, reverse=True):
-        if current is None or counts[size] >= MIN_CLASS_STRUCTURES:
-            current = size
-        assignment[size] = current
-    return lambda n_atoms: assignment.get(bucket(n_atoms, minimum=8), bucket(n_atoms, minimum=8))
+    def __bool__(self) -> bool:
+        return any(self.by_size.values())
 
+    def append(self, job: Job) -> None:
+        self.by_size[slot_size(len(job.atoms))].append(job)
 
-def _pow2_class(n_atoms: int) -> int:
-    """Slot size for streams of unknown content: the next power of two (>= 8)."""
-    return max(8, 1 << (max(int(n_atoms), 1) - 1).bit_length())
+    def sizes(self) -> list[int]:
+        """Atom counts of the waiting structures."""
+        return [len(job.atoms) for q in self.by_size.values() for job in q]
+
+    def pop_exact(self, size: int) -> Job | None:
+        """The first structure whose slot size is ``size``."""
+        queue = self.by_size.get(size)
+        return queue.popleft() if queue else None
+
+    def pop_fitting(self, size: int) -> Job | None:
+        """The earliest structure that fits a slot of ``size`` rows."""
+        heads = [(q[0].index, s) for s, q in self.by_size.items() if q and s <= size]
+        return self.by_size[min(heads)[1]].popleft() if heads else None
 
 
 def _stream(jobs: Iterator[Job], potential, transform, dtype, skin, chunk_steps, trajectory,
-            atoms_per_batch, total, slot_size=_pow2_class):
-    """Validate, group by size class, run the slot batches round-robin; yield ``(job, result)``."""
+            atoms_per_batch, total, known_sizes: Sequence[int] | None = None, variable_cell: bool = False):
+    """Validate, group into batches, run them round-robin; yield ``(job, result)`` as each finishes.
+
+    Structures up to ``atoms_per_batch * SHARED_FRACTION`` atoms share one batch of mixed slot
+    sizes (:func:`~kups_relax.layout.plan_layout`, from ``known_sizes`` when the whole list is
+    known, else from the structures read ahead); larger ones get batches of their own size.
+    """
     t0 = time.perf_counter()
     compiled_before = compile_stats()
-    pending: dict[int, collections.deque] = collections.defaultdict(collections.deque)
-    batches: dict[int, SlotBatch] = {}
+    pending: dict[object, WaitingRoom] = collections.defaultdict(WaitingRoom)
+    batches: dict[object, SlotBatch] = {}
     exhausted = False
     finished = 0
     read_ahead = max(64, atoms_per_batch // 8)
+    shared_known = None
+    if known_sizes is not None:
+        shared_known = [n for n in known_sizes if shares_batch(n, atoms_per_batch)]
+        own_counts = collections.Counter(slot_size(n) for n in known_sizes if not shares_batch(n, atoms_per_batch))
+
+    def batch_key(n_atoms: int):
+        return SHARED if shares_batch(n_atoms, atoms_per_batch) else slot_size(n_atoms)
 
     def pull():
         """Read structures until enough are waiting; invalid ones are returned at once."""
@@ -288,34 +312,47 @@ def _stream(jobs: Iterator[Job], potential, transform, dtype, skin, chunk_steps,
                 break
             try:
                 check_structure(job.atoms, job.name, potential.supported_numbers)
+                if job.cell_filter is not None and (why := check_variable_cell(job.atoms)):
+                    raise InvalidStructure(job.name, why)
             except InvalidStructure as err:
                 logger.warning("%s", err)
                 bad.append((job, _invalid(job, err.reason)))
                 continue
-            pending[slot_size(len(job.atoms))].append(job)
+            pending[batch_key(len(job.atoms))].append(job)
         return bad
+
+    def new_layout(key) -> SlotLayout:
+        if key == SHARED:
+            if shared_known:
+                return plan_layout(shared_known, atoms_per_batch, known=True)
+            return plan_layout(pending[key].sizes(), atoms_per_batch, known=exhausted)
+        per_batch = max(1, atoms_per_batch // key)
+        if known_sizes is not None:
+            per_batch = min(per_batch, own_counts[key])
+        elif exhausted:
+            per_batch = min(per_batch, len(pending[key]))
+        return SlotLayout.uniform(key, per_batch)
 
     while True:
         for item in pull():
             finished += 1
             yield item
-        for size, queue in pending.items():
-            if queue and size not in batches:
-                per_batch = max(1, atoms_per_batch // size)
-                n_slots = bucket(min(per_batch, len(queue)) if exhausted else per_batch, minimum=1)
-                batches[size] = SlotBatch(size, n_slots, potential, transform, dtype, skin, trajectory)
+        for key, queue in pending.items():
+            if queue and key not in batches:
+                batches[key] = SlotBatch(new_layout(key), potential, transform, dtype, skin, trajectory,
+                                         variable_cell=variable_cell)
         if not batches:
             if exhausted and not any(pending.values()):
                 break
             continue
-        for size in list(batches):
-            batch = batches[size]
-            queue = pending[size]
+        for key in list(batches):
+            batch = batches[key]
+            queue = pending[key]
             for job, result in batch.refill(queue):
                 finished += 1
                 yield job, result
             if batch.idle:
-                del batches[size]
+                del batches[key]
                 continue
             more_coming = bool(queue) or not exhausted
             for job, result in batch.run_chunk(chunk_steps, refill_at=max(1, batch.n_slots // 4) if more_coming else None):
@@ -329,29 +366,38 @@ def _stream(jobs: Iterator[Job], potential, transform, dtype, skin, chunk_steps,
                 finished, time.perf_counter() - t0, compiled.programs, compiled.cached, compiled.seconds)
 
 
-class SlotBatch:
-    """A fixed batch of ``n_slots`` slots of ``slot_atoms`` atom rows each, refilled in flight.
+#: The key of the batch that structures of mixed sizes share.
+SHARED = "shared"
 
-    Slot ``s`` owns atom rows ``[s * slot_atoms, (s + 1) * slot_atoms)``; a structure of
+
+class SlotBatch:
+    """A fixed batch of slots of mixed sizes (a :class:`~kups_relax.layout.SlotLayout`), refilled in flight.
+
+    Slot ``s`` owns atom rows ``[first_atom[s], first_atom[s] + slot_atoms[s])``; a structure of
     ``n`` atoms uses the first ``n`` and the rest are padding. Shapes never change, so the
-    compiled programs are reused for every structure of this size class; only the neighbor
+    compiled programs are reused for every structure this batch takes; only the neighbor
     list may grow (a recompile) when its capacity overflows.
     """
 
-    def __init__(self, slot_atoms, n_slots, potential, transform, dtype, skin, trajectory):
-        self.slot_atoms, self.n_slots = slot_atoms, n_slots
+    def __init__(self, layout: SlotLayout, potential, transform, dtype, skin, trajectory, variable_cell=False):
+        self.layout = layout
+        self.slot_atoms = np.asarray(layout.slot_atoms, np.int64)
+        self.first = layout.first_atom
+        self.n_slots = layout.n_slots
         self.potential, self.transform, self.skin, self.trajectory = potential, transform, skin, trajectory
         self.float_dtype = DTYPES[dtype]
-        A, S = slot_atoms * n_slots, n_slots
+        A, S = layout.n_rows, layout.n_slots
         self.dtype = dtype
-        self.host = empty_arrays(A, S, first_atom=np.arange(S) * slot_atoms)
+        self.host = empty_arrays(A, S, first_atom=self.first)
         self.fmax = np.zeros(S)
         self.max_steps = np.zeros(S, np.int64)
         self.jobs: list[Job | None] = [None] * S
+        self.cell_table = empty_cell_table(S) if variable_cell else None
         self.state = None
         self.geometry = None
         self.chunks = 0
-        logger.debug("new slot batch: %d slots of %d atoms", n_slots, slot_atoms)
+        sizes = collections.Counter(int(n) for n in self.slot_atoms if n)
+        logger.debug("new batch: %d atom rows, slots %s", A, dict(sorted(sizes.items())))
 
     @property
     def idle(self) -> bool:
@@ -364,81 +410,108 @@ class SlotBatch:
     def _device_geometry(self) -> Geometry:
         return device_geometry(self.host, self.dtype)
 
+    def _cell_params(self):
+        if self.cell_table is None:
+            return None
+        return device_cell_params(self.cell_table, self.float_dtype)
+
     def _targets(self) -> Targets:
         return Targets(fmax=jnp.asarray(self.fmax, self.float_dtype),
                        max_steps=jnp.asarray(np.minimum(self.max_steps, 2**31 - 1), jnp.int32))
 
     def _place(self, slot: int, job: Job | None) -> None:
-        h, P = self.host, self.slot_atoms
-        rows = slice(slot * P, (slot + 1) * P)
+        h, first = self.host, int(self.first[slot])
+        rows = slice(first, first + int(self.slot_atoms[slot]))
         h["positions"][rows] = 0.0
         h["numbers"][rows] = 0
         h["system"][rows] = self.n_slots
-        h["movable"][rows] = False
+        h["projection"][rows] = 0.0
+        h["masses"][rows] = 0.0
+        h["fix_com"][slot] = False
         h["cell"][slot] = np.eye(3)
         h["wrap_cell"][slot] = np.eye(3)
         h["pbc"][slot] = False
         h["n_atoms"][slot] = 0
         self.fmax[slot], self.max_steps[slot] = 0.0, 0
         self.jobs[slot] = job
+        if self.cell_table is not None:
+            pack_cell(self.cell_table, slot, None if job is None else job.atoms, None if job is None else job.cell_filter)
         if job is None:
             return
-        pack_structure(h, slot, slot * P, job.atoms, job.name)
+        pack_structure(h, slot, first, job.atoms, job.name)
         self.fmax[slot], self.max_steps[slot] = job.fmax, job.max_steps
 
-    def refill(self, queue: collections.deque):
-        """Put waiting structures into free slots and start them; yield any that stop at step 0."""
-        free = [s for s, job in enumerate(self.jobs) if job is None]
+    def refill(self, queue: WaitingRoom):
+        """Put waiting structures into free slots and start them; yield any that stop at step 0.
+
+        A free slot takes the first waiting structure of its own size; slots still free then take
+        the earliest structure that fits (smallest slots first), so no slot idles while something fits.
+        """
+        free = [s for s, job in enumerate(self.jobs) if job is None and self.slot_atoms[s] > 0]
         if not free or (not queue and self.state is not None):
             return
         admitted = np.zeros(self.n_slots, bool)
         for slot in free:
-            if not queue:
-                break
-            self._place(slot, queue.popleft())
-            admitted[slot] = True
+            job = queue.pop_exact(int(self.slot_atoms[slot]))
+            if job is not None:
+                self._place(slot, job)
+                admitted[slot] = True
+        for slot in sorted((s for s in free if not admitted[s]), key=lambda s: self.slot_atoms[s]):
+            job = queue.pop_fitting(int(self.slot_atoms[slot]))
+            if job is not None:
+                self._place(slot, job)
+                admitted[slot] = True
         if not admitted.any() and self.state is not None:
             return
         self.geometry = self._device_geometry()
         targets = self._targets()
         if self.state is None:
             neighbors = nl.allocate(self.geometry, self.potential.cutoff, self.skin)
-            self.state = initial_state(self.geometry, self.potential, neighbors, targets, optimizer=self.transform)
+            self.state = initial_state(self.geometry, self.potential, neighbors, targets, optimizer=self.transform,
+                                       cell_params=self._cell_params())
         else:
             while True:
                 state = admit(self.state, self.geometry, self.potential, targets, jnp.asarray(admitted),
-                              optimizer=self.transform)
+                              optimizer=self.transform, cell_params=self._cell_params())
                 if not bool(state.neighbors.overflow):
                     break
-                self._grow(self.geometry.replace(positions=state.positions))
+                self._grow(self._current_geometry(state))
             self.state = state
         energy, fmax = np.asarray(self.state.energy), np.asarray(self.state.fmax)
         positions = forces = None
         if self.trajectory:
             positions, forces = np.asarray(self.state.positions), np.asarray(self.state.forces)
+            cells = np.asarray(self.state.cell) if self.state.cell is not None else None
         for slot in np.flatnonzero(admitted) if self.state is not None else []:
             job = self.jobs[slot]
             job.energies, job.fmaxes, job.frames = [float(energy[slot])], [float(fmax[slot])], []
             if self.trajectory:
                 rows = self._rows(slot)
-                job.frames.append((positions[rows], forces[rows]))
+                job.frames.append((positions[rows], forces[rows], None if cells is None else cells[slot]))
         yield from self._collect_finished()
 
     def _rows(self, slot: int) -> slice:
-        start = slot * self.slot_atoms
+        start = int(self.first[slot])
         return slice(start, start + len(self.jobs[slot].atoms))
+
+    def _current_geometry(self, state) -> Geometry:
+        """The geometry the loop is at: its positions and (variable cell) its cells."""
+        if state.cell is None:
+            return self.geometry.replace(positions=state.positions)
+        return current_geometry(state, self.geometry)
 
     def _grow(self, geometry: Geometry) -> None:
         old = self.state.neighbors.capacity
         grown = nl.grow(self.state.neighbors, geometry)
-        self.state = self.state._replace(neighbors=grown)
+        self.state = with_neighbors(self.state, grown)
         logger.info("neighbor list overflow: capacity %d -> %d pairs", old, grown.capacity)
 
     def run_chunk(self, chunk_steps: int, refill_at: int | None):
         """Run one chunk of steps; yield the systems that stopped."""
         state, chunk = run_chunk(self.state, self.geometry, self.potential, self._targets(),
                                  optimizer=self.transform, n_steps=chunk_steps, record=self.trajectory,
-                                 stop_after=refill_at if refill_at is not None else 2**30)
+                                 stop_after=refill_at if refill_at is not None else 2**30,
+                                 cell_params=self._cell_params())
         self.state = state
         self.chunks += 1
         taken = np.asarray(chunk.taken)
@@ -446,6 +519,7 @@ class SlotBatch:
             e, f = np.asarray(chunk.energy), np.asarray(chunk.fmax)
             if self.trajectory:
                 pos, frc = np.asarray(chunk.positions), np.asarray(chunk.forces)
+                cel = np.asarray(chunk.cell) if chunk.cell is not None else None
             for slot, job in enumerate(self.jobs):
                 if job is None:
                     continue
@@ -454,9 +528,9 @@ class SlotBatch:
                 job.fmaxes.extend(f[rows, slot].tolist())
                 if self.trajectory:
                     r = self._rows(slot)
-                    job.frames.extend((pos[t, r], frc[t, r]) for t in rows)
+                    job.frames.extend((pos[t, r], frc[t, r], None if cel is None else cel[t, slot]) for t in rows)
         if bool(state.neighbors.overflow):
-            self._grow(self.geometry.replace(positions=state.positions))
+            self._grow(self._current_geometry(state))
         yield from self._collect_finished()
 
     def _collect_finished(self):
@@ -466,13 +540,17 @@ class SlotBatch:
             return
         positions, forces = np.asarray(self.state.positions), np.asarray(self.state.forces)
         energy, fmax, steps = np.asarray(self.state.energy), np.asarray(self.state.fmax), np.asarray(self.state.steps)
-        stress = np.asarray(_final_stress(self.potential, self.geometry.replace(positions=self.state.positions),
-                                          self.state.neighbors))
+        cells = None
+        if self.state.cell is not None:  # variable cell: the loop's stress is current
+            stress, cells = np.asarray(self.state.stress), np.asarray(self.state.cell)
+        else:
+            stress = np.asarray(_final_stress(self.potential, self.geometry.replace(positions=self.state.positions),
+                                              self.state.neighbors))
         for slot in done:
             job = self.jobs[slot]
             rows = self._rows(slot)
             atoms = with_results(job.atoms, positions[rows], energy=energy[slot], forces=forces[rows],
-                                 stress=stress[slot])
+                                 stress=stress[slot], cell=None if cells is None else cells[slot])
             name = STATUS_NAMES[int(status[slot])]
             reason = {
                 "converged": "",
@@ -481,8 +559,8 @@ class SlotBatch:
             }.get(name, name)
             trajectory = None
             if self.trajectory:
-                trajectory = [with_results(job.atoms, pos, energy=e, forces=frc)
-                              for (pos, frc), e in zip(job.frames, job.energies)]
+                trajectory = [with_results(job.atoms, pos, energy=e, forces=frc, cell=cel)
+                              for (pos, frc, cel), e in zip(job.frames, job.energies)]
             result = RelaxResult(
                 name=job.name, atoms=atoms, energy=float(energy[slot]), initial_energy=float(job.energies[0]),
                 fmax=float(fmax[slot]), steps=int(steps[slot]), converged=name == "converged", status=name,

@@ -32,7 +32,7 @@ def batched(twenty):
         elif seed is not None:
             order = np.random.default_rng(seed).permutation(len(twenty))
         results = relax([twenty[i][1] for i in order], potential, fmax=FMAX, max_steps=500,
-                        names=[twenty[i][0] for i in order], slot_atoms=64)  # all 20 in one batch
+                        names=[twenty[i][0] for i in order])  # all 20 in one batch
         runs[label] = {r.name: r for r in results}
     return runs
 

@@ -347,8 +347,10 @@ def test_resume_never_rewrites_and_ends_like_the_uninterrupted_run(killed, resum
     for key in a:
         for column in ("atoms", "converged", "steps", "status", "reason"):
             assert a[key][column] == b[key][column], (key, column)
-        for column in ("initial_energy", "final_energy", "final_fmax"):
-            assert float(a[key][column]) == pytest.approx(float(b[key][column]), abs=1e-12), (key, column)
+        # the resumed run packs fewer systems into a different slot layout, so sums run over other
+        # padded shapes: equal to round-off (forces after a few hundred steps: ~1e-11 eV/Å)
+        for column, tol in (("initial_energy", 1e-12), ("final_energy", 1e-12), ("final_fmax", 1e-10)):
+            assert float(a[key][column]) == pytest.approx(float(b[key][column]), abs=tol), (key, column)
     full_frames = read(full["out"] / "relaxed.extxyz", index=":")
     resumed_frames = read(out / "relaxed.extxyz", index=":")
     assert [f.info["name"] for f in full_frames] == [f.info["name"] for f in resumed_frames]
