@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import __version__
-from .engine import DEFAULT_MAX_STEPS
+from .engine import DEFAULT_MAX_DISPLACEMENT, DEFAULT_MAX_STEPS
 
 logger = logging.getLogger("kups_relax.cli")
 
@@ -57,6 +57,16 @@ def _number(kind: type) -> Callable[[Any], Any]:
             return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
         return float(value)
     return convert
+
+
+def _length_or_none(value) -> float | None:
+    """A length in Å, or ``none`` for no limit."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off", "inf")):
+        return float("inf")
+    value = _number(float)(value)
+    if not value > 0:
+        raise ValueError(f"must be > 0 (or none), got {value!r}")
+    return value
 
 
 def _text(value) -> str:
@@ -159,6 +169,12 @@ OPTIONS: tuple[Option, ...] = (
            "external pressure for --cell, eV/Å³ (ASE's scalar_pressure; 1 GPa = 0.00624 eV/Å³) (default: %(default)s)"),
     Option("hydrostatic_strain", _flag, False, "with --cell: only hydrostatic cell deformation"),
     Option("constant_volume", _flag, False, "with --cell: keep the volume (approximately) constant"),
+    Option("max_displacement", _length_or_none, DEFAULT_MAX_DISPLACEMENT,
+           "a system whose step would move an atom further than this from its start, Å, stops as diverged "
+           "(blew apart); 'none' for no limit (default: %(default)s)"),
+    Option("atoms_per_batch", _number(int), None,
+           "atom rows per batch of slots: larger batches keep the device busier and use more memory "
+           "(default: 8192 on a CPU, from the memory of a GPU)", positive=True),
     Option("dtype", _text, "float64", "floating point precision (default: %(default)s)",
            choices=("float64", "float32")),
     Option("chunk_steps", _number(int), 64, "steps per device call between progress updates (default: %(default)s)",
@@ -335,6 +351,8 @@ class Run:
         potential = {k: v for k, v in self.potential_info.items() if k != "cutoff"}
         cell = make_cell_filter(s)
         extra = {} if cell is None else dict(cell_filter=dataclasses.asdict(cell))
+        if s["max_displacement"] != DEFAULT_MAX_DISPLACEMENT:  # decides which systems stop as diverged
+            extra["max_displacement"] = s["max_displacement"]
         return json.dumps(dict(potential=potential, optimizer=self.optimizer_info, fmax=s["fmax"],
                                max_steps=s["max_steps"], dtype=s["dtype"], **extra), sort_keys=True, default=str)
 
@@ -458,7 +476,8 @@ def relax_and_write(run: Run, todo, progress_enabled: bool) -> dict[str, Any]:
         relax([it.atoms for it in todo], run.potential, fmax=run.settings["fmax"],
               max_steps=run.settings["max_steps"], optimizer=run.optimizer,
               names=[it.name for it in todo], dtype=run.settings["dtype"], chunk_steps=chunk_steps,
-              trajectory=True, on_result=write_as_it_finishes, cell_filter=make_cell_filter(run.settings))
+              trajectory=True, on_result=write_as_it_finishes, cell_filter=make_cell_filter(run.settings),
+              max_displacement=run.settings["max_displacement"], atoms_per_batch=run.settings["atoms_per_batch"])
     compiled = compile_stats().since(compiled_before)
     logger.info("relaxed %d systems in %.1f s; compiled %d programs, %d more from the compilation cache (%.1f s)",
                 len(todo), time.perf_counter() - t0, compiled.programs, compiled.cached, compiled.seconds)

@@ -28,7 +28,7 @@ from .compile_stats import compile_stats
 from .evaluate import evaluate
 from .filters import (CellFilter, check_variable_cell, device_cell_params, empty_cell_table, pack_cell,
                       resolve_cell_filter, resolve_cell_filters)
-from .loop import RUNNING, STATUS_NAMES, Targets, admit, current_geometry, initial_state, run_chunk, with_neighbors
+from .loop import BLEW_APART, RUNNING, STATUS_NAMES, Targets, admit, current_geometry, initial_state, run_chunk, with_neighbors
 from .transforms import Transform, ase_fire, ase_lbfgs, is_optax_spec, optax_optimizer
 from .transforms.optax_adapter import OPTIMIZERS as OPTAX_OPTIMIZERS
 from .validate import InvalidStructure, check_structure
@@ -41,6 +41,11 @@ DEFAULT_MAX_STEPS = 10_000
 
 #: Default Verlet skin, Å.
 DEFAULT_SKIN = 1.0
+
+#: Default limit on how far any atom may move from its starting position, Å: a relaxation
+#: that takes an atom further has almost surely blown apart (atoms evaporating, a cell
+#: collapsing), and stops as ``"diverged"`` instead of running to the step limit.
+DEFAULT_MAX_DISPLACEMENT = 20.0
 
 
 @dataclasses.dataclass
@@ -58,7 +63,8 @@ class RelaxResult:
         steps: optimizer steps taken (ASE's ``opt.nsteps``).
         converged: ``fmax < fmax`` target reached.
         status: ``"converged"``, ``"unconverged"`` (step limit), ``"diverged"`` (non-finite
-            energy/forces; the geometry is the last finite one) or ``"invalid"``.
+            energy/forces, or an atom moved further than ``max_displacement``; the geometry is
+            the last good one) or ``"invalid"``.
         reason: why, for any status but ``"converged"``.
         energies: ``(steps + 1,)`` energy after every step, eV (index 0 = input geometry).
         fmaxes: ``(steps + 1,)`` largest force after every step, eV/Å.
@@ -135,6 +141,7 @@ def relax(
     atoms_per_batch: int | None = None,
     on_result: Callable[[int, RelaxResult], None] | None = None,
     cell_filter: "str | CellFilter | Sequence[str | CellFilter | None] | None" = None,
+    max_displacement: float | Sequence[float] | None = DEFAULT_MAX_DISPLACEMENT,
 ) -> list[RelaxResult]:
     """Relax many structures together, each on its own, with one jitted loop.
 
@@ -161,6 +168,9 @@ def relax(
             :class:`~kups_relax.filters.CellFilter` with their options (pressure, mask, ...), or
             one of these per structure (``None``: that structure keeps its cell). Structures
             without a periodic direction relax their positions only.
+        max_displacement: Å, scalar or one per structure: a system whose next step would take
+            any atom further than this from its starting position (in the starting cell's
+            frame) stops as ``"diverged"`` at its last geometry within reach; ``None``: no limit.
 
     Returns:
         One :class:`RelaxResult` per input, in input order. A structure that cannot be
@@ -174,8 +184,11 @@ def relax(
     fmax_all = _per_system(fmax, n, "fmax", np.float64)
     max_steps_all = _per_system(max_steps, n, "max_steps", np.int64)
     cell_filters = resolve_cell_filters(cell_filter, n)
+    reach_all = _per_system(np.inf if max_displacement is None else max_displacement, n, "max_displacement",
+                            np.float64)
     jobs = (Job(index=i, name=names[i], atoms=structures[i], fmax=float(fmax_all[i]),
-                max_steps=int(max_steps_all[i]), cell_filter=cell_filters[i]) for i in range(n))
+                max_steps=int(max_steps_all[i]), cell_filter=cell_filters[i],
+                max_displacement=float(reach_all[i])) for i in range(n))
     budget = atoms_per_batch or atoms_budget()
     sizes = [len(a) for a in structures if isinstance(a, Atoms)]
     results: list[RelaxResult | None] = [None] * n
@@ -201,6 +214,7 @@ def relax_iter(
     trajectory: bool = False,
     atoms_per_batch: int | None = None,
     cell_filter: "str | CellFilter | None" = None,
+    max_displacement: float | None = DEFAULT_MAX_DISPLACEMENT,
 ) -> Iterator[tuple[int, RelaxResult]]:
     """Stream structures of any number through fixed slots; yield ``(input index, result)`` as each finishes.
 
@@ -214,12 +228,13 @@ def relax_iter(
     Items are ``Atoms`` (named ``structure-<i>``) or ``(name, Atoms)`` pairs.
     """
     cell_filter = resolve_cell_filter(cell_filter)
+    reach = float("inf") if max_displacement is None else float(max_displacement)
 
     def jobs():
         for i, item in enumerate(structures):
             name, atoms = item if isinstance(item, tuple) else (f"structure-{i}", item)
             yield Job(index=i, name=name, atoms=atoms, fmax=float(fmax), max_steps=int(max_steps),
-                      cell_filter=cell_filter)
+                      cell_filter=cell_filter, max_displacement=reach)
 
     for job, result in _stream(jobs(), potential, resolve_optimizer(optimizer), dtype, skin, chunk_steps,
                                trajectory, atoms_per_batch or atoms_budget(), total=None,
@@ -237,6 +252,7 @@ class Job:
     fmax: float
     max_steps: int
     cell_filter: CellFilter | None = None
+    max_displacement: float = DEFAULT_MAX_DISPLACEMENT
     energies: list = dataclasses.field(default_factory=list)
     fmaxes: list = dataclasses.field(default_factory=list)
     frames: list = dataclasses.field(default_factory=list)
@@ -391,6 +407,7 @@ class SlotBatch:
         self.host = empty_arrays(A, S, first_atom=self.first)
         self.fmax = np.zeros(S)
         self.max_steps = np.zeros(S, np.int64)
+        self.max_displacement = np.full(S, np.inf)
         self.jobs: list[Job | None] = [None] * S
         self.cell_table = empty_cell_table(S) if variable_cell else None
         self.state = None
@@ -417,7 +434,8 @@ class SlotBatch:
 
     def _targets(self) -> Targets:
         return Targets(fmax=jnp.asarray(self.fmax, self.float_dtype),
-                       max_steps=jnp.asarray(np.minimum(self.max_steps, 2**31 - 1), jnp.int32))
+                       max_steps=jnp.asarray(np.minimum(self.max_steps, 2**31 - 1), jnp.int32),
+                       max_displacement=jnp.asarray(self.max_displacement, self.float_dtype))
 
     def _place(self, slot: int, job: Job | None) -> None:
         h, first = self.host, int(self.first[slot])
@@ -432,14 +450,14 @@ class SlotBatch:
         h["wrap_cell"][slot] = np.eye(3)
         h["pbc"][slot] = False
         h["n_atoms"][slot] = 0
-        self.fmax[slot], self.max_steps[slot] = 0.0, 0
+        self.fmax[slot], self.max_steps[slot], self.max_displacement[slot] = 0.0, 0, np.inf
         self.jobs[slot] = job
         if self.cell_table is not None:
             pack_cell(self.cell_table, slot, None if job is None else job.atoms, None if job is None else job.cell_filter)
         if job is None:
             return
         pack_structure(h, slot, first, job.atoms, job.name)
-        self.fmax[slot], self.max_steps[slot] = job.fmax, job.max_steps
+        self.fmax[slot], self.max_steps[slot], self.max_displacement[slot] = job.fmax, job.max_steps, job.max_displacement
 
     def refill(self, queue: WaitingRoom):
         """Put waiting structures into free slots and start them; yield any that stop at step 0.
@@ -501,10 +519,11 @@ class SlotBatch:
         return current_geometry(state, self.geometry)
 
     def _grow(self, geometry: Geometry) -> None:
-        old = self.state.neighbors.capacity
+        old = self.state.neighbors.capacities
         grown = nl.grow(self.state.neighbors, geometry)
         self.state = with_neighbors(self.state, grown)
-        logger.info("neighbor list overflow: capacity %d -> %d pairs", old, grown.capacity)
+        changed = ", ".join(f"{k} {a} -> {b}" for k, a, b in zip(old._fields, old, grown.capacities) if a != b)
+        logger.info("neighbor list overflow: %s (a new program for this batch)", changed)
 
     def run_chunk(self, chunk_steps: int, refill_at: int | None):
         """Run one chunk of steps; yield the systems that stopped."""
@@ -557,6 +576,9 @@ class SlotBatch:
                 "unconverged": f"not converged within {job.max_steps} steps (fmax {fmax[slot]:.4g} eV/Å)",
                 "diverged": "energy or forces became non-finite; stopped at the last finite geometry",
             }.get(name, name)
+            if int(status[slot]) == BLEW_APART:
+                reason = (f"blew apart: the next step would have moved an atom more than {job.max_displacement:g} Å "
+                          f"from its start; stopped at the last geometry within that")
             trajectory = None
             if self.trajectory:
                 trajectory = [with_results(job.atoms, pos, energy=e, forces=frc, cell=cel)

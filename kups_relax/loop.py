@@ -42,16 +42,27 @@ from .evaluate import evaluate
 from .filters import CellParams
 from .segments import segment_max
 
-RUNNING, CONVERGED, UNCONVERGED, DIVERGED, EMPTY = 0, 1, 2, 3, 4
+RUNNING, CONVERGED, UNCONVERGED, DIVERGED, EMPTY, BLEW_APART = 0, 1, 2, 3, 4, 5
+#: Both ways of failing are reported as ``"diverged"``; the code says which (non-finite
+#: energy or forces, or an atom further than ``Targets.max_displacement`` from its start).
 STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", UNCONVERGED: "unconverged",
-                DIVERGED: "diverged", EMPTY: "empty"}
+                DIVERGED: "diverged", EMPTY: "empty", BLEW_APART: "diverged"}
 
 
 class Targets(NamedTuple):
-    """Per-system stopping rules: ``fmax (S,)`` eV/Å and ``max_steps (S,)``."""
+    """Per-system stopping rules.
+
+    Attributes:
+        fmax: ``(S,)`` convergence threshold, eV/Å.
+        max_steps: ``(S,)`` step limit.
+        max_displacement: ``(S,)`` Å, or ``None``: a step that would take any atom further
+            than this from where the system started is not taken and the system stops as
+            diverged (``BLEW_APART``); ``inf`` switches it off for that system.
+    """
 
     fmax: jax.Array
     max_steps: jax.Array
+    max_displacement: jax.Array | None = None
 
 
 class LoopState(NamedTuple):
@@ -68,7 +79,7 @@ class LoopState(NamedTuple):
         fmax: ``(S,)`` largest per-atom force norm after constraints, eV/Å (variable cell:
             the largest row norm of the filter's forces, cell rows included, as ASE's).
         steps: ``(S,)`` steps taken (ASE's ``nsteps``).
-        status: ``(S,)`` one of ``RUNNING, CONVERGED, UNCONVERGED, DIVERGED, EMPTY``.
+        status: ``(S,)`` one of ``RUNNING, CONVERGED, UNCONVERGED, DIVERGED, EMPTY, BLEW_APART``.
         cell: ``(S, 3, 3)`` current cells, Å (variable cell only, else ``None``).
         cell_dof: ``(S, 3, 3)`` the filter's cell rows (variable cell only).
         nl_cell: ``(S, 3, 3)`` the cell at which each system's pairs were last found
@@ -116,6 +127,26 @@ def _finite(energy: jax.Array, forces: jax.Array, geometry: Geometry) -> jax.Arr
     bad_atom = ~jnp.all(jnp.isfinite(forces), axis=-1)
     bad = segment_max(bad_atom.astype(jnp.int32), geometry.system, geometry.n_systems) > 0
     return jnp.isfinite(energy) & ~bad
+
+
+def _within_reach(positions: jax.Array, geometry: Geometry, targets: Targets,
+                  cell: jax.Array | None = None, variable: jax.Array | None = None) -> jax.Array:
+    """``(S,)`` True while every atom is within ``targets.max_displacement`` of its start.
+
+    ``geometry.positions`` are the starting positions. With a moving ``cell`` the positions are
+    first mapped back into the starting cell (same fractional coordinates), so that a uniform
+    strain of a large cell does not count as atoms flying away; ``variable (S,)`` marks the
+    systems whose cell moves (the others may have no invertible cell at all).
+    """
+    if targets.max_displacement is None:
+        return jnp.ones(geometry.n_systems, bool)
+    if cell is not None:
+        eye = jnp.broadcast_to(jnp.eye(3, dtype=cell.dtype), cell.shape)
+        back = jnp.linalg.solve(_sel(variable, cell, eye), _sel(variable, geometry.cell, eye))
+        positions = filters.row_matmul(positions, back, geometry.system)  # x @ inv(cell) @ cell0
+    distance = jnp.sqrt(jnp.sum((positions - geometry.positions) ** 2, axis=-1))
+    farthest = segment_max(jnp.where(geometry.atom_mask, distance, 0.0), geometry.system, geometry.n_systems)
+    return farthest <= targets.max_displacement
 
 
 def _rows(geometry: Geometry, systems: jax.Array) -> jax.Array:
@@ -268,13 +299,15 @@ def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, opt
     neighbors = nl.update(state.neighbors, trial)
     ev = evaluate(potential, trial, neighbors, compute_stress=False)
     finite = _finite(ev.energy, ev.forces, geometry)
-    moved = active & finite
+    within = _within_reach(trial.positions, geometry, targets)
+    moved = active & finite & within
     row_moved = _rows(geometry, moved)
     fmax_new = _max_force(adjust_forces(ev.forces, geometry), geometry)
     steps = state.steps + moved.astype(jnp.int32)
     status = jnp.where(active & ~finite, DIVERGED,
+             jnp.where(active & ~within, BLEW_APART,
              jnp.where(moved & (fmax_new < targets.fmax), CONVERGED,
-             jnp.where(moved & (steps >= targets.max_steps), UNCONVERGED, state.status)))
+             jnp.where(moved & (steps >= targets.max_steps), UNCONVERGED, state.status))))
     new = LoopState(
         positions=jnp.where(row_moved[:, None], trial.positions, state.positions),
         opt_state=opt_state,
@@ -339,14 +372,16 @@ def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets
         lambda: (state.neighbors, jnp.zeros_like(flagged)))
     ev = evaluate(potential, trial, neighbors, compute_stress=True)
     finite = _finite(ev.energy, ev.forces, geometry)
-    moved = active & finite
+    within = _within_reach(positions, geometry, targets, cell_new, cp.variable)
+    moved = active & finite & within
     row_moved = _rows(geometry, moved)
     generalized_new, _ = _filter_forces(ev.forces, ev.stress, cell_new, dof_read, geometry, cp)
     fmax_new = _filter_fmax(generalized_new, geometry)
     steps = state.steps + moved.astype(jnp.int32)
     status = jnp.where(active & ~finite, DIVERGED,
+             jnp.where(active & ~within, BLEW_APART,
              jnp.where(moved & (fmax_new < targets.fmax), CONVERGED,
-             jnp.where(moved & (steps >= targets.max_steps), UNCONVERGED, state.status)))
+             jnp.where(moved & (steps >= targets.max_steps), UNCONVERGED, state.status))))
     new = LoopState(
         positions=jnp.where(row_moved[:, None], positions, state.positions),
         opt_state=opt_state,
