@@ -496,8 +496,20 @@ def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | Non
 
 
 def grow(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
-    """A list with capacities large enough for ``geometry`` (after an overflow)."""
-    return allocate(geometry, neighbors.cutoff, neighbors.skin, capacities=neighbors.capacities)
+    """A list with capacities large enough for ``geometry`` (after an overflow).
+
+    Every capacity that overflowed at least doubles (pairs: at least the next bucket, as
+    padding pairs cost every evaluation; bins visited per atom: what is needed), so a stream whose structures keep asking for a
+    little more grows a capacity a few times, not once per structure: each growth is a
+    compilation of every program of the batch.
+    """
+    caps = neighbors.capacities
+    needed = [int(neighbors.n_pairs), *(int(x) for x in np.asarray(neighbors.needed))]
+    larger = [caps.pairs if needed[0] <= caps.pairs else max(bucket(caps.pairs + 1), needed[0])]
+    larger += [c if n <= c else max(2 * c, n) for c, n in zip(caps[1:5], needed[1:5])]
+    larger += [max(caps.offsets, needed[5])]  # neighbouring bins: exactly what a thin cell needs
+    floor = Capacities(*larger, partial_candidates=caps.partial_candidates)
+    return allocate(geometry, neighbors.cutoff, neighbors.skin, capacities=floor)
 
 
 def rebuilt_systems(neighbors: NeighborList, geometry: Geometry, systems: jax.Array) -> jax.Array:
