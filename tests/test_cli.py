@@ -360,8 +360,9 @@ def test_resume_never_rewrites_and_ends_like_the_uninterrupted_run(killed, resum
     for p in full["out"].glob("*.h5"):
         x, y = read_trajectory(p), read_trajectory(out / p.name)
         assert len(x) == len(y), p.name
+        # mid-path frames: the round-off above, amplified along flat stretches (the ASE-parity tolerance)
         np.testing.assert_allclose(np.stack([f.positions for f in x]), np.stack([f.positions for f in y]),
-                                   rtol=0, atol=1e-10)
+                                   rtol=0, atol=1e-8)
 
 
 def test_second_resume_has_nothing_to_do_and_touches_nothing(lj_inputs, resumed, capsys, monkeypatch):
