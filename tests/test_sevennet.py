@@ -8,33 +8,45 @@ smaller than the 5 Å cutoff) is evaluated in one compiled program per dtype, an
 * float64: sevenn's model built in float64 on the same graph (tighter tolerances).
 
 Then a small mixed batch is relaxed with the engine and with ``ase.optimize.LBFGS`` + sevenn's
-calculator (the 20+ structure comparison is ``benchmarks/bench_sevennet.py --relax-parity``).
+calculator (the 20+ structure comparison is the relaxation part of ``benchmarks/bench_sevennet.py``,
+24 structures by default, ``--n``). The converter must reproduce the shipped weights from sevenn's
+checkpoint. Tests that need torch and sevenn skip without them; loading the shipped weights
+(numpy -> JAX) is tested without them, with torch and sevenn blocked in a fresh interpreter.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from ase import Atoms
+from ase.build import bulk, fcc100, fcc111, molecule
+from ase.optimize import LBFGS
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("sevenn")
+from kups_relax import neighbors as nbl
+from kups_relax import relax
+from kups_relax.batch import Batch
+from kups_relax.evaluate import evaluate
+from potentials import get_potential
+from potentials.sevennet import SEVENNET_0_FILE, SevenNet, sevennet_0
 
-import jax  # noqa: E402
-from ase import Atoms  # noqa: E402
-from ase.build import bulk, fcc100, fcc111, molecule  # noqa: E402
-from ase.optimize import LBFGS  # noqa: E402
+HAVE_SEVENN = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("sevenn") is not None
+#: tests that run the reference implementation (or the converter) skip without torch and sevenn
+needs_sevenn = pytest.mark.skipif(not HAVE_SEVENN, reason="needs torch and sevenn (the reference implementation)")
 
-from kups_relax import neighbors as nbl  # noqa: E402
-from kups_relax import relax  # noqa: E402
-from kups_relax.batch import Batch  # noqa: E402
-from kups_relax.evaluate import evaluate  # noqa: E402
-from potentials import get_potential  # noqa: E402
-from potentials.sevennet import SevenNet, sevennet_0  # noqa: E402
+if HAVE_SEVENN:
+    import torch
 
-torch.set_num_threads(1)  # the reference runs 10x faster than with threads fighting JAX's on a small machine
+    torch.set_num_threads(1)  # the reference runs 10x faster than with threads fighting JAX's on a small machine
 warnings.filterwarnings("ignore", module="sevenn")
 warnings.filterwarnings("ignore", message=".*TorchScript.*")
 
@@ -213,6 +225,7 @@ def test_structures_cover_the_brief():
     assert sum(min(a.cell.cellpar()[:3]) < 5.0 for _, a in STRUCTURES if a.pbc.all()) >= 20
 
 
+@needs_sevenn
 def test_energy_forces_stress_float32_match_sevenn_calculator(model, sevenn_calculator):
     structures = [a for _, a in STRUCTURES]
     want = reference_float32(structures, sevenn_calculator)
@@ -220,6 +233,7 @@ def test_energy_forces_stress_float32_match_sevenn_calculator(model, sevenn_calc
     print("float32 worst differences:", worst)
 
 
+@needs_sevenn
 def test_energy_forces_stress_float64_match_sevenn_in_float64(model):
     structures = [a for _, a in STRUCTURES]
     worst = _compare(structures, ours(model, structures, "float64"), reference_float64(structures),
@@ -237,6 +251,37 @@ def test_registry_name_and_unsupported_elements():
     assert result.status == "invalid" and "Po" in result.reason
 
 
+def test_shipped_weights_load_without_torch_or_sevenn():
+    """numpy npz -> JAX: the loading path users get, in a fresh interpreter where torch and sevenn cannot be imported."""
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["torch"] = sys.modules["sevenn"] = None  # any import of them raises ImportError
+        from potentials import get_potential
+        from potentials.sevennet import SevenNet
+        p = get_potential("sevennet-0")
+        assert isinstance(p, SevenNet) and p.cutoff == 5.0 and len(p.supported_numbers) == 89
+        assert not any(m.split(".")[0] in ("torch", "sevenn", "e3nn") for m, v in sys.modules.items() if v is not None)
+        print("ok")
+    """)
+    root = Path(__file__).parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@needs_sevenn
+def test_converter_reproduces_shipped_weights():
+    """``python -m potentials.convert_sevennet`` on sevenn's SevenNet-0 checkpoint gives the shipped arrays and config."""
+    from potentials.convert_sevennet import convert, default_checkpoint
+
+    config, arrays = convert(default_checkpoint())
+    with np.load(SEVENNET_0_FILE) as shipped:
+        assert sorted(shipped.files) == sorted([*arrays, "config.json"])
+        for name, array in arrays.items():
+            assert shipped[name].dtype == array.dtype == np.float32, name
+            np.testing.assert_array_equal(shipped[name], array, err_msg=name)
+        assert json.loads(bytes(shipped["config.json"]).decode()) == json.loads(json.dumps(config))
+
+
 RELAX_SET = [
     ("Cu-fcc", _rattled(bulk("Cu", "fcc", a=3.63, cubic=True), 0.1, 80)),
     ("NaCl-rocksalt", _rattled(bulk("NaCl", "rocksalt", a=5.7), 0.1, 81)),
@@ -245,6 +290,7 @@ RELAX_SET = [
 ]
 
 
+@needs_sevenn
 def test_relaxation_matches_ase_lbfgs_with_sevenn(model, sevenn_calculator):
     """Same L-BFGS steps and final energies as ASE + sevenn (20 structures: benchmarks/bench_sevennet.py)."""
     names = [n for n, _ in RELAX_SET]
