@@ -149,7 +149,7 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("potential", _text, DEFAULT_POTENTIAL,
-           "energy model: lj, morse, emt or eam:<file> (default: %(default)s)"),
+           "energy model: lj, morse, emt, eam:<file> or sevennet-0 (default: %(default)s)"),
     Option("potential_params", _params, {},
            "potential parameters KEY=VALUE[,KEY=VALUE...], repeatable (e.g. sigma=3.4,epsilon=0.0104,rc=8.5)"),
     Option("optimizer", _optimizer, "lbfgs",

@@ -282,6 +282,16 @@ def test_converter_reproduces_shipped_weights():
         assert json.loads(bytes(shipped["config.json"]).decode()) == json.loads(json.dumps(config))
 
 
+def test_shipped_config_selects_sevennet_in_float32():
+    from kups_relax import cli
+
+    config = Path(__file__).parent.parent / "configs" / "sevennet.yaml"
+    settings = cli.resolve_settings(cli.build_parser().parse_args(["x.xyz", "--config", str(config)]))
+    assert settings["potential"] == "sevennet-0" and settings["dtype"] == "float32" and settings["fmax"] == 0.05
+    assert isinstance(cli.make_potential(settings["potential"], settings["potential_params"]), SevenNet)
+    assert "sevennet-0" in next(o.help for o in cli.OPTIONS if o.name == "potential")  # --help names it
+
+
 RELAX_SET = [
     ("Cu-fcc", _rattled(bulk("Cu", "fcc", a=3.63, cubic=True), 0.1, 80)),
     ("NaCl-rocksalt", _rattled(bulk("NaCl", "rocksalt", a=5.7), 0.1, 81)),
