@@ -4,7 +4,10 @@
 
 * forces: one batched evaluation (energy, forces, stress) of ``--n`` structures with the engine
   (compiled; compile time reported apart) vs ``sevenn``'s ASE calculator one structure at a
-  time, and vs torch-sim's batched ``SevenNetModel`` (``torch_sim.models.sevennet``) when it loads offline;
+  time, and vs torch-sim's batched ``SevenNetModel`` (``torch_sim.models.sevennet``) when it loads offline
+  (torch-sim 0.3.0 imports ``sevenn.calculator.torch_script_type``, which sevenn 0.13 no longer has:
+  it is set to ``torch.jit.ScriptModule`` first, which only serves an ``isinstance`` test there);
+  the energies of each method are checked against the calculator's;
 * relax: ``kups_relax.relax`` (L-BFGS, ASE's defaults) on the same structures vs
   ``ase.optimize.LBFGS`` + sevenn's calculator, structure by structure; reports both times
   and the parity: step counts (equal / within how many) and final energies per atom.
@@ -109,31 +112,46 @@ def bench_forces(potential, structures, dtype, calc, repeats=3):
     for _ in range(repeats):
         jax.block_until_ready(compiled(potential, batch.geometry, neighbors))
     t_ours = (time.perf_counter() - t) / repeats
+    ours = jax.device_get(compiled(potential, batch.geometry, neighbors))
+    n_atoms = np.array([len(a) for a in structures])
+    first = np.asarray(batch.geometry.first_atom)[:len(structures)]
     t = time.perf_counter()
+    reference = []
     for atoms in structures:
         atoms = atoms.copy()
         atoms.calc = calc
-        atoms.get_forces()
+        reference.append((atoms.get_potential_energy(), atoms.get_forces()))
         atoms.get_stress()
     t_ref = time.perf_counter() - t
+    e_ref = np.array([e for e, _ in reference])
+    f_ref = np.concatenate([f for _, f in reference])
+    f_ours = np.concatenate([np.asarray(ours.forces[f:f + n], np.float64) for f, n in zip(first, n_atoms)])
+    parity = {"kups-relax": (np.abs(np.asarray(ours.energy[:len(structures)], np.float64) - e_ref) / n_atoms).max(),
+              "kups-relax forces": np.abs(f_ours - f_ref).max()}
     t_ts = None
     try:
+        import sevenn.calculator
         import sevenn.util
         import torch
+
+        if not hasattr(sevenn.calculator, "torch_script_type"):  # removed in sevenn 0.13; see the docstring
+            sevenn.calculator.torch_script_type = torch.jit.ScriptModule
         import torch_sim as ts
         from torch_sim.models.sevennet import SevenNetModel
 
         net = sevenn.util.load_checkpoint("7net-0").build_model()
         model = SevenNetModel(net, device="cpu", dtype=torch.float32)
         state = ts.io.atoms_to_state(structures, torch.device("cpu"), torch.float32)
-        model(state)
+        out = model(state)
         t = time.perf_counter()
         for _ in range(repeats):
             model(state)
         t_ts = (time.perf_counter() - t) / repeats
+        parity["torch-sim"] = (np.abs(out["energy"].double().numpy() - e_ref) / n_atoms).max()
+        parity["torch-sim forces"] = np.abs(out["forces"].double().numpy() - f_ref).max()
     except Exception as err:  # torch-sim is optional; say why it did not run
         print(f"torch-sim skipped: {type(err).__name__}: {err}")
-    return t_compile, t_ours, t_ref, t_ts, int(neighbors.n_pairs), neighbors.capacity
+    return t_compile, t_ours, t_ref, t_ts, int(neighbors.n_pairs), neighbors.capacity, parity
 
 
 def bench_relax(potential, named, dtype, calc, fmax, skin):
@@ -161,6 +179,26 @@ def bench_relax(potential, named, dtype, calc, fmax, skin):
     return t_cold, t_warm, t_ref, rows
 
 
+def _machine() -> str:
+    import platform
+    import subprocess
+
+    import sevenn
+    import torch
+
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return (f"{model}, {os.cpu_count()} CPUs; jax {jax.__version__}, torch {torch.__version__}, "
+            f"sevenn {sevenn.__version__}; load average {_load()}")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=24, help="structures (default %(default)s)")
@@ -176,38 +214,48 @@ def main():
     structures = [a for _, a in named]
     n_atoms = sum(len(a) for a in structures)
     calc = sevenn_calculator(args.torch_threads)
-    print(f"{args.n} structures, {n_atoms} atoms, {args.dtype}, {os.cpu_count()} cores, "
-          f"torch threads {args.torch_threads} (shared machine: noisy)")
+    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {_machine()}")
+    print(f"{args.n} structures, {n_atoms} atoms, {args.dtype}, torch threads {args.torch_threads} "
+          f"(shared machine: noisy)")
 
-    t_compile, t_ours, t_ref, t_ts, pairs, capacity = bench_forces(potential, structures, args.dtype, calc)
+    t_compile, t_ours, t_ref, t_ts, pairs, capacity, parity = bench_forces(potential, structures, args.dtype, calc)
     print(f"\nforce evaluation ({pairs} pairs in a {capacity}-pair list; compile {t_compile:.1f} s)\n")
-    print("| method | s per evaluation of all | us per atom | speed-up vs ASE + sevenn |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| method | s per evaluation of all | atoms/s | structures/s | ratio (ASE + sevenn time / this) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for label, t in [("kups-relax SevenNet-0 (JAX, one batch)", t_ours),
                      ("ASE + sevenn calculator (one by one)", t_ref),
                      ("torch-sim + sevenn SevenNetModel (one batch)", t_ts)]:
         if t is not None:
-            print(f"| {label} | {t:.3f} | {1e6 * t / n_atoms:.0f} | {t_ref / t:.2f}x |")
+            print(f"| {label} | {t:.3f} | {n_atoms / t:.0f} | {args.n / t:.1f} | {t_ref / t:.2f}x |")
+    print("\nagainst the calculator: " + "; ".join(
+        f"{k} max |dF| {v:.1e} eV/A" if "forces" in k else f"{k} max |dE| {v:.1e} eV/atom" for k, v in parity.items()))
 
     if args.skip_relax:
+        print(f"\nload average at the end: {_load()}")
         return
     t_cold, t_warm, t_ref, rows = bench_relax(potential, named, args.dtype, calc, args.fmax, args.skin)
     skin = "engine default" if args.skin is None else f"{args.skin} A"
     print(f"\nrelaxation to fmax {args.fmax} eV/A (L-BFGS, ASE defaults; skin {skin})\n")
-    print("| method | s | speed-up vs ASE |")
-    print("| --- | ---: | ---: |")
-    print(f"| kups-relax incl. compilation | {t_cold:.1f} | {t_ref / t_cold:.2f}x |")
-    print(f"| kups-relax compiled | {t_warm:.1f} | {t_ref / t_warm:.2f}x |")
-    print(f"| ASE LBFGS + sevenn calculator | {t_ref:.1f} | 1.00x |")
+    steps_ours, steps_ase = sum(r[2] for r in rows), sum(r[3] for r in rows)
+    print("| method | s | structures/s | steps | ratio (ASE time / this) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| kups-relax incl. compilation (one batch) | {t_cold:.1f} | {args.n / t_cold:.2f} | {steps_ours} "
+          f"| {t_ref / t_cold:.2f}x |")
+    print(f"| kups-relax compiled (one batch) | {t_warm:.1f} | {args.n / t_warm:.2f} | {steps_ours} "
+          f"| {t_ref / t_warm:.2f}x |")
+    print(f"| ASE LBFGS + sevenn calculator (one by one) | {t_ref:.1f} | {args.n / t_ref:.2f} | {steps_ase} | 1.00x |")
     print("\n| structure | atoms | steps ours | steps ASE | abs dE eV/atom | status |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, n, s_ours, s_ase, de, status in rows:
         print(f"| {name} | {n} | {s_ours} | {s_ase} | {de:.1e} | {status} |")
     diffs = np.array([abs(r[2] - r[3]) for r in rows])
     worst_de = max(r[4] for r in rows)
+    differing = ", ".join(f"{r[0]} {r[2]} vs {r[3]}" for r in rows if r[2] != r[3]) or "none"
     print(f"\nsame step count: {int(np.sum(diffs == 0))}/{len(rows)}; largest step difference {diffs.max()}; "
-          f"total steps ours {sum(r[2] for r in rows)} / ASE {sum(r[3] for r in rows)}; "
-          f"largest final energy difference {worst_de:.1e} eV/atom")
+          f"total steps ours {steps_ours} / ASE {steps_ase}; largest final energy difference {worst_de:.1e} eV/atom; "
+          f"converged {sum(r[5] == 'converged' for r in rows)}/{len(rows)}")
+    print(f"differing step counts (ours vs ASE): {differing}")
+    print(f"\nload average at the end: {_load()}")
 
 
 if __name__ == "__main__":
