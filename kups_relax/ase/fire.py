@@ -31,8 +31,6 @@ class FIRE(_AseFIRE):
     def step(self, f=None):
         gradient = self._get_gradient(f)  # dE/dx, flat (ndofs,)
         optimizable = self.optimizable
-        if gradient.size % 3:
-            raise ValueError(f"FIRE: {gradient.size} degrees of freedom are not rows of 3")
         started = self.vel is not None
         if not started:
             self.vel = np.zeros(optimizable.ndofs())
@@ -56,12 +54,20 @@ class FIRE(_AseFIRE):
             self.r_last = optimizable.get_x()
             self.vel_last = self.vel.copy()
 
-        rows = gradient.size // 3
+        # The transform works on rows of 3. Every FIRE quantity is a whole-vector one (v.f, |f|, |v|,
+        # |dr|), so any other number of degrees of freedom (a generic Optimizable) is padded with
+        # zeros: a zero gradient keeps a zero velocity and a zero step there, and adds 0 to each sum.
+        ndofs = gradient.size
+        rows = -(-ndofs // 3)
+
+        def as_rows(x):
+            return jnp.asarray(np.pad(np.reshape(x, -1), (0, 3 * rows - ndofs)).reshape(rows, 3), jnp.float64)
+
         # dt and a live in the state (Fire's own dt/a are only initial values), so the compiled step is reused
         transform = Fire(maxstep=float(self.maxstep), dtmax=float(self.dtmax), Nmin=int(self.Nmin),
                          finc=float(self.finc), fdec=float(self.fdec), astart=float(self.astart), fa=float(self.fa))
         state = FireState(
-            velocity=jnp.asarray(np.reshape(self.vel, (rows, 3)), jnp.float64),
+            velocity=as_rows(self.vel),
             dt=jnp.full((1,), self.dt, jnp.float64),
             a=jnp.full((1,), self.a, jnp.float64),
             n_positive=jnp.full((1,), self.Nsteps, jnp.int32),
@@ -69,11 +75,10 @@ class FIRE(_AseFIRE):
             index=SystemIndex(jnp.zeros((rows,), jnp.int32), 1),
         )
         r = optimizable.get_x()
-        dr, state = _fire_update(transform, jnp.asarray(np.reshape(gradient, (rows, 3)), jnp.float64), state,
-                                 jnp.asarray(np.reshape(r, (rows, 3)), jnp.float64))
-        self.vel = np.array(state.velocity, dtype=np.float64).reshape(-1)
+        dr, state = _fire_update(transform, as_rows(gradient), state, as_rows(r))
+        self.vel = np.array(state.velocity, dtype=np.float64).reshape(-1)[:ndofs]
         self.dt = float(state.dt[0])
         self.a = float(state.a[0])
         self.Nsteps = int(state.n_positive[0])
-        optimizable.set_x(r + np.asarray(dr, dtype=np.float64).reshape(-1))
+        optimizable.set_x(r + np.asarray(dr, dtype=np.float64).reshape(-1)[:ndofs])
         self.dump((self.vel, self.dt))
