@@ -502,6 +502,7 @@ def collect_outputs(run: Run, items, invalid: Mapping[str, Any]) -> tuple[list[d
                        reason=p.get("reason", ""))
             last = read_trajectory(path, -1)
             final = it.atoms.copy()
+            final.cell = last.cell  # a variable-cell run (--cell) ends in another cell
             final.positions = last.positions
             final.calc = SinglePointCalculator(final, **last.calc.results)
             for key in ("energy", "free_energy", "forces", "stress"):  # would clash with the results

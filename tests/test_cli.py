@@ -13,6 +13,8 @@ Five real runs, shared between the tests by module-scoped fixtures:
   then ``--resume``; the outputs must equal the uninterrupted run's and no complete file
   may be rewritten.
 * a run with no readable input (exit status 2).
+* FIRE with a variable cell (``--optimizer fire --cell frechet --pressure``) on a bulk crystal
+  and a cluster, against ASE's FIRE on ASE's FrechetCellFilter (the cluster: plain FIRE).
 
 The subprocesses share a private JAX compilation cache, so the killed and resumed runs
 and the API run reuse the programs the full run compiled.
@@ -37,8 +39,9 @@ from ase.build import bulk, fcc111
 from ase.calculators.emt import EMT as AseEMT
 from ase.cluster import Icosahedron, Octahedron
 from ase.constraints import FixAtoms
+from ase.filters import FrechetCellFilter
 from ase.io import read, write
-from ase.optimize import LBFGS
+from ase.optimize import FIRE, LBFGS
 
 import kups_relax
 from kups_relax import cli
@@ -214,6 +217,52 @@ def test_no_readable_input_exits_2(tmp_path, env):
     assert proc.returncode == 2
     assert "no readable input" in proc.stderr and "missing.cif: no such file" in proc.stderr
     assert not (tmp_path / "relax_out").exists()
+
+
+def test_fire_variable_cell_matches_ase(tmp_path, env):
+    """``--optimizer fire --cell frechet --pressure 0.01`` on a sheared, rattled 4-atom Cu crystal
+    and a 6-atom Cu cluster: each system's steps, final cell and positions equal ASE's
+    ``FIRE(FrechetCellFilter(atoms, scalar_pressure=0.01))`` + ASE's EMT (the cluster, which has
+    no periodic direction, ASE's plain FIRE), and the .h5 holds the cell of every step."""
+    bulk_cu = bulk("Cu", "fcc", a=3.7, cubic=True)
+    bulk_cu.rattle(0.05, seed=1)
+    bulk_cu.cell[0, 1] += 0.1
+    cluster = Octahedron("Cu", 2)
+    cluster.rattle(0.05, seed=2)
+    write(tmp_path / "cu_bulk.extxyz", bulk_cu)
+    write(tmp_path / "cu_cluster.xyz", cluster)
+    proc = run_cli(["cu_bulk.extxyz", "cu_cluster.xyz", "--potential", "emt", "--optimizer", "fire",
+                    "--cell", "frechet", "--pressure", "0.01", "--fmax", "0.05", "--out", "out"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    relaxed = {a.info["name"]: a for a in read(tmp_path / "out" / "relaxed.extxyz", index=":")}
+    assert sorted(relaxed) == ["cu_bulk", "cu_cluster"]
+    for name, file in (("cu_bulk", "cu_bulk.extxyz"), ("cu_cluster", "cu_cluster.xyz")):
+        atoms = read(tmp_path / file)  # as the CLI read it
+        atoms.calc = AseEMT()
+        periodic = atoms.pbc.any()
+        opt = FIRE(FrechetCellFilter(atoms, scalar_pressure=0.01) if periodic else atoms, logfile=None)
+        cells = []
+        opt.attach(lambda: cells.append(atoms.cell.array.copy()))  # at step 0, then after every step
+        assert opt.run(fmax=0.05, steps=500), name
+        ours = relaxed[name]
+        assert ours.info["converged"] and ours.info["steps"] == opt.nsteps, (name, ours.info, opt.nsteps)
+        np.testing.assert_allclose(ours.cell.array, atoms.cell.array, rtol=0, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(ours.positions, atoms.positions, rtol=0, atol=1e-8, err_msg=name)
+        assert abs(ours.get_potential_energy() - atoms.get_potential_energy()) < 1e-8, name
+        with h5py.File(tmp_path / "out" / f"{name}.h5", "r") as f:
+            assert f["parameters/optimizer"].attrs["name"] == "fire"
+            edges = f["particles/all/box/edges/value"][()]
+            boundary = [b.decode() for b in f["particles/all/box"].attrs["boundary"]]
+        assert edges.shape == (opt.nsteps + 1, 3, 3), (name, edges.shape)
+        np.testing.assert_allclose(edges, np.stack(cells), rtol=0, atol=1e-8, err_msg=name)  # ASE's cell path
+        np.testing.assert_allclose(edges[-1], ours.cell.array, rtol=0, atol=1e-12, err_msg=name)
+        if periodic:
+            assert boundary == ["periodic"] * 3
+            assert not np.allclose(edges[0], edges[-1], rtol=0, atol=1e-3), name  # the cell relaxed ...
+            assert len({e.tobytes() for e in edges}) > opt.nsteps // 2, name  # ... changing along the way
+        else:
+            assert boundary == ["none"] * 3
+            np.testing.assert_array_equal(edges, np.zeros_like(edges))
 
 
 # --- LJ: uninterrupted, against the API; killed and resumed -----------------------------------
