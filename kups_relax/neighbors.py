@@ -22,6 +22,7 @@ out in the same order whatever slot it sits in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -44,6 +45,7 @@ class Capacities(NamedTuple):
         offsets: neighbouring bins visited per atom (27 unless a cell is thinner than the cutoff).
         partial_candidates: candidate pairs of a partial rebuild (only the systems that need
             one); a larger partial rebuild falls back to a full one.
+        partial_cell_rows: atoms of a partial rebuild's cell-list systems (likewise).
     """
 
     pairs: int
@@ -53,6 +55,7 @@ class Capacities(NamedTuple):
     bin_size: int = 8
     offsets: int = 27
     partial_candidates: int = 64
+    partial_cell_rows: int = 8
 
 
 @jax.tree_util.register_dataclass
@@ -94,11 +97,40 @@ class NeighborList:
         return self.senders.shape[0]
 
 
-#: A system is enumerated with a cell list when its cell holds at least this many bins
-#: (bins are at least ``cutoff + skin`` wide); smaller systems enumerate all pairs.
-MIN_BINS_FOR_CELL_LIST = 8
+#: Bins are at least this fraction of ``cutoff + skin`` wide. Half-width bins visit
+#: 5 x 5 x 5 bins of ~1/8 the atoms each: about 2x fewer candidates than 3 x 3 x 3 full-width
+#: bins, and they make a cell list worth it already for periodic cells of ~10 Å.
+BIN_WIDTH_FRACTION = 0.5
 #: Bins per direction are capped (a 3-D cell list over a huge vacuum gains nothing).
 MAX_BINS_PER_DIRECTION = 64
+#: Systems whose bins would hold more atoms than this (twice their mean) enumerate all pairs.
+MAX_CELL_OCCUPANCY = 8
+
+
+def _bin_plan(xp, extent, spacing, pbc, n_atoms, radius):
+    """Bins, neighbouring bins and images per system, and which enumeration each system uses.
+
+    Written once for numpy (host estimate) and jax.numpy (device build), which must agree.
+    ``extent`` and ``spacing`` are ``(S, 3)`` Å, ``pbc (S, 3)``, ``n_atoms (S,)``.
+    A system uses the cell list when its estimated candidates (atoms x neighbouring bins x
+    twice the mean bin occupancy) are fewer than all pairs times images.
+    """
+    has_atoms = (n_atoms > 0)[:, None]
+    n_bins = xp.clip(xp.floor(extent / (BIN_WIDTH_FRACTION * radius)), 1, MAX_BINS_PER_DIRECTION).astype(xp.int64)
+    width = xp.where(has_atoms, extent / n_bins, 1.0)
+    reach = xp.ceil(radius / xp.maximum(width, 1e-12))
+    # along a non-periodic direction there is nothing beyond the last bin
+    k_cells = xp.where(pbc, reach, xp.minimum(reach, n_bins - 1)).astype(xp.int64)
+    k_dense = xp.where(pbc, xp.ceil(radius / spacing), 0).astype(xp.int64)
+    n = n_atoms.astype(xp.int64)
+    bins = xp.prod(n_bins, axis=-1)
+    dense_cost = n * n * xp.prod(2 * k_dense + 1, axis=-1)
+    occupancy = 2 * ((n + bins - 1) // bins)  # a guess at the fullest bin
+    cell_cost = n * xp.prod(2 * k_cells + 1, axis=-1) * occupancy
+    # bins are padded to the fullest bin of the whole batch: a system with crowded bins
+    # (a thin slab in one layer of bins) would make every cell-list system pay for it
+    use_cells = (cell_cost < dense_cost) & (occupancy <= MAX_CELL_OCCUPANCY) & (n > 0)
+    return n_bins, width, k_cells, k_dense, use_cells
 
 
 class _Layout(NamedTuple):
@@ -128,11 +160,7 @@ def _layout(geometry: Geometry, radius) -> _Layout:
     hi = jax.ops.segment_max(jnp.where(mask, u, -jnp.inf), geometry.system, num_segments=S)
     has_atoms = (geometry.n_atoms > 0)[:, None]
     extent = jnp.where(geometry.pbc, spacing, jnp.where(has_atoms, hi - lo, 0.0))
-    n_bins = jnp.clip(jnp.floor(extent / radius), 1, MAX_BINS_PER_DIRECTION).astype(jnp.int64)
-    width = jnp.where(has_atoms, extent / n_bins, 1.0)
-    k_cells = jnp.where(geometry.pbc, jnp.ceil(radius / jnp.maximum(width, 1e-12)), 1).astype(jnp.int64)
-    k_dense = jnp.where(geometry.pbc, jnp.ceil(radius / spacing), 0).astype(jnp.int64)
-    use_cells = (jnp.prod(n_bins, axis=-1) >= MIN_BINS_FOR_CELL_LIST) & (geometry.n_atoms > 0)
+    n_bins, width, k_cells, k_dense, use_cells = _bin_plan(jnp, extent, spacing, geometry.pbc, geometry.n_atoms, radius)
     cell_bins = jnp.where(use_cells, jnp.prod(n_bins, axis=-1), 0)
     bin_offset = jnp.cumsum(cell_bins) - cell_bins
     scaled = jnp.where(pbc_atom, u * n_bins[system], (u - lo[system]) / width[system])
@@ -194,10 +222,12 @@ class _Cells(NamedTuple):
     needs: tuple
 
 
-def _cells(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Array) -> _Cells:
+def _cells(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Array, partial: bool = False) -> _Cells:
     """Bin the atoms of the cell-list systems; list each atom's neighbouring bins' atoms."""
     A = geometry.n_atom_rows
     R, B, M, O = caps.cell_rows, caps.bins, caps.bin_size, caps.offsets
+    if partial:
+        R = caps.partial_cell_rows
     in_cells = (lay.use_cells & systems)[lay.system] & geometry.atom_mask
     n_rows = jnp.sum(in_cells)
     (rows,) = jnp.nonzero(in_cells, size=R, fill_value=A)
@@ -245,8 +275,8 @@ def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities
           keep: "NeighborList | None" = None) -> NeighborList:
     """Build the pair list (jit-compatible; capacities are static).
 
-    Systems whose cell holds at least :data:`MIN_BINS_FOR_CELL_LIST` bins of width
-    ``>= cutoff + skin`` use a cell list (cost linear in their atoms); the others
+    Systems for which it is cheaper (:func:`_bin_plan`; bins at least
+    :data:`BIN_WIDTH_FRACTION` of ``cutoff + skin`` wide) use a cell list (cost linear in their atoms); the others
     enumerate all their atom pairs times the periodic images needed (cheapest for
     small systems and cells thinner than the cutoff). Either way a system's pairs come
     out in an order that does not depend on its slot.
@@ -277,7 +307,7 @@ def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities
     found_d = ok_d & (jnp.sum(vec_d * vec_d, axis=-1) < radius * radius) & ~self_d
 
     # cell-list candidates: (R, O, M), one distance each
-    cells = _cells(geometry, lay, capacities, systems)
+    cells = _cells(geometry, lay, capacities, systems, partial)
     rows_c = jnp.clip(cells.rows, 0, A - 1)
     tvec = (cells.translation[..., 0, None] * cell_of_atom[rows_c][:, None, 0]
             + cells.translation[..., 1, None] * cell_of_atom[rows_c][:, None, 1]
@@ -331,11 +361,11 @@ def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities
 
     n_rows, n_bins, occupancy, n_offsets = cells.needs
     needed = jnp.stack([dense.total, n_rows, n_bins, occupancy, n_offsets]).astype(jnp.int64)
-    limits = jnp.asarray([C, capacities.cell_rows, capacities.bins, capacities.bin_size,
-                          capacities.offsets], dtype=jnp.int64)
+    limits = jnp.asarray([C, capacities.partial_cell_rows if partial else capacities.cell_rows, capacities.bins,
+                          capacities.bin_size, capacities.offsets], dtype=jnp.int64)
     overflow = (n_pairs > E) | jnp.any(needed > limits)
     if partial:
-        needed = needed.at[0].set(jnp.maximum(keep.needed[0], dense.total))
+        needed = jnp.maximum(keep.needed, needed)  # what a full build needs, as far as known
     return NeighborList(
         senders=jnp.where(real, i, 0).astype(jnp.int32),
         receivers=jnp.where(real, j, 0).astype(jnp.int32),
@@ -363,8 +393,7 @@ def rebuild(neighbors: NeighborList, geometry: Geometry, systems: jax.Array | No
     """
     if systems is None:
         return build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds)
-    lay = _layout(geometry, neighbors.cutoff + neighbors.skin)
-    fits = jnp.sum(_dense_counts(geometry, lay, systems)) <= neighbors.capacities.partial_candidates
+    fits = _partial_fits(neighbors, geometry, systems)
     return jax.lax.cond(
         fits,
         lambda: build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds,
@@ -433,11 +462,7 @@ def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
     np.maximum.at(hi, system[mask], u[mask])
     has = (n > 0)[:, None]
     extent = np.where(pbc, spacing, np.where(has, hi - lo, 0.0))
-    n_bins = np.clip(np.floor(extent / radius), 1, MAX_BINS_PER_DIRECTION).astype(np.int64)
-    width = np.where(has, extent / n_bins, 1.0)
-    k_cells = np.where(pbc, np.ceil(radius / np.maximum(width, 1e-12)), 1).astype(np.int64)
-    k_dense = np.where(pbc, np.ceil(radius / spacing), 0).astype(np.int64)
-    use_cells = (np.prod(n_bins, axis=-1) >= MIN_BINS_FOR_CELL_LIST) & (n > 0)
+    n_bins, width, k_cells, k_dense, use_cells = _bin_plan(np, extent, spacing, pbc, n, radius)
     images = np.prod(2 * k_dense + 1, axis=-1)
     dense = int(np.sum(np.where(use_cells, 0, n * n * images)))
     rows = int(np.sum(n[use_cells]))
@@ -461,7 +486,7 @@ def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
     grow = lambda x: bucket(int(x * 1.25) + 1, minimum=8)  # noqa: E731
     return Capacities(pairs=bucket(int(pairs * 1.25) + 1, minimum=64), dense_candidates=bucket(dense, minimum=64),
                       cell_rows=grow(rows), bins=grow(bins), bin_size=grow(occupancy), offsets=max(offsets, 1),
-                      partial_candidates=bucket(dense // 8, minimum=64))
+                      partial_candidates=bucket(dense // 8, minimum=64), partial_cell_rows=bucket(rows // 8, minimum=8))
 
 
 def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | None = None,
@@ -479,20 +504,35 @@ def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | Non
     for _ in range(8):
         # partial rebuilds (a few systems at a time) are what the loop mostly does
         caps = caps._replace(partial_candidates=max(caps.partial_candidates,
-                                                    bucket(caps.dense_candidates // 8, minimum=64)))
+                                                    bucket(caps.dense_candidates // 8, minimum=64)),
+                             partial_cell_rows=max(caps.partial_cell_rows, bucket(caps.cell_rows // 8, minimum=8)))
         nl = _build_jit(geometry, cutoff=float(cutoff), skin=float(skin), capacities=caps)
         needed = [int(nl.n_pairs)] + [int(x) for x in np.asarray(nl.needed)]
         tight = bucket(int(needed[0] * 1.25) + 1, minimum=64)
         if not bool(nl.overflow) and tight <= caps.pairs:
-            if caps.pairs > 2 * tight and (capacity or 0) <= tight and not capacities:
-                # the estimate was far too generous: padding pairs cost every evaluation
-                caps = caps._replace(pairs=tight)
-                continue
+            if caps.pairs > tight and (capacity or 0) <= tight and not capacities:
+                # the estimate was too generous, and padding pairs cost every evaluation: the
+                # real pairs come first, so keep the first ``tight`` rows (no second build)
+                return _truncated(nl, tight)
             return nl
         grown = [max(c, bucket(int(n * 1.25) + 1, minimum=8)) for c, n in zip(caps, needed)]
-        caps = Capacities(*grown, partial_candidates=caps.partial_candidates)
+        caps = Capacities(*grown, partial_candidates=caps.partial_candidates, partial_cell_rows=caps.partial_cell_rows)
         caps = caps._replace(offsets=max(capacities.offsets if capacities else 1, needed[5], 1))
     raise RuntimeError(f"neighbor list capacities did not settle: {caps}")
+
+
+def _truncated(neighbors: NeighborList, pairs: int) -> NeighborList:
+    """The list with only its first ``pairs`` rows (all its real pairs must be among them)."""
+    assert int(neighbors.n_pairs) <= pairs
+    return _truncate_jit(neighbors, pairs)
+
+
+@functools.partial(jax.jit, static_argnames=("pairs",))
+def _truncate_jit(neighbors: NeighborList, pairs: int) -> NeighborList:
+    return dataclasses.replace(
+        neighbors, senders=neighbors.senders[:pairs], receivers=neighbors.receivers[:pairs],
+        shifts=neighbors.shifts[:pairs], mask=neighbors.mask[:pairs],
+        capacities=neighbors.capacities._replace(pairs=pairs))
 
 
 def grow(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
@@ -508,7 +548,7 @@ def grow(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
     larger = [caps.pairs if needed[0] <= caps.pairs else max(bucket(caps.pairs + 1), needed[0])]
     larger += [c if n <= c else max(2 * c, n) for c, n in zip(caps[1:5], needed[1:5])]
     larger += [max(caps.offsets, needed[5])]  # neighbouring bins: exactly what a thin cell needs
-    floor = Capacities(*larger, partial_candidates=caps.partial_candidates)
+    floor = Capacities(*larger, partial_candidates=caps.partial_candidates, partial_cell_rows=caps.partial_cell_rows)
     return allocate(geometry, neighbors.cutoff, neighbors.skin, capacities=floor)
 
 
@@ -518,6 +558,12 @@ def rebuilt_systems(neighbors: NeighborList, geometry: Geometry, systems: jax.Ar
     ``systems`` when the partial rebuild fits its capacity, else every system (the same test as
     :func:`rebuild`). The variable-cell loop uses it to know at which cell each system's pairs were found.
     """
+    return systems | ~_partial_fits(neighbors, geometry, systems)
+
+
+def _partial_fits(neighbors: NeighborList, geometry: Geometry, systems: jax.Array) -> jax.Array:
+    """Whether a partial rebuild of ``systems`` fits its capacities (else a full one is done)."""
+    caps = neighbors.capacities
     lay = _layout(geometry, neighbors.cutoff + neighbors.skin)
-    fits = jnp.sum(_dense_counts(geometry, lay, systems)) <= neighbors.capacities.partial_candidates
-    return systems | ~fits
+    cell_rows = jnp.sum(jnp.where(lay.use_cells & systems, geometry.n_atoms, 0))
+    return (jnp.sum(_dense_counts(geometry, lay, systems)) <= caps.partial_candidates) & (cell_rows <= caps.partial_cell_rows)

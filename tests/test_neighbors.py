@@ -1,0 +1,101 @@
+"""The batched neighbor list finds exactly ASE's pairs, whichever enumeration a system gets."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, fcc111, molecule
+from ase.cluster import Icosahedron
+from ase.neighborlist import neighbor_list
+
+from kups_relax import neighbors as nl
+from kups_relax.batch import Batch
+
+RADIUS = 6.88  # EMT's default list radius (5.88 Å) plus the engine's 1 Å skin
+CUTOFF, SKIN = 5.88, 1.0
+
+
+def mixed_structures() -> list[Atoms]:
+    """Clusters, a molecule, slabs, small and large bulk, triclinic and thin cells, unwrapped atoms."""
+    rng = np.random.default_rng(7)
+    out = [
+        Icosahedron("Cu", 2),                          # 13-atom cluster: all pairs
+        Icosahedron("Cu", 4),                          # 147-atom cluster: cell list along 3 free directions
+        molecule("CH4"),                               # no cell at all
+        bulk("Cu", "fcc", a=3.6),                      # 1 atom, cell far thinner than the radius
+        bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2),   # 32 atoms, 7.2 Å
+        bulk("Cu", "fcc", a=3.6, cubic=True) * (3, 3, 3),   # 108 atoms, 10.8 Å
+        bulk("Cu", "fcc", a=3.6, cubic=True) * (4, 4, 5),   # 320 atoms: cell list
+        bulk("Al", "fcc", a=4.05) * (5, 4, 3),         # primitive (triclinic) cell, 60 atoms
+        fcc111("Pt", size=(4, 4, 4), vacuum=6.0),      # slab: periodic in x, y only
+        fcc111("Au", size=(6, 6, 3), vacuum=5.0),      # wider slab
+    ]
+    for k, atoms in enumerate(out):
+        if not atoms.cell.any():
+            atoms.center(vacuum=4.0)
+            atoms.pbc = False
+        atoms.rattle(0.05, seed=k)
+    out[5].positions += rng.normal(scale=4.0, size=out[5].positions.shape)  # atoms outside their cell
+    return out
+
+
+def ase_pairs(atoms: Atoms, radius: float) -> set:
+    i, j, S = neighbor_list("ijS", atoms, radius)
+    return set(zip(i.tolist(), j.tolist(), map(tuple, S.tolist())))
+
+
+def our_pairs(neighbors, first: np.ndarray, system_of_atom: np.ndarray, n_systems: int) -> list[set]:
+    mask = np.asarray(neighbors.mask)
+    i, j = np.asarray(neighbors.senders)[mask], np.asarray(neighbors.receivers)[mask]
+    S = np.rint(np.asarray(neighbors.shifts)[mask]).astype(int)
+    out = [set() for _ in range(n_systems)]
+    for a, b, s in zip(i, j, S):
+        k = system_of_atom[a]
+        assert system_of_atom[b] == k, "a pair crosses systems"
+        out[k].add((int(a - first[k]), int(b - first[k]), tuple(s.tolist())))
+    return out
+
+
+@pytest.fixture(scope="module")
+def packed():
+    structures = mixed_structures()
+    batch = Batch.from_atoms(structures)
+    sizes = np.array([len(a) for a in structures])
+    first = np.cumsum(sizes) - sizes
+    system = np.repeat(np.arange(len(structures)), sizes)
+    return structures, batch.geometry, first, system
+
+
+def test_pairs_equal_ase_for_every_system(packed):
+    structures, geometry, first, system = packed
+    neighbors = nl.allocate(geometry, CUTOFF, SKIN)
+    assert not bool(neighbors.overflow)
+    layout = nl._layout(geometry, RADIUS)
+    use_cells = np.asarray(layout.use_cells)[: len(structures)]
+    assert use_cells.any() and (~use_cells).any(), "both enumerations are exercised"
+    ours = our_pairs(neighbors, first, system, len(structures))
+    for k, atoms in enumerate(structures):
+        assert ours[k] == ase_pairs(atoms, RADIUS), f"structure {k} ({atoms.get_chemical_formula()})"
+
+
+@pytest.mark.parametrize("chosen, partial", [((0, 3, 4), True), ((1, 5, 6), False)])
+def test_rebuild_of_some_systems_keeps_the_others(packed, chosen, partial):
+    """Small selections are rebuilt alone (the others keep their pairs); large ones fall back to a full build."""
+    structures, geometry, first, system = packed
+    neighbors = nl.allocate(geometry, CUTOFF, SKIN)
+    moved = [a.copy() for a in structures]
+    for k in chosen:
+        moved[k].rattle(0.4, seed=100 + k)
+    moved_geometry = Batch.from_atoms(moved).geometry
+    selected = jnp.zeros(geometry.n_systems, bool).at[jnp.array(chosen)].set(True)
+    rebuilt = np.asarray(nl.rebuilt_systems(neighbors, moved_geometry, selected))[: len(structures)]
+    assert rebuilt.all() != partial and set(np.flatnonzero(rebuilt)) >= set(chosen)
+    after = nl.rebuild(neighbors, moved_geometry, selected)
+    assert not bool(after.overflow)
+    ours = our_pairs(after, first, system, len(structures))
+    for k in range(len(structures)):
+        # a system that was not rebuilt keeps the pairs of its old positions
+        expected = ase_pairs(moved[k] if rebuilt[k] else structures[k], RADIUS)
+        assert ours[k] == expected, f"structure {k}"
