@@ -15,7 +15,7 @@ import pytest
 from ase import Atoms
 from ase.build import bulk, fcc111
 from ase.calculators.emt import EMT as AseEMT
-from ase.cluster import Icosahedron
+from ase.cluster import Icosahedron, Octahedron
 from ase.constraints import FixAtoms, FixCartesian, FixCom, FixedLine, FixedPlane
 from ase.filters import FrechetCellFilter, UnitCellFilter
 from ase.optimize import FIRE as AseFIRE
@@ -134,10 +134,22 @@ def test_lbfgs_filters_match_ase(lbfgs_run):
     assert_same_as_ase(named, results, AseLBFGS)
 
 
+def small_mixed_cases() -> list[tuple[str, Atoms, CellFilter | None]]:
+    """A cluster (no periodic direction: positions only, ASE's plain FIRE) and a slab with a mask,
+    both of at most 8 atoms, so that they fit the FIRE test's 8-row slots."""
+    cluster = Octahedron("Cu", 2)  # 6 atoms
+    cluster.rattle(0.05, seed=14)
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=4.0, a=3.7)  # 8 atoms, pbc (T, T, F)
+    slab.rattle(0.03, seed=15)
+    return [("cu6-cluster", cluster, CellFilter()), ("cu111-slab8-mask", slab, CellFilter(mask=[1, 1, 0, 0, 0, 1]))]
+
+
 def test_fire_filters_match_ase_through_refilled_slots():
     """FIRE, and the slots refilled in flight: 8-row slots in a 64-row batch for 14 structures,
-    so most structures start in a slot another one has left (``admit``, variable cell)."""
-    named = [c for c in cases() if len(c[1]) <= 8] + [(n + "-2", a, f) for n, a, f in cases(100)[:3]]
+    so most structures start in a slot another one has left (``admit``, variable cell); bulk,
+    slab and cluster systems in the same batches."""
+    named = [c for c in cases() if len(c[1]) <= 8] + [(n + "-2", a, f) for n, a, f in cases(100)[:1]]
+    named[3:3] = small_mixed_cases()  # in the first batch, next to variable-cell bulk systems
     results = relax([a for _, a, _ in named], EMT, fmax=FMAX, max_steps=MAX_STEPS, optimizer="fire",
                     names=[n for n, _, _ in named], cell_filter=[f for _, _, f in named], atoms_per_batch=64)
     assert_same_as_ase(named, results, AseFIRE)
