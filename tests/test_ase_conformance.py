@@ -12,7 +12,8 @@ Both drop-ins, :class:`kups_relax.ase.LBFGS` and :class:`kups_relax.ase.FIRE`, r
   (host path) and with our ``Calculator(potentials.emt.EMT())`` attached (fast path).
   (ASE runs LBFGS and FIRE here.)
 * ``test_pure.py``'s ``test_booth`` relaxes a generic 2-dof ``Optimizable`` (ASE runs FIRE
-  there); FIRE only: the LBFGS drop-in needs rows of 3 (its ``maxstep`` is per atom).
+  there); FIRE only: the LBFGS drop-in needs rows of 3 (it caps the longest row of 3 at
+  ``maxstep``, where ASE's LBFGS asks the Optimizable's ``gradient_norm``, here the whole vector).
 * ``test_nsteps.py`` builds its optimizer from the module-level name ``BFGS`` inside
   its ``opt`` fixture; we point that name at our class and use ASE's fixture.
 * ``test_optimizer_restart.py``: we call ASE's ``test_optimizers_restart`` with our class
