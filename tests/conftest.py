@@ -10,3 +10,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import kups_relax  # noqa: E402,F401  (enables float64 before any array is made)
+
+import jax  # noqa: E402
+
+# No persistent compilation cache inside the test process: a cold full run once crashed in
+# XLA's executable serialization while writing a SevenNet program (jax 0.10.2, CPU), and the
+# suite must not depend on what an earlier run left in ~/.cache. The CLI tests give their
+# subprocesses a cache folder of their own (that is what they test). KUPS_RELAX_TEST_CACHE=1
+# keeps the cache, for quicker local reruns.
+if os.environ.get("KUPS_RELAX_TEST_CACHE") != "1":
+    jax.config.update("jax_enable_compilation_cache", False)
