@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 #: structure that never converges would hold the batch forever, so ours is finite.
 DEFAULT_MAX_STEPS = 10_000
 
-#: Default Verlet skin, Å.
-DEFAULT_SKIN = 1.0
+#: Default Verlet skin, Å. Every evaluation pays for the pairs out to cutoff + skin, every
+#: rebuild for the candidates: on the 64-metal EMT set 0.3/0.5/1.0 Å took 7.7/9.1/11.4 s warm,
+#: on a 256-structure stream 0.3 and 1.0 Å tied, and SevenNet-0 ran 2x faster at 0.3 than 1.0.
+DEFAULT_SKIN = 0.5
 
 #: Default limit on how far any atom may move from its starting position, Å: a relaxation
 #: that takes an atom further has almost surely blown apart (atoms evaporating, a cell
