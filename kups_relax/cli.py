@@ -468,6 +468,9 @@ def relax_and_write(run: Run, todo, progress_enabled: bool) -> dict[str, Any]:
             invalid[todo[index].name] = result
         else:
             write_system(run, result, todo[index].source)
+            # the frames are on disk now: drop them, so that memory does not grow with the
+            # number of systems times their steps (relax() keeps every result until it returns)
+            result.trajectory = None
 
     from .compile_stats import compile_stats
 

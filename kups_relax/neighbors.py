@@ -12,11 +12,13 @@ Shapes are capacities (jax-md style): ``allocate`` on the host chooses them,
 skin since the last build and raises ``overflow`` when a capacity was too small;
 the host then grows the capacity and redoes the step.
 
-Candidate pairs are enumerated per system: all atom pairs of the system times
-all periodic images needed to reach ``cutoff + skin``. The enumeration is
-ragged (its length is the sum over systems of ``n_atoms**2 * n_images``), so a
-batch of small systems costs what its systems cost, and a system's pairs come
-out in the same order whatever slot it sits in.
+Candidate pairs are enumerated per system, in one of two ways, whichever is
+expected to test fewer candidates (:func:`_bin_plan`): all atom pairs of the
+system times all periodic images needed to reach ``cutoff + skin`` (a ragged
+enumeration whose length is the sum over systems of ``n_atoms**2 * n_images``,
+so a batch of small systems costs what its systems cost), or a cell list with
+bins half the radius wide. Either way a system's pairs come out in the same
+order whatever slot it sits in.
 """
 
 from __future__ import annotations

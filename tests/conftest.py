@@ -1,5 +1,6 @@
 """Test-suite setup: float64 everywhere, and the tests folder importable for shared structure builders."""
 
+import gc
 import os
 import sys
 
@@ -12,11 +13,24 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import kups_relax  # noqa: E402,F401  (enables float64 before any array is made)
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
-# No persistent compilation cache inside the test process: a cold full run once crashed in
-# XLA's executable serialization while writing a SevenNet program (jax 0.10.2, CPU), and the
-# suite must not depend on what an earlier run left in ~/.cache. The CLI tests give their
+# No persistent compilation cache inside the test process: the suite must not depend on what
+# an earlier run left in ~/.cache. The CLI tests give their
 # subprocesses a cache folder of their own (that is what they test). KUPS_RELAX_TEST_CACHE=1
 # keeps the cache, for quicker local reruns.
 if os.environ.get("KUPS_RELAX_TEST_CACHE") != "1":
     jax.config.update("jax_enable_compilation_cache", False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module.
+
+    Each XLA CPU executable keeps ~200 memory mappings; a full run compiles thousands of
+    programs and passed the kernel's default limit of 65,530 mappings per process, after which
+    XLA's compiler crashed (segmentation fault). Modules share few programs, so little is recompiled.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()

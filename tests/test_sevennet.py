@@ -301,9 +301,8 @@ RELAX_SET = [
 ]
 
 
-# The engine runs in a fresh interpreter: late in a full suite run (after ~170 tests had
-# compiled their programs in the same process) XLA's CPU compiler twice crashed with a
-# segmentation fault while compiling this relaxation loop (jax 0.10.2); alone it never did.
+# The engine runs in a fresh interpreter, as relax-batch would: the test process keeps
+# torch and sevenn loaded beside JAX, and its mapping count low (see tests/conftest.py).
 RELAX_CHILD = """
 import json, sys
 import ase.io
