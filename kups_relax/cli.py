@@ -59,8 +59,8 @@ def _number(kind: type) -> Callable[[Any], Any]:
     return convert
 
 
-def _length_or_none(value) -> float | None:
-    """A length in Å, or ``none`` for no limit."""
+def _length_or_none(value) -> float:
+    """A length in Å, or ``none`` (also ``off``, ``inf``) for no limit: ``inf``."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off", "inf")):
         return float("inf")
     value = _number(float)(value)

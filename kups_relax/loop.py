@@ -149,6 +149,16 @@ def _within_reach(positions: jax.Array, geometry: Geometry, targets: Targets,
     return farthest <= targets.max_displacement
 
 
+def _status_after_step(status, active, finite, within, fmax_new, steps, targets: Targets) -> jax.Array:
+    """``(S,)`` status after a step: a failed step (non-finite, or out of reach) stops the system
+    where it was; a step taken may converge or reach the step limit (the order is the precedence)."""
+    moved = active & finite & within
+    return jnp.where(active & ~finite, DIVERGED,
+           jnp.where(active & ~within, BLEW_APART,
+           jnp.where(moved & (fmax_new < targets.fmax), CONVERGED,
+           jnp.where(moved & (steps >= targets.max_steps), UNCONVERGED, status))))
+
+
 def _rows(geometry: Geometry, systems: jax.Array) -> jax.Array:
     padded = jnp.concatenate([systems, jnp.zeros((1,), bool)])
     return padded[jnp.clip(geometry.system, 0, geometry.n_systems)]
@@ -304,10 +314,7 @@ def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, opt
     row_moved = _rows(geometry, moved)
     fmax_new = _max_force(adjust_forces(ev.forces, geometry), geometry)
     steps = state.steps + moved.astype(jnp.int32)
-    status = jnp.where(active & ~finite, DIVERGED,
-             jnp.where(active & ~within, BLEW_APART,
-             jnp.where(moved & (fmax_new < targets.fmax), CONVERGED,
-             jnp.where(moved & (steps >= targets.max_steps), UNCONVERGED, state.status))))
+    status = _status_after_step(state.status, active, finite, within, fmax_new, steps, targets)
     new = LoopState(
         positions=jnp.where(row_moved[:, None], trial.positions, state.positions),
         opt_state=opt_state,
@@ -378,10 +385,7 @@ def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets
     generalized_new, _ = _filter_forces(ev.forces, ev.stress, cell_new, dof_read, geometry, cp)
     fmax_new = _filter_fmax(generalized_new, geometry)
     steps = state.steps + moved.astype(jnp.int32)
-    status = jnp.where(active & ~finite, DIVERGED,
-             jnp.where(active & ~within, BLEW_APART,
-             jnp.where(moved & (fmax_new < targets.fmax), CONVERGED,
-             jnp.where(moved & (steps >= targets.max_steps), UNCONVERGED, state.status))))
+    status = _status_after_step(state.status, active, finite, within, fmax_new, steps, targets)
     new = LoopState(
         positions=jnp.where(row_moved[:, None], positions, state.positions),
         opt_state=opt_state,
