@@ -26,6 +26,7 @@ from .buckets import bucket
 from .layout import SlotLayout, atoms_budget, plan_layout, shares_batch, slot_size
 from .compile_stats import compile_stats
 from .evaluate import evaluate
+from .executables import cached_jit
 from .filters import (CellFilter, check_variable_cell, device_cell_params, empty_cell_table, pack_cell,
                       resolve_cell_filter, resolve_cell_filters)
 from .loop import BLEW_APART, RUNNING, STATUS_NAMES, Targets, admit, current_geometry, initial_state, run_chunk, with_neighbors
@@ -594,7 +595,7 @@ class SlotBatch:
             yield job, result
 
 
-@jax.jit
+@cached_jit
 def _final_stress(potential, geometry, neighbors):
     # the loop keeps the list current for every system's present positions (it is updated at
     # each step's positions, and stopped systems no longer move), so no rebuild is compiled here

@@ -38,6 +38,7 @@ from . import filters
 from . import neighbors as nl
 from .batch import Geometry
 from .constraints import adjust_forces, adjust_step
+from .executables import cached_jit
 from .evaluate import evaluate
 from .filters import CellParams
 from .segments import segment_max
@@ -208,7 +209,7 @@ def _wrap_cells(cell: jax.Array, geometry: Geometry) -> jax.Array:
     return _sel(jnp.any(geometry.pbc, axis=-1), filters.complete_cell(cell, geometry.pbc), geometry.wrap_cell)
 
 
-@jax.jit
+@cached_jit
 def current_geometry(state: LoopState, geometry: Geometry) -> Geometry:
     """``geometry`` at the state's positions (and, variable cell, its cells)."""
     if state.cell is None:
@@ -221,7 +222,7 @@ def with_neighbors(state: LoopState, neighbors: nl.NeighborList) -> LoopState:
     return state._replace(neighbors=neighbors, nl_cell=state.cell)
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer",))
+@cached_jit(static_argnames=("optimizer",))
 def initial_state(geometry: Geometry, potential, neighbors: nl.NeighborList, targets: Targets,
                   optimizer, cell_params: CellParams | None = None) -> LoopState:
     """Evaluate the starting geometry and set every system's status (ASE's step 0)."""
@@ -252,7 +253,7 @@ def _reindex(opt_state, index):
                         is_leaf=lambda x: isinstance(x, SystemIndex))
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer",))
+@cached_jit(static_argnames=("optimizer",))
 def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, admitted: jax.Array,
           optimizer, cell_params: CellParams | None = None) -> LoopState:
     """Start new structures in the slots marked in ``admitted (S,)`` (in-flight refill).
@@ -403,7 +404,7 @@ def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets
     return _keep_unless_overflow(new, state, neighbors), moved & ~neighbors.overflow
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "n_steps", "record"))
+@cached_jit(static_argnames=("optimizer", "n_steps", "record"))
 def run_chunk(state: LoopState, geometry: Geometry, potential, targets: Targets, *, optimizer,
               n_steps: int, record: bool = False, stop_after: jax.Array | int = 2**30,
               cell_params: CellParams | None = None) -> tuple[LoopState, Frames]:

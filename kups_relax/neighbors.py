@@ -33,6 +33,7 @@ import numpy as np
 
 from .batch import Geometry
 from .buckets import bucket
+from .executables import cached_jit
 
 
 class Capacities(NamedTuple):
@@ -436,7 +437,7 @@ def pair_vectors(neighbors: NeighborList, positions: jax.Array, cell: jax.Array,
     return jnp.where(neighbors.mask[:, None], vec, 0.0)
 
 
-_build_jit = jax.jit(build, static_argnames=("cutoff", "skin", "capacities"))
+_build_jit = cached_jit(build, static_argnames=("cutoff", "skin", "capacities"))
 
 
 def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
@@ -529,7 +530,7 @@ def _truncated(neighbors: NeighborList, pairs: int) -> NeighborList:
     return _truncate_jit(neighbors, pairs)
 
 
-@functools.partial(jax.jit, static_argnames=("pairs",))
+@cached_jit(static_argnames=("pairs",))
 def _truncate_jit(neighbors: NeighborList, pairs: int) -> NeighborList:
     return dataclasses.replace(
         neighbors, senders=neighbors.senders[:pairs], receivers=neighbors.receivers[:pairs],

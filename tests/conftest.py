@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import kups_relax  # noqa: E402,F401  (enables float64 before any array is made)
+import kups_relax.executables  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -33,4 +34,5 @@ def _release_compiled_programs():
     """
     yield
     jax.clear_caches()
+    kups_relax.executables.clear()
     gc.collect()

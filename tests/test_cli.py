@@ -321,6 +321,22 @@ def test_full_run_exits_0_with_every_output(full):
     assert len(read(out / "relaxed.extxyz", index=":")) == N_CLUSTERS
 
 
+def test_same_command_again_compiles_nothing_and_gives_the_same_files(lj_inputs, env, full):
+    """Issue 6: a second run of the same command loads every program (kups_relax.executables: no
+    tracing, no lowering, no compiling) and writes byte-identical results."""
+    proc = run_cli(["in", "--out", "again", *LJ_FLAGS], env, lj_inputs)
+    assert proc.returncode == 0, proc.stderr
+    assert "compiled 0 programs" in proc.stderr, proc.stderr
+    saved = Path(env["JAX_COMPILATION_CACHE_DIR"]) / "kups-executables"
+    assert len(list(saved.glob("*.exe"))) >= 4 and not list(saved.glob("*.part"))
+    again = lj_inputs / "again"
+    assert (again / "summary.csv").read_bytes() == (full["out"] / "summary.csv").read_bytes()
+    assert (again / "relaxed.extxyz").read_bytes() == (full["out"] / "relaxed.extxyz").read_bytes()
+    for p in full["out"].glob("*.h5"):
+        x, y = read_trajectory(p), read_trajectory(again / p.name)
+        assert np.array_equal(np.stack([f.positions for f in x]), np.stack([f.positions for f in y])), p.name
+
+
 API_SCRIPT = """
 import pickle, sys
 from kups_relax import relax

@@ -1,0 +1,198 @@
+"""Compiled programs kept on disk, so that a second process skips tracing, lowering and compiling.
+
+JAX's persistent compilation cache saves only the XLA compilation: its key is the lowered
+program, so every process still traces and lowers the relaxation loop (about 4 s of a
+10 s warm run of 64 structures on 2 CPU cores). :func:`cached_jit` wraps ``jax.jit`` for
+the engine's few big entry points and keys the *compiled executable* by what determines
+it without tracing:
+
+* the function (module and qualified name) and a hash of the package's source files;
+* the values of the static arguments (their ``repr``) and the tree structure of the
+  others (which holds every pytree's static fields), with the shape, dtype and weak type
+  of every leaf;
+* JAX and jaxlib versions, the device kind, ``jax_enable_x64`` and ``XLA_FLAGS``.
+
+A hit loads the executable (``jax.experimental.serialize_executable``); a miss compiles
+through ``jax.jit`` (which may still hit JAX's own cache) and saves the result atomically
+(a temporary file renamed into place, so a killed run never leaves half a file). Calls
+whose static arguments have no stable ``repr`` (a function, an object printed with its
+address) are never saved. Executables live in ``kups-executables/`` inside JAX's
+compilation cache folder; with no such folder configured (``KUPS_RELAX_COMPILATION_CACHE=0``
+and no ``JAX_COMPILATION_CACHE_DIR``), with JAX's cache disabled, or with
+``KUPS_RELAX_SAVED_EXECUTABLES=0``, they are kept in memory only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.api_util import shaped_abstractify
+
+logger = logging.getLogger(__name__)
+
+#: Executables loaded from disk in this process (read by :mod:`kups_relax.compile_stats`).
+loaded_from_disk = 0
+
+_ROOT = Path(__file__).resolve().parent.parent
+_SOURCE_DIRS = ("kups_relax", "potentials")
+_memory: dict[str, Any] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> str:
+    """Hash of every Python file of the package: any change of code gives new keys."""
+    digest = hashlib.sha256()
+    for name in _SOURCE_DIRS:
+        for path in sorted((_ROOT / name).rglob("*.py")):
+            digest.update(str(path.relative_to(_ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _environment() -> str:
+    import jaxlib
+
+    device = jax.devices()[0]
+    return "|".join([jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
+                     str(jax.config.jax_enable_x64), os.environ.get("XLA_FLAGS", ""), _source_hash()])
+
+
+def cache_dir() -> Path | None:
+    """Folder of the saved executables, or ``None`` when JAX's compilation cache is off."""
+    base = jax.config.jax_compilation_cache_dir
+    if not base or not jax.config.jax_enable_compilation_cache or os.environ.get("KUPS_RELAX_SAVED_EXECUTABLES") == "0":
+        return None
+    return Path(base) / "kups-executables"
+
+
+def clear() -> None:
+    """Forget the executables held in memory (with ``jax.clear_caches()``, to free their memory maps)."""
+    _memory.clear()
+
+
+@functools.lru_cache(maxsize=1)
+def _prepare_runtime() -> None:
+    """Do what lowering does before a program may call LAPACK.
+
+    jaxlib binds its LAPACK kernels to scipy's the first time a linear-algebra operation is
+    lowered; an executable loaded without lowering anything would call unbound kernels and
+    crash the process. (No other kernel the engine uses is bound lazily.)
+    """
+    from jax._src.lib import lapack
+
+    lapack._lapack.initialize()
+
+
+@contextlib.contextmanager
+def _fresh_compilation():
+    """Compile without JAX's persistent cache; yields whether that could be arranged.
+
+    An executable JAX's cache loaded serializes without its machine code (it fails when
+    loaded again: "Function ... not found"), so only a fresh compilation may be saved. JAX
+    decides once per process whether its cache is used; that decision is overridden for the
+    duration (private state of ``jax._src.compilation_cache``: where it is not as expected,
+    nothing is saved).
+    """
+    try:
+        from jax._src import compilation_cache as cc
+
+        lock, checked, used = cc._cache_initialized_mutex, cc._cache_checked, cc._cache_used
+    except (ImportError, AttributeError):
+        yield False
+        return
+    with lock:
+        cc._cache_checked, cc._cache_used = True, False
+    try:
+        yield True
+    finally:
+        with lock:
+            cc._cache_checked, cc._cache_used = checked, used
+
+
+def _stable(text: str) -> bool:
+    return " at 0x" not in text and "<lambda>" not in text and "<locals>" not in text
+
+
+class CachedJit:
+    """``jax.jit(fun, static_argnames=...)`` whose compiled programs are kept on disk (module docstring)."""
+
+    def __init__(self, fun: Callable, static_argnames: Sequence[str] = ()):
+        self.fun = fun
+        self.static_argnames = tuple(static_argnames)
+        self.jitted = jax.jit(fun, static_argnames=self.static_argnames)
+        self.signature = inspect.signature(fun)
+        self.name = f"{fun.__module__}.{fun.__qualname__}"
+        functools.update_wrapper(self, fun)
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        static = {k: v for k, v in bound.arguments.items() if k in self.static_argnames}
+        dynamic = {k: v for k, v in bound.arguments.items() if k not in self.static_argnames}
+        leaves, treedef = jax.tree_util.tree_flatten(dynamic)
+        static_text = repr(sorted(static.items()))
+        tree_text = str(treedef)
+        avals = ";".join(repr(shaped_abstractify(leaf)) for leaf in leaves)
+        key_text = "\n".join([self.name, static_text, tree_text, avals, _environment()])
+        key = hashlib.sha256(key_text.encode()).hexdigest()
+        compiled = _memory.get(key)
+        if compiled is None:
+            compiled = self._load_or_compile(key, static, dynamic, savable=_stable(static_text + tree_text))
+            _memory[key] = compiled
+        return compiled(**dynamic)
+
+    def _load_or_compile(self, key: str, static: dict, dynamic: dict, savable: bool):
+        global loaded_from_disk
+        from jax.experimental.serialize_executable import deserialize_and_load, serialize
+
+        folder = cache_dir() if savable else None
+        path = folder / f"{key}.exe" if folder is not None else None
+        if path is not None and path.exists():
+            try:
+                _prepare_runtime()
+                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+                compiled = deserialize_and_load(payload, in_tree, out_tree)
+                loaded_from_disk += 1
+                logger.debug("loaded %s from %s", self.name, path)
+                return compiled
+            except Exception as err:  # noqa: BLE001 -- a stale or damaged file is only a cache miss
+                logger.warning("could not load the saved program %s (%s); compiling it again", path, err)
+        lowered = self.jitted.lower(**static, **dynamic)
+        if path is None:
+            return lowered.compile()
+        with _fresh_compilation() as fresh:
+            compiled = lowered.compile()
+        if fresh:
+            try:
+                blob = pickle.dumps(serialize(compiled))
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=folder, suffix=".part", delete=False) as tmp:
+                    try:
+                        tmp.write(blob)
+                    except BaseException:
+                        os.unlink(tmp.name)
+                        raise
+                os.replace(tmp.name, path)
+            except Exception as err:  # noqa: BLE001 -- saving is an optimisation; the run goes on
+                logger.warning("could not save the compiled program %s: %s", self.name, err)
+        return compiled
+
+
+def cached_jit(fun: Callable | None = None, *, static_argnames: Sequence[str] = ()):
+    """Decorator: :class:`CachedJit` (usable as ``@cached_jit`` or ``@cached_jit(static_argnames=...)``)."""
+    if fun is None:
+        return functools.partial(cached_jit, static_argnames=static_argnames)
+    return CachedJit(fun, static_argnames)
