@@ -273,12 +273,11 @@ def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, adm
         current = geometry.replace(positions=positions, cell=cell, wrap_cell=wrap)
     else:
         current = geometry.replace(positions=positions)
-    neighbors = nl.rebuild(state.neighbors, current, admitted)
+    neighbors, rebuilt = nl.rebuild_tracked(state.neighbors, current, admitted)
     ev = evaluate(potential, current, neighbors, compute_stress=variable)
     if variable:
         generalized, _ = _filter_forces(ev.forces, ev.stress, cell, dof, geometry, cell_params)
         fmax = _filter_fmax(generalized, geometry)
-        rebuilt = nl.rebuilt_systems(state.neighbors, current, admitted)
         extra = dict(cell=cell, cell_dof=dof, nl_cell=_sel(rebuilt, cell, state.nl_cell),
                      stress=_sel(admitted, ev.stress, state.stress))
     else:
@@ -376,7 +375,7 @@ def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets
         geometry.system, S, state.neighbors.cutoff, state.neighbors.skin)
     neighbors, rebuilt = jax.lax.cond(
         jnp.any(flagged),
-        lambda: (nl.rebuild(state.neighbors, trial, flagged), nl.rebuilt_systems(state.neighbors, trial, flagged)),
+        lambda: nl.rebuild_tracked(state.neighbors, trial, flagged),
         lambda: (state.neighbors, jnp.zeros_like(flagged)))
     ev = evaluate(potential, trial, neighbors, compute_stress=True)
     finite = _finite(ev.energy, ev.forces, geometry)

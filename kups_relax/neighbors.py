@@ -44,21 +44,28 @@ class Capacities(NamedTuple):
         dense_candidates: candidate pairs of the systems enumerated all-pairs.
         cell_rows: atoms of the systems enumerated with a cell list.
         bins: cell-list bins over all those systems.
-        bin_size: atoms per bin.
+        cell_candidates: candidate pairs of the cell-list systems (each atom times the atoms
+            of its neighbouring bins).
         offsets: neighbouring bins visited per atom (27 unless a cell is thinner than the cutoff).
         partial_candidates: candidate pairs of a partial rebuild (only the systems that need
             one); a larger partial rebuild falls back to a full one.
         partial_cell_rows: atoms of a partial rebuild's cell-list systems (likewise).
+        partial_cell_candidates: cell-list candidates of a partial rebuild (likewise, found
+            only after binning: a partial rebuild that needs more is redone in full).
+
+    The partial capacities are an eighth of the full ones, and at least twice what the
+    largest system needs, so that rebuilding one or two systems never takes a full build.
     """
 
     pairs: int
     dense_candidates: int = 64
     cell_rows: int = 8
     bins: int = 8
-    bin_size: int = 8
+    cell_candidates: int = 64
     offsets: int = 27
     partial_candidates: int = 64
     partial_cell_rows: int = 8
+    partial_cell_candidates: int = 64
 
 
 @jax.tree_util.register_dataclass
@@ -74,7 +81,7 @@ class NeighborList:
         reference_positions: ``(A, 3)`` positions at the last build, Å.
         n_pairs: ``()`` pairs found at the last build (may exceed ``E`` on overflow).
         needed: ``(5,)`` what the last build needed of ``dense_candidates, cell_rows, bins,
-            bin_size, offsets`` (compared with ``capacities`` to detect overflow).
+            cell_candidates, offsets`` (compared with ``capacities`` to detect overflow).
         overflow: ``()`` True when a capacity was too small at the last build.
         n_builds: ``()`` builds so far (diagnostics).
         cutoff: interaction cutoff, Å (static).
@@ -106,8 +113,6 @@ class NeighborList:
 BIN_WIDTH_FRACTION = 0.5
 #: Bins per direction are capped (a 3-D cell list over a huge vacuum gains nothing).
 MAX_BINS_PER_DIRECTION = 64
-#: Systems whose bins would hold more atoms than this (twice their mean) enumerate all pairs.
-MAX_CELL_OCCUPANCY = 8
 
 
 def _bin_plan(xp, extent, spacing, pbc, n_atoms, radius):
@@ -128,11 +133,11 @@ def _bin_plan(xp, extent, spacing, pbc, n_atoms, radius):
     n = n_atoms.astype(xp.int64)
     bins = xp.prod(n_bins, axis=-1)
     dense_cost = n * n * xp.prod(2 * k_dense + 1, axis=-1)
-    occupancy = 2 * ((n + bins - 1) // bins)  # a guess at the fullest bin
+    # atoms sit closer together than the mean over the bins suggests (a cluster leaves the
+    # corners of its box empty): twice the mean occupancy
+    occupancy = 2 * ((n + bins - 1) // bins)
     cell_cost = n * xp.prod(2 * k_cells + 1, axis=-1) * occupancy
-    # bins are padded to the fullest bin of the whole batch: a system with crowded bins
-    # (a thin slab in one layer of bins) would make every cell-list system pay for it
-    use_cells = (cell_cost < dense_cost) & (occupancy <= MAX_CELL_OCCUPANCY) & (n > 0)
+    use_cells = (cell_cost < dense_cost) & (n > 0)
     return n_bins, width, k_cells, k_dense, use_cells
 
 
@@ -173,11 +178,23 @@ def _layout(geometry: Geometry, radius) -> _Layout:
 
 def _mixed_radix(index: jax.Array, k: jax.Array) -> jax.Array:
     """Index in ``[0, prod(2k+1))`` -> integer offsets ``(..., 3)`` in ``[-k, k]`` per direction."""
-    width = 2 * k + 1
-    t0 = index % width[..., 0]
-    t1 = (index // width[..., 0]) % width[..., 1]
-    t2 = index // (width[..., 0] * width[..., 1])
-    return jnp.stack([t0, t1, t2], axis=-1) - k
+    width = (2 * k + 1).astype(jnp.int32)
+    q0, t0 = _divmod(index.astype(jnp.int32), width[..., 0])
+    t2, t1 = _divmod(q0, width[..., 1])
+    return jnp.stack([t0, t1, t2], axis=-1).astype(k.dtype) - k
+
+
+def _divmod(x: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x // d, x % d)`` for int32 ``0 <= x < 2**31``, ``d >= 1``, exactly.
+
+    x86 has no vector integer division, so XLA divides integers one element at a time (~100
+    cycles for int64): this was most of the cost of the all-pairs enumeration. A float64
+    quotient is vectorised and off by at most one, which one integer multiply corrects.
+    """
+    q = jnp.floor(x.astype(jnp.float64) / d.astype(jnp.float64)).astype(jnp.int32)
+    r = x - q * d
+    q = jnp.where(r < 0, q - 1, jnp.where(r >= d, q + 1, q))
+    return q, x - q * d
 
 
 def _dense_counts(geometry: Geometry, lay: _Layout, systems: jax.Array) -> jax.Array:
@@ -200,82 +217,128 @@ def _dense(geometry: Geometry, lay: _Layout, systems: jax.Array) -> _Dense:
     return _Dense(counts=counts, ends=ends, total=ends[-1])
 
 
-def _dense_decode(geometry: Geometry, lay: _Layout, dense: _Dense, c: jax.Array):
-    """Candidate ids -> ``(i, j, translation (.., 3), valid)``."""
+def _dense_decode(geometry: Geometry, lay: _Layout, dense: _Dense, c: jax.Array, sorted_ids: bool = False):
+    """Candidate ids -> ``(i, j, translation (.., 3), valid)``.
+
+    ``sorted_ids``: ``c`` is ``arange(len(c))``, so each candidate's system comes from one
+    cumulative sum instead of a binary search. Every per-system quantity is read with a single
+    1-D gather (XLA fuses those into the arithmetic; gathering rows of a table costs ~25 ns
+    per candidate on a CPU).
+    """
     S = geometry.n_systems
-    s = jnp.clip(jnp.searchsorted(dense.ends, c, side="right", method="scan_unrolled"), 0, S - 1)
+    if sorted_ids:
+        starts = jnp.zeros(c.shape[0] + 1, jnp.int32).at[jnp.minimum(dense.ends[:-1], c.shape[0])].add(1)
+        s = jnp.minimum(jnp.cumsum(starts)[:-1], S - 1)
+    else:
+        s = jnp.clip(jnp.searchsorted(dense.ends, c, side="right", method="scan_unrolled"), 0, S - 1)
     valid = c < dense.total
-    n_images = jnp.prod(2 * lay.k_dense + 1, axis=-1)[s]
-    local = c - (dense.ends[s] - dense.counts[s])
-    img = local % n_images
-    pair = local // n_images
-    n_s = jnp.maximum(geometry.n_atoms[s].astype(c.dtype), 1)
-    first = geometry.first_atom[s].astype(c.dtype)
-    i = jnp.where(valid, first + pair // n_s, 0)
-    j = jnp.where(valid, first + pair % n_s, 0)
-    return i, j, _mixed_radix(img, lay.k_dense[s]), valid
+
+    def per_system(values):  # a 1-D gather from a small table fuses into the arithmetic
+        return values.astype(jnp.int32)[s]
+
+    local = jnp.clip(c - per_system(dense.ends - dense.counts), 0, 2**31 - 1).astype(jnp.int32)
+    pair, img = _divmod(local, per_system(jnp.prod(2 * lay.k_dense + 1, axis=-1)))
+    a, b = _divmod(pair, per_system(jnp.maximum(geometry.n_atoms, 1)))
+    first = per_system(geometry.first_atom)
+    i = jnp.where(valid, first + a, 0)
+    j = jnp.where(valid, first + b, 0)
+    k = [per_system(lay.k_dense[:, d]) for d in range(3)]
+    q0, t0 = _divmod(img, 2 * k[0] + 1)
+    t2, t1 = _divmod(q0, 2 * k[1] + 1)
+    return i, j, jnp.stack([t0 - k[0], t1 - k[1], t2 - k[2]], axis=-1), valid
 
 
 class _Cells(NamedTuple):
-    """Cell-list enumeration; candidate ``(r, o, m)``: row ``r``'s atom, neighbouring bin ``o``, slot ``m``."""
+    """Ragged cell-list enumeration: candidate ``c`` pairs row ``q // O``'s atom with atom
+    ``neighbours[c]`` of its neighbouring bin ``q % O`` (``q = segment[c]``)."""
 
     rows: jax.Array  # (R,) atom of each row (A for unused rows)
-    neighbours: jax.Array  # (R, O, M) candidate atom j (A if none)
-    translation: jax.Array  # (R, O, 3) image translation of each neighbouring bin
+    segment: jax.Array  # (K,) (row, neighbouring bin) of each candidate, flattened as r * O + o
+    neighbours: jax.Array  # (K,) candidate atom j (A if none)
+    translation: jax.Array  # (R * O, 3) image translation of each neighbouring bin
     needs: tuple
 
 
-def _cells(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Array, partial: bool = False) -> _Cells:
-    """Bin the atoms of the cell-list systems; list each atom's neighbouring bins' atoms."""
+def _neighbour_bins(xp, bin_coord, k, n_bins, pbc, n_offsets: int):
+    """The ``n_offsets`` neighbouring bins of atoms in bins ``bin_coord (R, 3)``.
+
+    Written for numpy (host estimate) and jax.numpy (device build). ``k (R, 3)`` bins to
+    reach per direction, ``n_bins, pbc (R, 3)`` of each atom's system. Returns the wrapped
+    target bins ``(R, O, 3)``, their image translations ``(R, O, 3)`` and which are real ``(R, O)``.
+    """
+    o = xp.arange(n_offsets)[None, :]
+    width = 2 * k + 1
+    if xp is np:
+        q0, t0 = np.divmod(o, width[:, None, 0])
+        t2, t1 = np.divmod(q0, width[:, None, 1])
+        offset = np.stack([t0, t1, t2], axis=-1) - k[:, None, :]
+    else:
+        offset = _mixed_radix(xp.broadcast_to(o, k.shape[:1] + (n_offsets,)), k[:, None, :])
+    target = bin_coord[:, None, :] + offset
+    nb = n_bins[:, None, :]
+    periodic = pbc[:, None, :]
+    translation = xp.where(periodic, xp.floor_divide(target, nb), 0)
+    wrapped = target - translation * nb
+    inside = xp.all(periodic | ((target >= 0) & (target < nb)), axis=-1)
+    real = (o < xp.prod(width, axis=-1)[:, None]) & inside
+    return xp.clip(wrapped, 0, nb - 1), translation, real
+
+
+def _flat_bin(lay_offset, n_bins, b):
+    """Global bin id of bin ``b (..., 3)`` of a system with ``n_bins (..., 3)`` starting at ``lay_offset``."""
+    return lay_offset + (b[..., 0] * n_bins[..., 1] + b[..., 1]) * n_bins[..., 2] + b[..., 2]
+
+
+def _cells(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Array) -> _Cells:
+    """Bin the atoms of the selected cell-list systems (``caps.cell_rows`` of them at most); list
+    each atom's neighbouring bins' atoms as ``caps.cell_candidates`` candidates (ragged: a bin
+    contributes as many candidates as it holds atoms, so crowded bins cost nothing elsewhere)."""
     A = geometry.n_atom_rows
-    R, B, M, O = caps.cell_rows, caps.bins, caps.bin_size, caps.offsets
-    if partial:
-        R = caps.partial_cell_rows
+    R, B, K, O = caps.cell_rows, caps.bins, caps.cell_candidates, caps.offsets
     in_cells = (lay.use_cells & systems)[lay.system] & geometry.atom_mask
     n_rows = jnp.sum(in_cells)
     (rows,) = jnp.nonzero(in_cells, size=R, fill_value=A)
     row_ok = rows < A
     rows_c = jnp.clip(rows, 0, A - 1)
-    nb = lay.n_bins
-
-    def flat_bin(s, b):
-        return lay.bin_offset[s] + (b[..., 0] * nb[s, 1] + b[..., 1]) * nb[s, 2] + b[..., 2]
-
     s_row = lay.system[rows_c]
-    key = jnp.where(row_ok, flat_bin(s_row, lay.bin_coord[rows_c]), B)
+    nb_row = lay.n_bins[s_row]
+    key = jnp.where(row_ok, _flat_bin(lay.bin_offset[s_row], nb_row, lay.bin_coord[rows_c]), B)
     order = jnp.argsort(key, stable=True)
     sorted_key = key[order]
-    sorted_atom = rows[order]
+    sorted_atom = rows[order].astype(jnp.int32)
     bin_ids = jnp.arange(B)
-    start = jnp.searchsorted(sorted_key, bin_ids, side="left")
-    stop = jnp.searchsorted(sorted_key, bin_ids, side="right")
-    max_occupancy = jnp.max(stop - start)
-    rank = jnp.arange(R) - start[jnp.clip(sorted_key, 0, B - 1)]
-    table = jnp.full((B, M), A, dtype=jnp.int32).at[
-        jnp.where(sorted_key < B, sorted_key, B), rank].set(sorted_atom.astype(jnp.int32), mode="drop")
+    start = jnp.searchsorted(sorted_key, bin_ids, side="left").astype(jnp.int32)
+    occupancy = jnp.searchsorted(sorted_key, bin_ids, side="right").astype(jnp.int32) - start
 
-    k = lay.k_cells[s_row]  # (R, 3)
-    n_offsets = jnp.prod(2 * k + 1, axis=-1)
-    o = jnp.arange(O)
-    offset = _mixed_radix(o[None, :], k[:, None, :])  # (R, O, 3)
-    target = lay.bin_coord[rows_c][:, None, :] + offset
-    nb_r = nb[s_row][:, None, :]
-    pbc_r = geometry.pbc[s_row][:, None, :]
-    translation = jnp.where(pbc_r, jnp.floor_divide(target, nb_r), 0)
-    wrapped = target - translation * nb_r
-    inside = jnp.all(pbc_r | ((target >= 0) & (target < nb_r)), axis=-1)
-    pair_ok = row_ok[:, None] & (o[None, :] < n_offsets[:, None]) & inside  # (R, O)
-    b_target = flat_bin(s_row[:, None], jnp.clip(wrapped, 0, nb_r - 1))
-    neighbours = jnp.where(pair_ok[:, :, None], table[jnp.clip(b_target, 0, B - 1)], A)  # (R, O, M)
-    n_cell_bins = jnp.sum(jnp.where(lay.use_cells, jnp.prod(nb, axis=-1), 0))
+    target, translation, real = _neighbour_bins(jnp, lay.bin_coord[rows_c], lay.k_cells[s_row], nb_row,
+                                                geometry.pbc[s_row], O)
+    b_target = jnp.clip(_flat_bin(lay.bin_offset[s_row][:, None], nb_row[:, None, :], target), 0, B - 1)
+    count = jnp.where(row_ok[:, None] & real, occupancy[b_target], 0).reshape(-1)  # (R * O,)
+    ends = jax.lax.associative_scan(jnp.add, count)
+    total = ends[-1]
+    # candidate c belongs to segment q = #{segments ending at or before c}
+    marks = jnp.zeros(K + 1, jnp.int32).at[jnp.minimum(ends[:-1], K)].add(1)
+    segment = jnp.minimum(jax.lax.associative_scan(jnp.add, marks)[:-1], R * O - 1)
+    c = jnp.arange(K, dtype=jnp.int32)
+    m = c - (ends - count)[segment]
+    slot = start[b_target.reshape(-1)[segment]] + m
+    neighbours = jnp.where(c < total, sorted_atom[jnp.clip(slot, 0, R - 1)], A)
+    n_cell_bins = jnp.sum(jnp.where(lay.use_cells, jnp.prod(lay.n_bins, axis=-1), 0))
     max_offsets = jnp.max(jnp.where(lay.use_cells, jnp.prod(2 * lay.k_cells + 1, axis=-1), 0))
-    return _Cells(rows=rows, neighbours=neighbours, translation=translation,
-                  needs=(n_rows, n_cell_bins, max_occupancy, max_offsets))
+    return _Cells(rows=rows, segment=segment, neighbours=neighbours, translation=translation.reshape(-1, 3),
+                  needs=(n_rows, n_cell_bins, total, max_offsets))
 
 
 def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities,
           n_builds: jax.Array | int = 0, systems: jax.Array | None = None,
           keep: "NeighborList | None" = None) -> NeighborList:
+    """Build the pair list (jit-compatible; capacities are static); see :func:`_build`."""
+    return _build(geometry, cutoff, skin, capacities, n_builds, systems, keep)[0]
+
+
+def _build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities,
+           n_builds: jax.Array | int = 0, systems: jax.Array | None = None,
+           keep: "NeighborList | None" = None) -> tuple[NeighborList, jax.Array]:
     """Build the pair list (jit-compatible; capacities are static).
 
     Systems for which it is cheaper (:func:`_bin_plan`; bins at least
@@ -290,6 +353,9 @@ def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities
     A partial rebuild (``systems``, an ``(S,)`` mask, and ``keep``, the current list)
     enumerates only the selected systems, within ``capacities.partial_candidates``, and
     keeps the other systems' pairs as they are.
+
+    Returns the list and, for a partial rebuild, whether its new pairs exceeded
+    :func:`partial_pair_capacity` (the list is then incomplete: :func:`rebuild` builds in full).
     """
     radius = cutoff + skin
     S, A = geometry.n_systems, geometry.n_atom_rows
@@ -297,75 +363,47 @@ def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities
     systems = jnp.ones(S, bool) if systems is None else systems
     lay = _layout(geometry, radius)
     positions = geometry.positions
-    cell_of_atom = geometry.cell[lay.system]
-    wrapped = positions - matvec_rows(lay.whole, cell_of_atom)  # Cartesian, inside the cell
+    E = capacities.pairs
 
-    # dense candidates: decode, one distance each
-    C = capacities.partial_candidates if partial else capacities.dense_candidates
-    dense = _dense(geometry, lay, systems)
-    c = jnp.arange(C, dtype=jnp.int32)
-    i_d, j_d, t_d, ok_d = _dense_decode(geometry, lay, dense, c)
-    vec_d = wrapped[j_d] - wrapped[i_d] + matvec_rows(t_d.astype(positions.dtype), cell_of_atom[i_d])
-    self_d = (i_d == j_d) & jnp.all(t_d == 0, axis=-1)
-    found_d = ok_d & (jnp.sum(vec_d * vec_d, axis=-1) < radius * radius) & ~self_d
+    def search(C, R, K, P):
+        caps = capacities._replace(dense_candidates=C, cell_rows=R, cell_candidates=K)
+        return _search(geometry, lay, radius, caps, systems, P)
 
-    # cell-list candidates: (R, O, M), one distance each
-    cells = _cells(geometry, lay, capacities, systems, partial)
-    rows_c = jnp.clip(cells.rows, 0, A - 1)
-    tvec = (cells.translation[..., 0, None] * cell_of_atom[rows_c][:, None, 0]
-            + cells.translation[..., 1, None] * cell_of_atom[rows_c][:, None, 1]
-            + cells.translation[..., 2, None] * cell_of_atom[rows_c][:, None, 2])  # (R, O, 3)
-    j_c = cells.neighbours
-    vec_c = wrapped[jnp.clip(j_c, 0, A - 1)] + (tvec - wrapped[rows_c][:, None, :])[:, :, None, :]
-    self_c = (j_c == rows_c[:, None, None]) & jnp.all(cells.translation == 0, axis=-1)[:, :, None]
-    found_c = (j_c < A) & (jnp.sum(vec_c * vec_c, axis=-1) < radius * radius) & ~self_c
-
-    found = jnp.concatenate([found_d, found_c.reshape(-1)])
-    n_kept = 0
-    if partial:
-        # the other systems keep their pairs (a slot emptied since has padding rows: dropped)
+    if not partial:
+        C, R, K = capacities.dense_candidates, capacities.cell_rows, capacities.cell_candidates
+        new = search(C, R, K, E)
+        i, j, shift, real, n_pairs = new.senders, new.receivers, new.shifts, new.real, new.n_found
+        reference = positions
+        too_many_new = jnp.asarray(False)
+    else:
+        # the selected systems' new pairs are found, compacted and decoded in a buffer of their
+        # own, then merged behind the pairs the other systems keep (a slot emptied since has
+        # padding rows: dropped). Searching costs what the capacities are, not what is needed,
+        # so a quarter-size search is tried first (the common one- or two-system rebuild).
+        P = partial_pair_capacity(E)
+        C, R = capacities.partial_candidates, capacities.partial_cell_rows
+        K = capacities.partial_cell_candidates
+        C4, R4, K4 = bucket(C // 4, minimum=64), bucket(R // 4, minimum=8), bucket(K // 4, minimum=64)
+        small = (jnp.sum(_dense_counts(geometry, lay, systems)) <= C4) & (
+            jnp.sum(jnp.where(lay.use_cells & systems, geometry.n_atoms, 0)) <= R4)
+        new = jax.lax.cond(small, lambda: search(C4, R4, K4, P), lambda: search(C, R, K, P))
+        # more new pairs or cell-list candidates than the partial buffers hold: build in full
+        too_many_new = (new.n_found > P) | (new.cell_needs[2] > jnp.where(small, K4, K))
         sender_system = geometry.system[keep.senders]
         kept = keep.mask & (sender_system < S) & ~systems[jnp.clip(sender_system, 0, S - 1)]
-        found = jnp.concatenate([kept, found])
-        n_kept = keep.capacity
-
-    E = capacities.pairs
-    slot = jnp.cumsum(found.astype(jnp.int32)) - 1
-    n_pairs = jnp.sum(found)
-    target = jnp.where(found & (slot < E), slot, E)  # out of range -> dropped
-    total = found.shape[0]
-    pick = jnp.full(E, total, jnp.int32).at[target].set(jnp.arange(total, dtype=jnp.int32), mode="drop")
-    real = pick < total
-
-    # decode the kept candidates into pair rows
-    cand = pick - n_kept
-    is_dense = (cand >= 0) & (cand < C)
-    i_e, j_e, t_e, _ = _dense_decode(geometry, lay, dense, jnp.clip(cand, 0, C - 1))
-    flat = jnp.clip(cand - C, 0, j_c.size - 1)
-    O, M = j_c.shape[1], j_c.shape[2]
-    r, om = flat // (O * M), flat % (O * M)
-    i_cell = rows_c[r]
-    j_cell = j_c.reshape(-1)[flat]
-    t_cell = cells.translation[r, om // M]
-    i = jnp.where(is_dense, i_e, i_cell)
-    j = jnp.where(is_dense, j_e, j_cell)
-    t = jnp.where(is_dense[:, None], t_e, t_cell).astype(positions.dtype)
-    shift = t - lay.whole[j] + lay.whole[i]
-    if partial:
-        from_keep = pick < n_kept
-        src = jnp.clip(pick, 0, n_kept - 1)
-        i = jnp.where(from_keep, keep.senders[src], i)
-        j = jnp.where(from_keep, keep.receivers[src], j)
-        shift = jnp.where(from_keep[:, None], keep.shifts[src], shift)
+        pick, real, _ = _compact(jnp.concatenate([kept, new.real]), E)
+        n_pairs = jnp.sum(kept) + new.n_found
+        i = jnp.concatenate([keep.senders, new.senders.astype(keep.senders.dtype)])[pick]
+        j = jnp.concatenate([keep.receivers, new.receivers.astype(keep.receivers.dtype)])[pick]
+        shift = jnp.concatenate([keep.shifts, new.shifts])[pick]
         reference = jnp.where(geometry.atom_mask[:, None] & systems[lay.system][:, None],
                               positions, keep.reference_positions)
-    else:
-        reference = positions
+        K = jnp.iinfo(jnp.int64).max  # handled by too_many_new, not an overflow
 
-    n_rows, n_bins, occupancy, n_offsets = cells.needs
-    needed = jnp.stack([dense.total, n_rows, n_bins, occupancy, n_offsets]).astype(jnp.int64)
-    limits = jnp.asarray([C, capacities.partial_cell_rows if partial else capacities.cell_rows, capacities.bins,
-                          capacities.bin_size, capacities.offsets], dtype=jnp.int64)
+    dense_total, (n_rows, n_bins, cell_total, n_offsets) = new.dense_total, new.cell_needs
+    needed = jnp.stack([dense_total, n_rows, n_bins, cell_total, n_offsets]).astype(jnp.int64)
+    limits = jnp.asarray([C, R, capacities.bins,
+                          K, capacities.offsets], dtype=jnp.int64)
     overflow = (n_pairs > E) | jnp.any(needed > limits)
     if partial:
         needed = jnp.maximum(keep.needed, needed)  # what a full build needs, as far as known
@@ -377,7 +415,104 @@ def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities
         reference_positions=reference, n_pairs=n_pairs, needed=needed,
         overflow=overflow, n_builds=jnp.asarray(n_builds) + 1,
         cutoff=float(cutoff), skin=float(skin), capacities=capacities,
-    )
+    ), too_many_new
+
+
+class _Found(NamedTuple):
+    """The pairs one search found, compacted into ``P`` rows."""
+
+    senders: jax.Array  # (P,)
+    receivers: jax.Array  # (P,)
+    shifts: jax.Array  # (P, 3)
+    real: jax.Array  # (P,)
+    n_found: jax.Array  # () pairs found (may exceed P)
+    dense_total: jax.Array  # () dense candidates needed
+    cell_needs: tuple  # cell-list rows, bins, fullest bin, neighbouring bins needed
+
+
+def _candidate_masks(geometry: Geometry, lay: _Layout, radius: float, caps: Capacities, systems: jax.Array):
+    """``(found_dense (C,), found_cells (R, O, M), dense, cells)``: which candidates are pairs."""
+    A = geometry.n_atom_rows
+    positions = geometry.positions
+    cell_of_atom = geometry.cell[lay.system]
+    wrapped = positions - matvec_rows(lay.whole, cell_of_atom)  # Cartesian, inside the cell
+
+    # dense candidates: decode, one distance each
+    C = caps.dense_candidates
+    dense = _dense(geometry, lay, systems)
+    c = jnp.arange(C, dtype=jnp.int32)
+    i_d, j_d, t_d, ok_d = _dense_decode(geometry, lay, dense, c, sorted_ids=True)
+    # coordinates one column at a time: 1-D gathers fuse into the arithmetic, row gathers do not
+    x = [wrapped[:, k] for k in range(3)]
+    s_d = lay.system[i_d]
+    t = [t_d[:, k].astype(positions.dtype) for k in range(3)]
+    d2 = 0.0
+    for k in range(3):
+        image = sum(t[a] * geometry.cell[:, a, k][s_d] for a in range(3))
+        d2 = d2 + (x[k][j_d] - x[k][i_d] + image) ** 2
+    self_d = (i_d == j_d) & (t_d[:, 0] == 0) & (t_d[:, 1] == 0) & (t_d[:, 2] == 0)
+    found_d = ok_d & (d2 < radius * radius) & ~self_d
+
+    # cell-list candidates: (K,), one distance each
+    cells = _cells(geometry, lay, caps, systems)
+    O = caps.offsets
+    rows_c = jnp.clip(cells.rows, 0, A - 1)
+    row_cell = cell_of_atom[rows_c]  # (R, 3, 3)
+    q, r = cells.segment, cells.segment // O
+    t = [cells.translation[:, k].astype(positions.dtype)[q] for k in range(3)]
+    j_c = cells.neighbours
+    j_safe = jnp.clip(j_c, 0, A - 1)
+    i_c = rows_c[r]
+    d2 = 0.0
+    for k in range(3):
+        image = sum(t[a] * row_cell[:, a, k][r] for a in range(3))
+        d2 = d2 + (x[k][j_safe] - x[k][i_c] + image) ** 2
+    self_c = (j_c == i_c) & (t[0] == 0) & (t[1] == 0) & (t[2] == 0)
+    found_c = (j_c < A) & (d2 < radius * radius) & ~self_c
+    return found_d, found_c, dense, cells
+
+
+def _search(geometry: Geometry, lay: _Layout, radius: float, caps: Capacities, systems: jax.Array,
+            P: int) -> _Found:
+    """Test every candidate of the selected systems (``caps.dense_candidates`` dense ones and
+    ``caps.cell_rows`` cell-list rows); keep the first ``P`` pairs within ``radius``, decoded."""
+    A = geometry.n_atom_rows
+    positions = geometry.positions
+    found_d, found_c, dense, cells = _candidate_masks(geometry, lay, radius, caps, systems)
+    C = caps.dense_candidates
+    rows_c = jnp.clip(cells.rows, 0, A - 1)
+    j_c = cells.neighbours
+    # keep the first P, then decode only those: candidate ids < C are dense, the rest cell list
+    pick, real, n_found = _compact(jnp.concatenate([found_d, found_c]), P)
+    is_dense = pick < C
+    i_e, j_e, t_e, _ = _dense_decode(geometry, lay, dense, jnp.clip(pick, 0, C - 1))
+    flat = jnp.clip(pick - C, 0, j_c.shape[0] - 1)
+    q = cells.segment[flat]
+    i = jnp.where(is_dense, i_e, rows_c[q // caps.offsets])
+    j = jnp.where(is_dense, j_e, j_c[flat])
+    t = jnp.where(is_dense[:, None], t_e, cells.translation[q]).astype(positions.dtype)
+    shift = t - lay.whole[j] + lay.whole[i]
+    return _Found(senders=i, receivers=j, shifts=shift, real=real, n_found=n_found,
+                  dense_total=dense.total, cell_needs=cells.needs)
+
+
+def partial_pair_capacity(pairs: int) -> int:
+    """Rows for the new pairs of a partial rebuild (more -> :func:`rebuild` does a full one)."""
+    return bucket(pairs // 4, minimum=64)
+
+
+def _compact(found: jax.Array, size: int):
+    """Indices of the first ``size`` True entries of ``found``, in order: ``(pick (size,), real (size,), count)``.
+
+    ``pick`` is ``len(found)`` (clipped to the last index) where ``real`` is False.
+    """
+    total = found.shape[0]
+    # XLA's CPU cumsum is ~2x slower than a work-efficient associative scan
+    slot = jax.lax.associative_scan(jnp.add, found.astype(jnp.int32)) - 1
+    target = jnp.where(found & (slot < size), slot, size)  # out of range -> dropped
+    pick = jnp.full(size, total, jnp.int32).at[target].set(jnp.arange(total, dtype=jnp.int32), mode="drop")
+    real = pick < total
+    return jnp.minimum(pick, total - 1), real, jnp.sum(found)
 
 
 def matvec_rows(vectors: jax.Array, matrices: jax.Array) -> jax.Array:
@@ -392,17 +527,27 @@ def rebuild(neighbors: NeighborList, geometry: Geometry, systems: jax.Array | No
     """Build again with the same cutoff, skin and capacities (jit-compatible).
 
     With ``systems`` (an ``(S,)`` mask), only those systems are rebuilt when their
-    candidates fit the partial capacity, else everything is.
+    candidates and new pairs fit the partial capacities, else everything is.
     """
     if systems is None:
         return build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds)
-    fits = _partial_fits(neighbors, geometry, systems)
-    return jax.lax.cond(
-        fits,
-        lambda: build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds,
-                      systems=systems, keep=neighbors),
-        lambda: build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds),
-    )
+    return rebuild_tracked(neighbors, geometry, systems)[0]
+
+
+def rebuild_tracked(neighbors: NeighborList, geometry: Geometry, systems: jax.Array) -> tuple[NeighborList, jax.Array]:
+    """:func:`rebuild` of ``systems``, and the ``(S,)`` systems actually built anew (all of them
+    when the partial rebuild did not fit). The variable-cell loop uses it to know at which cell
+    each system's pairs were found."""
+    def full():
+        return (build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds),
+                jnp.ones_like(systems))
+
+    def partial():
+        out, too_many_new = _build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities,
+                                   neighbors.n_builds, systems=systems, keep=neighbors)
+        return jax.lax.cond(too_many_new, full, lambda: (out, systems))
+
+    return jax.lax.cond(_partial_fits(neighbors, geometry, systems), partial, full)
 
 
 def moved_too_far(neighbors: NeighborList, geometry: Geometry) -> jax.Array:
@@ -470,16 +615,21 @@ def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
     dense = int(np.sum(np.where(use_cells, 0, n * n * images)))
     rows = int(np.sum(n[use_cells]))
     bins = int(np.sum(np.prod(n_bins, axis=-1)[use_cells]))
-    occupancy, offsets = 1, 1
+    candidates, offsets, largest_candidates = 1, 1, 1
     if use_cells.any():
         offsets = int(np.max(np.prod(2 * k_cells + 1, axis=-1)[use_cells]))
         in_cells = mask & use_cells[system]
         s_c = system[in_cells]
         scaled = np.where(pbc_atom[in_cells], u[in_cells] * n_bins[s_c], (u[in_cells] - lo[s_c]) / width[s_c])
         b = np.clip(np.floor(scaled), 0, n_bins[s_c] - 1).astype(np.int64)
-        offset = np.cumsum(np.where(use_cells, np.prod(n_bins, axis=-1), 0)) - np.where(use_cells, np.prod(n_bins, axis=-1), 0)
-        key = offset[s_c] + (b[:, 0] * n_bins[s_c, 1] + b[:, 1]) * n_bins[s_c, 2] + b[:, 2]
-        occupancy = int(np.bincount(key).max())
+        cell_bins = np.where(use_cells, np.prod(n_bins, axis=-1), 0)
+        offset = np.cumsum(cell_bins) - cell_bins
+        occupancy = np.bincount(_flat_bin(offset[s_c], n_bins[s_c], b), minlength=int(cell_bins.sum()))
+        target, _, real = _neighbour_bins(np, b, k_cells[s_c], n_bins[s_c], pbc[s_c], offsets)
+        neighbour_bins = _flat_bin(offset[s_c][:, None], n_bins[s_c][:, None, :], target)
+        per_row = np.sum(np.where(real, occupancy[neighbour_bins], 0), axis=-1)
+        candidates = int(np.sum(per_row))
+        largest_candidates = int(np.bincount(s_c, weights=per_row).max())
     # pairs: neighbours within the radius at the system's own density (3-D periodic) or at a
     # dense packing (0.1 atoms/A^3) otherwise, never more than all pairs and images
     volume = np.abs(np.linalg.det(np.asarray(g.cell, np.float64)))
@@ -487,9 +637,24 @@ def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
     sphere = density * 4.0 / 3.0 * np.pi * radius ** 3
     pairs = int(np.sum(np.minimum(n * np.maximum(n - 1, 0) * images + n * (images - 1), n * sphere)))
     grow = lambda x: bucket(int(x * 1.25) + 1, minimum=8)  # noqa: E731
-    return Capacities(pairs=bucket(int(pairs * 1.25) + 1, minimum=64), dense_candidates=bucket(dense, minimum=64),
-                      cell_rows=grow(rows), bins=grow(bins), bin_size=grow(occupancy), offsets=max(offsets, 1),
-                      partial_candidates=bucket(dense // 8, minimum=64), partial_cell_rows=bucket(rows // 8, minimum=8))
+    caps = Capacities(pairs=bucket(int(pairs * 1.25) + 1, minimum=64), dense_candidates=bucket(dense, minimum=64),
+                      cell_rows=grow(rows), bins=grow(bins), cell_candidates=grow(candidates), offsets=max(offsets, 1))
+    largest_dense = int(np.max(np.where(use_cells, 0, n * n * images), initial=0))
+    largest_rows = int(np.max(np.where(use_cells, n, 0), initial=0))
+    return with_partial_capacities(caps, largest_dense, largest_rows, largest_candidates)
+
+
+def with_partial_capacities(caps: Capacities, largest_dense: int = 0, largest_rows: int = 0,
+                            largest_candidates: int = 0) -> Capacities:
+    """``caps`` with partial capacities of at least an eighth of the full ones and twice the
+    largest system's needs (``largest_*``), never more than the full ones."""
+    def partial(full, largest, current, minimum):
+        return min(full, max(current, bucket(max(full // 8, 2 * largest), minimum=minimum)))
+
+    return caps._replace(
+        partial_candidates=partial(caps.dense_candidates, largest_dense, caps.partial_candidates, 64),
+        partial_cell_rows=partial(caps.cell_rows, largest_rows, caps.partial_cell_rows, 8),
+        partial_cell_candidates=partial(caps.cell_candidates, largest_candidates, caps.partial_cell_candidates, 64))
 
 
 def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | None = None,
@@ -506,9 +671,7 @@ def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | Non
     caps = caps._replace(pairs=max(caps.pairs, capacity or 0))
     for _ in range(8):
         # partial rebuilds (a few systems at a time) are what the loop mostly does
-        caps = caps._replace(partial_candidates=max(caps.partial_candidates,
-                                                    bucket(caps.dense_candidates // 8, minimum=64)),
-                             partial_cell_rows=max(caps.partial_cell_rows, bucket(caps.cell_rows // 8, minimum=8)))
+        caps = with_partial_capacities(caps)
         nl = _build_jit(geometry, cutoff=float(cutoff), skin=float(skin), capacities=caps)
         needed = [int(nl.n_pairs)] + [int(x) for x in np.asarray(nl.needed)]
         tight = bucket(int(needed[0] * 1.25) + 1, minimum=64)
@@ -519,7 +682,8 @@ def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | Non
                 return _truncated(nl, tight)
             return nl
         grown = [max(c, bucket(int(n * 1.25) + 1, minimum=8)) for c, n in zip(caps, needed)]
-        caps = Capacities(*grown, partial_candidates=caps.partial_candidates, partial_cell_rows=caps.partial_cell_rows)
+        caps = Capacities(*grown, partial_candidates=caps.partial_candidates, partial_cell_rows=caps.partial_cell_rows,
+                          partial_cell_candidates=caps.partial_cell_candidates)
         caps = caps._replace(offsets=max(capacities.offsets if capacities else 1, needed[5], 1))
     raise RuntimeError(f"neighbor list capacities did not settle: {caps}")
 
@@ -551,17 +715,9 @@ def grow(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
     larger = [caps.pairs if needed[0] <= caps.pairs else max(bucket(caps.pairs + 1), needed[0])]
     larger += [c if n <= c else max(2 * c, n) for c, n in zip(caps[1:5], needed[1:5])]
     larger += [max(caps.offsets, needed[5])]  # neighbouring bins: exactly what a thin cell needs
-    floor = Capacities(*larger, partial_candidates=caps.partial_candidates, partial_cell_rows=caps.partial_cell_rows)
+    floor = Capacities(*larger, partial_candidates=caps.partial_candidates, partial_cell_rows=caps.partial_cell_rows,
+                       partial_cell_candidates=caps.partial_cell_candidates)
     return allocate(geometry, neighbors.cutoff, neighbors.skin, capacities=floor)
-
-
-def rebuilt_systems(neighbors: NeighborList, geometry: Geometry, systems: jax.Array) -> jax.Array:
-    """``(S,)`` the systems that ``rebuild(neighbors, geometry, systems)`` builds anew.
-
-    ``systems`` when the partial rebuild fits its capacity, else every system (the same test as
-    :func:`rebuild`). The variable-cell loop uses it to know at which cell each system's pairs were found.
-    """
-    return systems | ~_partial_fits(neighbors, geometry, systems)
 
 
 def _partial_fits(neighbors: NeighborList, geometry: Geometry, systems: jax.Array) -> jax.Array:

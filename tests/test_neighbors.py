@@ -80,19 +80,36 @@ def test_pairs_equal_ase_for_every_system(packed):
         assert ours[k] == ase_pairs(atoms, RADIUS), f"structure {k} ({atoms.get_chemical_formula()})"
 
 
-@pytest.mark.parametrize("chosen, partial", [((0, 3, 4), True), ((1, 5, 6), False)])
-def test_rebuild_of_some_systems_keeps_the_others(packed, chosen, partial):
-    """Small selections are rebuilt alone (the others keep their pairs); large ones fall back to a full build."""
+@pytest.mark.parametrize("chosen, partial, capacities", [((0, 3, 4), True, "estimated"), ((1, 5, 6), False, "tiny"),
+                                                         ((1, 4, 5, 6, 7, 8, 9), False, "roomy")])
+def test_rebuild_of_some_systems_keeps_the_others(packed, chosen, partial, capacities):
+    """Selections within the partial capacities are rebuilt alone (the others keep their pairs);
+    larger ones fall back to a full build: ``tiny`` partial capacities (the selection's candidates
+    do not fit), or ``roomy`` ones whose candidates fit but whose new pairs exceed
+    ``partial_pair_capacity`` (the fallback after the search)."""
+    import dataclasses
+
     structures, geometry, first, system = packed
     neighbors = nl.allocate(geometry, CUTOFF, SKIN)
+    caps = neighbors.capacities
+    if capacities == "tiny":
+        neighbors = dataclasses.replace(neighbors, capacities=caps._replace(
+            partial_candidates=64, partial_cell_rows=8, partial_cell_candidates=64))
+    if capacities == "roomy":
+        neighbors = dataclasses.replace(neighbors, capacities=caps._replace(
+            partial_candidates=caps.dense_candidates, partial_cell_rows=caps.cell_rows,
+            partial_cell_candidates=caps.cell_candidates))
+        counts = np.bincount(system[np.asarray(neighbors.senders)[np.asarray(neighbors.mask)]])
+        assert counts[list(chosen)].sum() > nl.partial_pair_capacity(neighbors.capacity)
     moved = [a.copy() for a in structures]
     for k in chosen:
         moved[k].rattle(0.4, seed=100 + k)
     moved_geometry = Batch.from_atoms(moved).geometry
     selected = jnp.zeros(geometry.n_systems, bool).at[jnp.array(chosen)].set(True)
-    rebuilt = np.asarray(nl.rebuilt_systems(neighbors, moved_geometry, selected))[: len(structures)]
+    after, rebuilt = nl.rebuild_tracked(neighbors, moved_geometry, selected)
+    rebuilt = np.asarray(rebuilt)[: len(structures)]
     assert rebuilt.all() != partial and set(np.flatnonzero(rebuilt)) >= set(chosen)
-    after = nl.rebuild(neighbors, moved_geometry, selected)
+    assert not bool(nl.rebuild(neighbors, moved_geometry, selected).overflow)
     assert not bool(after.overflow)
     ours = our_pairs(after, first, system, len(structures))
     for k in range(len(structures)):
