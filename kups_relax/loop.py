@@ -331,11 +331,12 @@ def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, opt
 
 def _keep_unless_overflow(new: LoopState, state: LoopState, neighbors: nl.NeighborList) -> LoopState:
     # an overflowing neighbor list means wrong forces: keep the old state, flag it for the host
+    # a cond, not a select: selecting every array of the state (the L-BFGS history alone is
+    # 2 x memory x atoms x 3 floats) cost ~10 % of a step; overflow is rare
     overflow = neighbors.overflow
-    keep_old = lambda n, o: jnp.where(overflow, o, n)  # noqa: E731
-    out = jax.tree.map(keep_old, new._replace(neighbors=None), state._replace(neighbors=None))
-    kept_neighbors = jax.tree.map(keep_old, neighbors, state.neighbors)
-    return out._replace(neighbors=dataclasses.replace(kept_neighbors, overflow=overflow))
+    new = new._replace(neighbors=neighbors)
+    out = jax.lax.cond(overflow, lambda: state, lambda: new)
+    return out._replace(neighbors=dataclasses.replace(out.neighbors, overflow=overflow))
 
 
 def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets, optimizer,

@@ -53,7 +53,7 @@ class Capacities(NamedTuple):
         partial_cell_candidates: cell-list candidates of a partial rebuild (likewise, found
             only after binning: a partial rebuild that needs more is redone in full).
 
-    The partial capacities are an eighth of the full ones, and at least twice what the
+    The partial capacities are a quarter of the full ones, and at least twice what the
     largest system needs, so that rebuilding one or two systems never takes a full build.
     """
 
@@ -314,11 +314,11 @@ def _cells(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Arra
                                                 geometry.pbc[s_row], O)
     b_target = jnp.clip(_flat_bin(lay.bin_offset[s_row][:, None], nb_row[:, None, :], target), 0, B - 1)
     count = jnp.where(row_ok[:, None] & real, occupancy[b_target], 0).reshape(-1)  # (R * O,)
-    ends = jax.lax.associative_scan(jnp.add, count)
+    ends = jnp.cumsum(count)
     total = ends[-1]
     # candidate c belongs to segment q = #{segments ending at or before c}
     marks = jnp.zeros(K + 1, jnp.int32).at[jnp.minimum(ends[:-1], K)].add(1)
-    segment = jnp.minimum(jax.lax.associative_scan(jnp.add, marks)[:-1], R * O - 1)
+    segment = jnp.minimum(jnp.cumsum(marks)[:-1], R * O - 1)
     c = jnp.arange(K, dtype=jnp.int32)
     m = c - (ends - count)[segment]
     slot = start[b_target.reshape(-1)[segment]] + m
@@ -379,7 +379,8 @@ def _build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacitie
         # the selected systems' new pairs are found, compacted and decoded in a buffer of their
         # own, then merged behind the pairs the other systems keep (a slot emptied since has
         # padding rows: dropped). Searching costs what the capacities are, not what is needed,
-        # so a quarter-size search is tried first (the common one- or two-system rebuild).
+        # so a quarter-size search is tried first (the common one- or two-system rebuild in the
+        # loop; the full partial size is for refills).
         P = partial_pair_capacity(E)
         C, R = capacities.partial_candidates, capacities.partial_cell_rows
         K = capacities.partial_cell_candidates
@@ -498,7 +499,7 @@ def _search(geometry: Geometry, lay: _Layout, radius: float, caps: Capacities, s
 
 def partial_pair_capacity(pairs: int) -> int:
     """Rows for the new pairs of a partial rebuild (more -> :func:`rebuild` does a full one)."""
-    return bucket(pairs // 4, minimum=64)
+    return bucket(pairs // 3, minimum=64)
 
 
 def _compact(found: jax.Array, size: int):
@@ -507,8 +508,9 @@ def _compact(found: jax.Array, size: int):
     ``pick`` is ``len(found)`` (clipped to the last index) where ``real`` is False.
     """
     total = found.shape[0]
-    # XLA's CPU cumsum is ~2x slower than a work-efficient associative scan
-    slot = jax.lax.associative_scan(jnp.add, found.astype(jnp.int32)) - 1
+    # (lax.associative_scan runs ~2x faster on a CPU but doubled the compile time of every
+    # program holding a rebuild)
+    slot = jnp.cumsum(found.astype(jnp.int32)) - 1
     target = jnp.where(found & (slot < size), slot, size)  # out of range -> dropped
     pick = jnp.full(size, total, jnp.int32).at[target].set(jnp.arange(total, dtype=jnp.int32), mode="drop")
     real = pick < total
@@ -543,11 +545,13 @@ def rebuild_tracked(neighbors: NeighborList, geometry: Geometry, systems: jax.Ar
                 jnp.ones_like(systems))
 
     def partial():
-        out, too_many_new = _build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities,
-                                   neighbors.n_builds, systems=systems, keep=neighbors)
-        return jax.lax.cond(too_many_new, full, lambda: (out, systems))
+        return _build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities,
+                      neighbors.n_builds, systems=systems, keep=neighbors)
 
-    return jax.lax.cond(_partial_fits(neighbors, geometry, systems), partial, full)
+    # one full build in the program, for both ways a partial one can fail
+    out, need_full = jax.lax.cond(_partial_fits(neighbors, geometry, systems), partial,
+                                  lambda: (neighbors, jnp.asarray(True)))
+    return jax.lax.cond(need_full, full, lambda: (out, systems))
 
 
 def moved_too_far(neighbors: NeighborList, geometry: Geometry) -> jax.Array:
@@ -576,10 +580,12 @@ def pair_vectors(neighbors: NeighborList, positions: jax.Array, cell: jax.Array,
 
     ``cell`` may be a strained cell (for stress); ``shifts`` are in lattice vectors.
     """
-    S = cell.shape[0]
+    S, E = cell.shape[0], neighbors.capacity
     s = jnp.clip(system[neighbors.senders], 0, S - 1)
-    vec = positions[neighbors.receivers] - positions[neighbors.senders] + matvec_rows(neighbors.shifts, cell[s])
-    return jnp.where(neighbors.mask[:, None], vec, 0.0)
+    # one gather for both ends (its transpose, in the force pass, is one scatter instead of
+    # two); padding pairs are (0, 0) with a zero shift, so their vector is exactly zero
+    ends = positions[jnp.concatenate([neighbors.receivers, neighbors.senders])]
+    return ends[:E] - ends[E:] + matvec_rows(neighbors.shifts, cell[s])
 
 
 _build_jit = cached_jit(build, static_argnames=("cutoff", "skin", "capacities"))
@@ -646,10 +652,11 @@ def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
 
 def with_partial_capacities(caps: Capacities, largest_dense: int = 0, largest_rows: int = 0,
                             largest_candidates: int = 0) -> Capacities:
-    """``caps`` with partial capacities of at least an eighth of the full ones and twice the
-    largest system's needs (``largest_*``), never more than the full ones."""
+    """``caps`` with partial capacities of at least a quarter of the full ones (a refill of a
+    quarter of the slots is a partial rebuild) and twice the largest system's needs
+    (``largest_*``), never more than the full ones."""
     def partial(full, largest, current, minimum):
-        return min(full, max(current, bucket(max(full // 8, 2 * largest), minimum=minimum)))
+        return min(full, max(current, bucket(max(full // 4, 2 * largest), minimum=minimum)))
 
     return caps._replace(
         partial_candidates=partial(caps.dense_candidates, largest_dense, caps.partial_candidates, 64),

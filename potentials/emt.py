@@ -227,12 +227,13 @@ class EMT:
         d2 = jnp.sum(vec * vec, axis=-1)
         r = jnp.sqrt(jnp.where(neighbors.mask, d2, 1.0))  # padding pairs kept away from sqrt(0)
         inside = neighbors.mask & (r < rc_list)
-        # log(w) + log(chi) with w the logistic cutoff and chi = n0_j / n0_i (i = sender = "self")
-        log_w = -jnp.logaddexp(0.0, acut * (r - rc))
+        # w the logistic cutoff, chi = n0_j / n0_i (i = sender = "self"). w itself, not log(w):
+        # one exp per pair instead of an exp and a log1p (transcendentals are most of the cost)
+        w = 1.0 / (1.0 + jnp.exp(jnp.minimum(acut * (r - rc), 700.0)))
         log_chi = log_n0[zj] - log_n0[zi]
-        dsigma1 = jnp.exp(log_w + log_chi - table["eta2"][zj] * (r - BETA * table["s0"][zj]))
-        dsigma2_self = jnp.exp(log_w + log_chi - table["kappa"][zj] * (r / BETA - table["s0"][zj]))
-        dsigma2_other = jnp.exp(log_w - log_chi - table["kappa"][zi] * (r / BETA - table["s0"][zi]))
+        dsigma1 = w * jnp.exp(log_chi - table["eta2"][zj] * (r - BETA * table["s0"][zj]))
+        dsigma2_self = w * jnp.exp(log_chi - table["kappa"][zj] * (r / BETA - table["s0"][zj]))
+        dsigma2_other = w * jnp.exp(-log_chi - table["kappa"][zi] * (r / BETA - table["s0"][zi]))
         pair_as = 0.5 * (v_i * dsigma2_self + v_j * dsigma2_other)
 
         # one scatter for the three per-atom sums
