@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import jax.monitoring
 
+from . import executables
+
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -51,7 +53,5 @@ def compile_stats() -> CompileStats:
     ``cached`` counts both programs JAX's cache compiled from a saved XLA program and whole
     executables :mod:`kups_relax.executables` loaded from disk (no tracing, no lowering).
     """
-    from . import executables
-
     hits = _totals["hits"]
     return CompileStats(_totals["requests"] - hits, hits + executables.loaded_from_disk, _totals["seconds"])

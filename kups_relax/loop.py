@@ -28,7 +28,6 @@ programs (``cell_params=None``) carry no cell state and compute no stress.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax

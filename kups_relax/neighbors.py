@@ -24,7 +24,6 @@ order whatever slot it sits in.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -385,8 +384,8 @@ def _build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacitie
         C, R = capacities.partial_candidates, capacities.partial_cell_rows
         K = capacities.partial_cell_candidates
         C4, R4, K4 = bucket(C // 4, minimum=64), bucket(R // 4, minimum=8), bucket(K // 4, minimum=64)
-        small = (jnp.sum(_dense_counts(geometry, lay, systems)) <= C4) & (
-            jnp.sum(jnp.where(lay.use_cells & systems, geometry.n_atoms, 0)) <= R4)
+        dense_needed, rows_needed = _selection_size(geometry, lay, systems)
+        small = (dense_needed <= C4) & (rows_needed <= R4)
         new = jax.lax.cond(small, lambda: search(C4, R4, K4, P), lambda: search(C, R, K, P))
         # more new pairs or cell-list candidates than the partial buffers hold: build in full
         too_many_new = (new.n_found > P) | (new.cell_needs[2] > jnp.where(small, K4, K))
@@ -428,11 +427,11 @@ class _Found(NamedTuple):
     real: jax.Array  # (P,)
     n_found: jax.Array  # () pairs found (may exceed P)
     dense_total: jax.Array  # () dense candidates needed
-    cell_needs: tuple  # cell-list rows, bins, fullest bin, neighbouring bins needed
+    cell_needs: tuple  # cell-list rows, bins, cell-list candidates, neighbouring bins needed
 
 
 def _candidate_masks(geometry: Geometry, lay: _Layout, radius: float, caps: Capacities, systems: jax.Array):
-    """``(found_dense (C,), found_cells (R, O, M), dense, cells)``: which candidates are pairs."""
+    """``(found_dense (C,), found_cells (K,), dense, cells)``: which candidates are pairs."""
     A = geometry.n_atom_rows
     positions = geometry.positions
     cell_of_atom = geometry.cell[lay.system]
@@ -476,7 +475,8 @@ def _candidate_masks(geometry: Geometry, lay: _Layout, radius: float, caps: Capa
 def _search(geometry: Geometry, lay: _Layout, radius: float, caps: Capacities, systems: jax.Array,
             P: int) -> _Found:
     """Test every candidate of the selected systems (``caps.dense_candidates`` dense ones and
-    ``caps.cell_rows`` cell-list rows); keep the first ``P`` pairs within ``radius``, decoded."""
+    ``caps.cell_candidates`` from ``caps.cell_rows`` cell-list rows); keep the first ``P`` pairs
+    within ``radius``, decoded."""
     A = geometry.n_atom_rows
     positions = geometry.positions
     found_d, found_c, dense, cells = _candidate_masks(geometry, lay, radius, caps, systems)
@@ -727,9 +727,14 @@ def grow(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
     return allocate(geometry, neighbors.cutoff, neighbors.skin, capacities=floor)
 
 
+def _selection_size(geometry: Geometry, lay: _Layout, systems: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """What enumerating the ``(S,)`` selected systems needs: ``(dense candidates, cell-list rows)``."""
+    cell_rows = jnp.sum(jnp.where(lay.use_cells & systems, geometry.n_atoms, 0))
+    return jnp.sum(_dense_counts(geometry, lay, systems)), cell_rows
+
+
 def _partial_fits(neighbors: NeighborList, geometry: Geometry, systems: jax.Array) -> jax.Array:
     """Whether a partial rebuild of ``systems`` fits its capacities (else a full one is done)."""
     caps = neighbors.capacities
-    lay = _layout(geometry, neighbors.cutoff + neighbors.skin)
-    cell_rows = jnp.sum(jnp.where(lay.use_cells & systems, geometry.n_atoms, 0))
-    return (jnp.sum(_dense_counts(geometry, lay, systems)) <= caps.partial_candidates) & (cell_rows <= caps.partial_cell_rows)
+    dense, cell_rows = _selection_size(geometry, _layout(geometry, neighbors.cutoff + neighbors.skin), systems)
+    return (dense <= caps.partial_candidates) & (cell_rows <= caps.partial_cell_rows)
