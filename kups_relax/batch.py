@@ -4,8 +4,9 @@ Layout (``A`` = atom capacity, ``S`` = system capacity, both bucketed):
 
 * per-atom rows, flat over the whole batch: ``positions (A, 3)``, ``numbers (A,)``,
   ``system (A,)``, the constraint projections ``projection (A, 3, 3)`` and ``masses (A,)``. A system's atoms are contiguous, starting at
-  ``first_atom[s]``; padding rows carry ``system == S`` and are dropped by every
-  per-system reduction (see :mod:`kups_relax.segments`).
+  ``first_atom[s]``, a multiple of :data:`~kups_relax.segments.ROW_BLOCK`, and the rows up to
+  the next multiple are its padding; padding rows carry ``system == S`` and are dropped by
+  every per-system reduction (see :mod:`kups_relax.segments`).
 * per-system tables: ``cell (S, 3, 3)`` (rows are lattice vectors, Å, as in ASE),
   ``wrap_cell (S, 3, 3)``, ``pbc (S, 3)``, ``n_atoms (S,)``, ``first_atom (S,)``, ``fix_com (S,)``.
   Padding systems have no atoms.
@@ -27,6 +28,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from .buckets import bucket
 from .constraints import constraint_arrays
+from .segments import ROW_BLOCK
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 
@@ -130,11 +132,14 @@ class Batch:
         geometry: the device pytree.
         atoms: copies of the input structures, in slot order (slot ``i`` holds ``atoms[i]``).
         names: one name per structure (for error messages and outputs).
+        starts: first atom row of every structure (multiples of
+            :data:`~kups_relax.segments.ROW_BLOCK`).
     """
 
     geometry: Geometry
     atoms: list[Atoms]
     names: list[str]
+    starts: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def n_structures(self) -> int:
@@ -165,24 +170,24 @@ class Batch:
         names = list(names) if names is not None else [f"structure-{i}" for i in range(len(structures))]
         if len(names) != len(structures):
             raise ValueError("names must have one entry per structure")
-        n_total = sum(len(a) for a in structures)
+        starts = aligned_starts([len(a) for a in structures])
+        n_total = int(starts[-1]) if len(structures) else 0
         A = atom_capacity if atom_capacity is not None else bucket(n_total)
         S = system_capacity if system_capacity is not None else bucket(len(structures), minimum=1)
-        if A < n_total or S < len(structures):
-            raise ValueError(f"capacities ({A} atoms, {S} systems) too small for {n_total} atoms, {len(structures)} systems")
+        if A < n_total or S < len(structures) or A % ROW_BLOCK:
+            raise ValueError(f"capacities ({A} atoms, {S} systems) too small for {n_total} aligned atom rows, "
+                             f"{len(structures)} systems (the atom capacity must be a multiple of {ROW_BLOCK})")
 
         host = empty_arrays(A, S, first_atom=np.full(S, n_total, dtype=np.int32))
-        start = 0
         for s, (atoms, name) in enumerate(zip(structures, names)):
-            pack_structure(host, s, start, atoms, name)
-            start += len(atoms)
+            pack_structure(host, s, int(starts[s]), atoms, name)
         geometry = device_geometry(host, dtype)
-        return cls(geometry=geometry, atoms=[a.copy() for a in structures], names=names)
+        return cls(geometry=geometry, atoms=[a.copy() for a in structures], names=names,
+                   starts=[int(x) for x in starts[:-1]])
 
     def atom_slice(self, i: int) -> slice:
         """Rows of structure ``i`` in the per-atom arrays."""
-        start = sum(len(a) for a in self.atoms[:i])
-        return slice(start, start + len(self.atoms[i]))
+        return slice(self.starts[i], self.starts[i] + len(self.atoms[i]))
 
     def to_atoms(
         self,
@@ -200,16 +205,48 @@ class Batch:
         """
         positions = np.asarray(self.geometry.positions if positions is None else positions, dtype=np.float64)
         out = []
-        start = 0
         for s, atoms in enumerate(self.atoms):
-            rows = slice(start, start + len(atoms))
+            rows = self.atom_slice(s)
             out.append(with_results(
                 atoms, positions[rows],
                 energy=None if energies is None else energies[s],
                 forces=None if forces is None else forces[rows],
                 stress=None if stresses is None else stresses[s]))
-            start = rows.stop
         return out
+
+
+def aligned_rows(n_atoms: int) -> int:
+    """Rows a structure of ``n_atoms`` atoms occupies when packed alone: whole row blocks."""
+    return -(-int(n_atoms) // ROW_BLOCK) * ROW_BLOCK
+
+
+def aligned_starts(sizes: Sequence[int]) -> np.ndarray:
+    """``(n + 1,)`` first rows of structures of these sizes packed one after another in whole
+    row blocks; the last entry is the rows used."""
+    rows = np.array([aligned_rows(n) for n in sizes], dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(rows)])
+
+
+def check_row_blocks(system: np.ndarray, n_systems: int) -> None:
+    """Raise ``ValueError`` unless every :data:`~kups_relax.segments.ROW_BLOCK`-row block holds
+    rows of at most one system followed by padding (what the blocked reductions rely on)."""
+    system = np.asarray(system)
+    if system.shape[0] % ROW_BLOCK:
+        raise ValueError(f"atom capacity {system.shape[0]} is not a multiple of {ROW_BLOCK}")
+    blocks = system.reshape(-1, ROW_BLOCK)
+    head = blocks[:, :1]
+    ok = (blocks == head) | (blocks == n_systems)
+    # padding rows may only follow a block's atoms, never precede them
+    starts_padded = (head == n_systems) & (blocks != n_systems)
+    if not ok.all() or starts_padded.any():
+        bad = int(np.flatnonzero(~ok.all(axis=1) | starts_padded.any(axis=1))[0])
+        raise ValueError(f"atom rows {bad * ROW_BLOCK}-{bad * ROW_BLOCK + ROW_BLOCK - 1} mix systems "
+                         f"{sorted(set(blocks[bad].tolist()))}: systems must start on {ROW_BLOCK}-row blocks")
+
+
+#: Host arrays of a :class:`Geometry` with one row per atom, and with one row per system.
+PER_ATOM_FIELDS = ("positions", "numbers", "system", "projection", "masses")
+PER_SYSTEM_FIELDS = ("cell", "wrap_cell", "pbc", "n_atoms", "first_atom", "fix_com")
 
 
 def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray) -> dict[str, np.ndarray]:
@@ -241,6 +278,7 @@ def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: At
 def device_geometry(host: dict[str, np.ndarray], dtype: str = "float64") -> Geometry:
     """The :class:`Geometry` of host arrays, floats in ``dtype``."""
     f = DTYPES[dtype]
+    check_row_blocks(host["system"], host["cell"].shape[0])
     return Geometry(
         positions=jnp.asarray(host["positions"], f), numbers=jnp.asarray(host["numbers"]),
         system=jnp.asarray(host["system"]), projection=jnp.asarray(host["projection"], f),

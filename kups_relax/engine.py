@@ -21,15 +21,16 @@ import numpy as np
 from ase import Atoms
 
 from . import neighbors as nl
-from .batch import DTYPES, Geometry, device_geometry, empty_arrays, pack_structure, with_results
+from .batch import (DTYPES, PER_ATOM_FIELDS, PER_SYSTEM_FIELDS, Geometry, device_geometry, empty_arrays,
+                    pack_structure, with_results)
 from .buckets import bucket
 from .layout import SlotLayout, atoms_budget, plan_layout, shares_batch, slot_size
 from .compile_stats import compile_stats
-from .evaluate import evaluate
 from .executables import cached_jit
 from .filters import (CellFilter, check_variable_cell, device_cell_params, empty_cell_table, pack_cell,
                       resolve_cell_filter, resolve_cell_filters)
-from .loop import BLEW_APART, RUNNING, STATUS_NAMES, Targets, admit, current_geometry, initial_state, run_chunk, with_neighbors
+from .loop import (BLEW_APART, RUNNING, STATUS_NAMES, Targets, admit, compact, current_geometry, initial_state,
+                   run_chunk, system_cutoffs, with_neighbors)
 from .transforms import Transform, ase_fire, ase_lbfgs, is_optax_spec, optax_optimizer
 from .transforms.optax_adapter import OPTIMIZERS as OPTAX_OPTIMIZERS
 from .validate import InvalidStructure, check_structure
@@ -44,6 +45,13 @@ DEFAULT_MAX_STEPS = 10_000
 #: rebuild for the candidates: on the 64-metal EMT set 0.3/0.5/1.0 Å took 7.7/9.1/11.4 s warm,
 #: on a 256-structure stream 0.3 and 1.0 Å tied, and SevenNet-0 ran 2x faster at 0.3 than 1.0.
 DEFAULT_SKIN = 0.5
+
+#: When nothing waits for its slots, a batch whose running systems fit a batch this many times
+#: smaller is compacted into one (every compacted shape is a set of programs to compile once).
+COMPACTION_FACTOR = 4
+#: Batches are compacted down to this many atom rows; below it a step costs little more than its
+#: fixed overhead.
+MIN_COMPACTED_ROWS = 256
 
 #: Default limit on how far any atom may move from its starting position, Å: a relaxation
 #: that takes an atom further has almost surely blown apart (atoms evaporating, a cell
@@ -374,7 +382,14 @@ def _stream(jobs: Iterator[Job], potential, transform, dtype, skin, chunk_steps,
                 del batches[key]
                 continue
             more_coming = bool(queue) or not exhausted
-            for job, result in batch.run_chunk(chunk_steps, refill_at=max(1, batch.n_slots // 4) if more_coming else None):
+            if more_coming:
+                refill_at = max(1, batch.n_slots // 4)
+            else:
+                # nothing will take the freed slots: stop when the running systems fit a batch
+                # a quarter of the size, and move them there (no idle slots)
+                batch.compact()
+                refill_at = batch.stops_before_compaction()
+            for job, result in batch.run_chunk(chunk_steps, refill_at=refill_at):
                 finished += 1
                 yield job, result
             in_flight = sum(b.n_running for b in batches.values()) + sum(len(q) for q in pending.values())
@@ -399,6 +414,7 @@ class SlotBatch:
     """
 
     def __init__(self, layout: SlotLayout, potential, transform, dtype, skin, trajectory, variable_cell=False):
+        self.base_shape = (layout.n_rows, layout.n_slots)  # compaction levels halve this shape
         self.layout = layout
         self.slot_atoms = np.asarray(layout.slot_atoms, np.int64)
         self.first = layout.first_atom
@@ -487,7 +503,8 @@ class SlotBatch:
         self.geometry = self._device_geometry()
         targets = self._targets()
         if self.state is None:
-            neighbors = nl.allocate(self.geometry, self.potential.cutoff, self.skin)
+            neighbors = nl.allocate(self.geometry, self.potential.cutoff, self.skin, block=self.layout.largest,
+                                    cutoffs=_system_cutoffs(self.potential, self.geometry, cutoff=float(self.potential.cutoff)))
             self.state = initial_state(self.geometry, self.potential, neighbors, targets, optimizer=self.transform,
                                        cell_params=self._cell_params())
         else:
@@ -528,6 +545,94 @@ class SlotBatch:
         changed = ", ".join(f"{k} {a} -> {b}" for k, a, b in zip(old._fields, old, grown.capacities) if a != b)
         logger.info("neighbor list overflow: %s (a new program for this batch)", changed)
 
+    def compaction_target(self, running: int | None = None, rows: int | None = None) -> tuple[int, int] | None:
+        """``(atom rows, slots)`` of the smallest compaction level that holds ``running`` systems of
+        ``rows`` rows in all (default: the running ones), if smaller than the batch now.
+
+        Levels divide the batch's first shape by :data:`COMPACTION_FACTOR` at a time (``A / 4**l``,
+        ``S / 4**l``), never below :data:`MIN_COMPACTED_ROWS`: a batch shape has a fixed, short
+        list of compacted shapes (two for 8192 rows), so a warm cache holds every program
+        compaction can ask for.
+        """
+        if running is None:
+            running = self.n_running
+            rows = int(sum(self.slot_atoms[s] for s, job in enumerate(self.jobs) if job is not None))
+        A0, S0 = self.base_shape
+        A_now = self.layout.n_rows
+        best = None
+        level = 1
+        while True:
+            shrink = COMPACTION_FACTOR ** level
+            A_l, S_l = A0 // shrink, max(1, S0 // shrink)
+            if A_l < MIN_COMPACTED_ROWS or A_l % 8 or A_l * shrink != A0:
+                break
+            if rows > A_l or running > S_l:
+                break
+            if A_l < A_now:
+                best = (A_l, S_l)
+            level += 1
+        return best
+
+    def stops_before_compaction(self) -> int | None:
+        """How many running systems should stop before the batch is compacted to the next level
+        (``run_chunk``'s ``stop_after``), or ``None`` when it cannot be compacted further.
+
+        Which systems stop first is not known; the estimate takes the running rows to shrink in
+        proportion to the systems (if they do not fit after all, the next chunk waits for more)."""
+        sizes = [int(self.slot_atoms[s]) for s, job in enumerate(self.jobs) if job is not None]
+        n, rows = len(sizes), sum(sizes)
+        if n == 0 or self.compaction_target(1, max(sizes)) is None:
+            return None
+        for stopped in range(1, n):
+            left = n - stopped
+            if self.compaction_target(left, max(int(np.ceil(rows * left / n)), max(sizes) if left == 1 else 0)):
+                return stopped
+        return n
+
+    def compact(self) -> bool:
+        """Move the running systems into a batch of the smallest compaction level that holds them
+        (:func:`~kups_relax.loop.compact`: their state carries over exactly); ``False`` if none."""
+        target = self.compaction_target()
+        if target is None or self.state is None:
+            return False
+        A_new, S_new = target
+        A_old, S_old = self.layout.n_rows, self.n_slots
+        running = [s for s, job in enumerate(self.jobs) if job is not None]
+        layout = SlotLayout(tuple([int(self.slot_atoms[s]) for s in running] + [0] * (S_new - len(running))), A_new)
+        first_new = layout.first_atom
+        host = empty_arrays(A_new, S_new, first_atom=np.full(S_new, sum(layout.slot_atoms)))
+        rows_map = np.full(A_new, A_old, np.int32)
+        systems_map = np.full(S_new, S_old, np.int32)
+        for t, s in enumerate(running):
+            n = int(self.slot_atoms[s])
+            old, new = slice(int(self.first[s]), int(self.first[s]) + n), slice(int(first_new[t]), int(first_new[t]) + n)
+            rows_map[new] = np.arange(old.start, old.stop)
+            systems_map[t] = s
+            for key in PER_ATOM_FIELDS:
+                host[key][new] = self.host[key][old]
+            host["system"][new] = np.where(self.host["system"][old] < S_old, t, S_new)
+            for key in PER_SYSTEM_FIELDS:
+                host[key][t] = self.host[key][s]
+            host["first_atom"][t] = first_new[t]
+        self.state = compact(self.state, jnp.asarray(rows_map), jnp.asarray(systems_map), optimizer=self.transform)
+        logger.debug("compacted %d running systems: %d -> %d atom rows, %d -> %d slots",
+                     len(running), A_old, A_new, S_old, S_new)
+        self.layout, self.host = layout, host
+        self.slot_atoms = np.asarray(layout.slot_atoms, np.int64)
+        self.first, self.n_slots = first_new, layout.n_slots
+        pad = np.zeros(S_new - len(running), np.int64)
+        self.fmax = np.concatenate([self.fmax[running], pad.astype(float)])
+        self.max_steps = np.concatenate([self.max_steps[running], pad])
+        self.max_displacement = np.concatenate([self.max_displacement[running], np.full(len(pad), np.inf)])
+        self.jobs = [self.jobs[s] for s in running] + [None] * len(pad)
+        if self.cell_table is not None:
+            table = empty_cell_table(S_new)
+            for key in table:
+                table[key][:len(running)] = self.cell_table[key][running]
+            self.cell_table = table
+        self.geometry = self._device_geometry()
+        return True
+
     def run_chunk(self, chunk_steps: int, refill_at: int | None):
         """Run one chunk of steps; yield the systems that stopped."""
         state, chunk = run_chunk(self.state, self.geometry, self.potential, self._targets(),
@@ -563,11 +668,9 @@ class SlotBatch:
         positions, forces = np.asarray(self.state.positions), np.asarray(self.state.forces)
         energy, fmax, steps = np.asarray(self.state.energy), np.asarray(self.state.fmax), np.asarray(self.state.steps)
         cells = None
-        if self.state.cell is not None:  # variable cell: the loop's stress is current
-            stress, cells = np.asarray(self.state.stress), np.asarray(self.state.cell)
-        else:
-            stress = np.asarray(_final_stress(self.potential, self.geometry.replace(positions=self.state.positions),
-                                              self.state.neighbors))
+        # the loop's stress is current for every stopped system (run_chunk evaluates it when they stop)
+        stress = np.asarray(self.state.stress)
+        cells = np.asarray(self.state.cell) if self.state.cell is not None else None
         for slot in done:
             job = self.jobs[slot]
             rows = self._rows(slot)
@@ -595,8 +698,6 @@ class SlotBatch:
             yield job, result
 
 
-@cached_jit
-def _final_stress(potential, geometry, neighbors):
-    # the loop keeps the list current for every system's present positions (it is updated at
-    # each step's positions, and stopped systems no longer move), so no rebuild is compiled here
-    return evaluate(potential, geometry, neighbors, compute_stress=True).stress
+@cached_jit(static_argnames=("cutoff",))
+def _system_cutoffs(potential, geometry, cutoff):
+    return system_cutoffs(potential, geometry, cutoff)

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .batch import aligned_rows
 from .buckets import bucket
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,9 @@ class SlotLayout:
 
 
 def slot_size(n_atoms: int) -> int:
-    """The slot a structure of ``n_atoms`` atoms needs (its capacity bucket)."""
-    return bucket(n_atoms, minimum=MIN_SLOT)
+    """The slot a structure of ``n_atoms`` atoms needs: its capacity bucket, in whole row blocks
+    (:data:`~kups_relax.segments.ROW_BLOCK`; so 9-12 atoms take 16 rows, not 12)."""
+    return aligned_rows(bucket(n_atoms, minimum=MIN_SLOT))
 
 
 def shares_batch(n_atoms: int, atoms_per_batch: int) -> bool:

@@ -74,8 +74,8 @@ class LoopState(NamedTuple):
         neighbors: the :class:`~kups_relax.neighbors.NeighborList`.
         energy: ``(S,)`` eV at ``positions``.
         forces: ``(A, 3)`` eV/Å at ``positions`` (raw, before constraints).
-        stress: ``(S, 3, 3)`` eV/Å³ (not computed during a positions-only relaxation: zeros;
-            the engine evaluates the final stress once at the end).
+        stress: ``(S, 3, 3)`` eV/Å³ (a positions-only relaxation computes it at step 0 and once
+            more when a system stops, at the end of that chunk).
         fmax: ``(S,)`` largest per-atom force norm after constraints, eV/Å (variable cell:
             the largest row norm of the filter's forces, cell rows included, as ASE's).
         steps: ``(S,)`` steps taken (ASE's ``nsteps``).
@@ -159,6 +159,16 @@ def _status_after_step(status, active, finite, within, fmax_new, steps, targets:
            jnp.where(moved & (steps >= targets.max_steps), UNCONVERGED, status))))
 
 
+def system_cutoffs(potential, geometry: Geometry, cutoff: float) -> jax.Array:
+    """``(S,)`` every system's interaction range, Å: the potential's ``system_cutoffs`` when it
+    has one (e.g. EMT with ASAP's cutoff, from the elements present), else ``cutoff`` (the
+    potential's, read on the host: under jit a potential's parameters are tracers)."""
+    per_system = getattr(potential, "system_cutoffs", None)
+    if per_system is None:
+        return jnp.full(geometry.n_systems, cutoff, geometry.positions.dtype)
+    return jnp.minimum(per_system(geometry), cutoff)
+
+
 def _rows(geometry: Geometry, systems: jax.Array) -> jax.Array:
     padded = jnp.concatenate([systems, jnp.zeros((1,), bool)])
     return padded[jnp.clip(geometry.system, 0, geometry.n_systems)]
@@ -178,10 +188,11 @@ def _index(geometry: Geometry, cell_params: CellParams | None):
     from .transforms import SystemIndex
 
     S = geometry.n_systems
+    A = geometry.n_atom_rows
     if cell_params is None:
-        return SystemIndex(geometry.system, S)
+        return SystemIndex(geometry.system, S, aligned=A)
     cell_rows = jnp.repeat(jnp.arange(S, dtype=geometry.system.dtype), 3)
-    return SystemIndex(jnp.concatenate([geometry.system, cell_rows]), S)
+    return SystemIndex(jnp.concatenate([geometry.system, cell_rows]), S, aligned=A)
 
 
 def _filter_forces(forces, stress, cell, dof, geometry: Geometry, cell_params: CellParams):
@@ -226,7 +237,9 @@ def initial_state(geometry: Geometry, potential, neighbors: nl.NeighborList, tar
                   optimizer, cell_params: CellParams | None = None) -> LoopState:
     """Evaluate the starting geometry and set every system's status (ASE's step 0)."""
     variable = cell_params is not None
-    ev = evaluate(potential, geometry, neighbors, compute_stress=variable)
+    # the stress of every system, also for those that stop at step 0 (positions-only runs keep
+    # the stress of where each system stopped, see run_chunk)
+    ev = evaluate(potential, geometry, neighbors, compute_stress=True)
     index = _index(geometry, cell_params)
     if not variable:
         fmax = _max_force(adjust_forces(ev.forces, geometry), geometry)
@@ -243,13 +256,6 @@ def initial_state(geometry: Geometry, potential, neighbors: nl.NeighborList, tar
         energy=ev.energy, forces=ev.forces, stress=ev.stress, fmax=fmax,
         steps=jnp.zeros(geometry.n_systems, jnp.int32), status=status.astype(jnp.int32), **extra,
     )
-
-
-def _reindex(opt_state, index):
-    from .transforms import SystemIndex
-
-    return jax.tree.map(lambda x: index if isinstance(x, SystemIndex) else x, opt_state,
-                        is_leaf=lambda x: isinstance(x, SystemIndex))
 
 
 @cached_jit(static_argnames=("optimizer",))
@@ -272,8 +278,10 @@ def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, adm
         current = geometry.replace(positions=positions, cell=cell, wrap_cell=wrap)
     else:
         current = geometry.replace(positions=positions)
-    neighbors, rebuilt = nl.rebuild_tracked(state.neighbors, current, admitted)
-    ev = evaluate(potential, current, neighbors, compute_stress=variable)
+    cutoffs = jnp.where(admitted, system_cutoffs(potential, current, state.neighbors.cutoff), state.neighbors.cutoffs)
+    neighbors, rebuilt = nl.rebuild_tracked(state.neighbors, current, admitted, cutoffs)
+    neighbors = nl.clear_padding(neighbors, current)
+    ev = evaluate(potential, current, neighbors, compute_stress=True)
     if variable:
         generalized, _ = _filter_forces(ev.forces, ev.stress, cell, dof, geometry, cell_params)
         fmax = _filter_fmax(generalized, geometry)
@@ -281,11 +289,10 @@ def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, adm
                      stress=_sel(admitted, ev.stress, state.stress))
     else:
         fmax = _max_force(adjust_forces(ev.forces, geometry), geometry)
-        extra = dict(stress=state.stress)
+        extra = dict(stress=_sel(admitted, ev.stress, state.stress))
     status = _step_zero(fmax, ev, geometry, targets)
-    # forget the old occupants' history under the old row index, then the new one's rows
-    opt_state = optimizer.reset(state.opt_state, admitted)
-    opt_state = optimizer.reset(_reindex(opt_state, _index(geometry, cell_params)), admitted)
+    # the new occupants start afresh (their rows are the slot's rows: the index does not change)
+    opt_state = optimizer.reset(state.opt_state, admitted, _index(geometry, cell_params))
     return LoopState(
         positions=positions, opt_state=opt_state, neighbors=neighbors,
         energy=jnp.where(admitted, ev.energy, state.energy),
@@ -297,11 +304,62 @@ def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, adm
     )
 
 
+@cached_jit(static_argnames=("optimizer",))
+def compact(state: LoopState, rows: jax.Array, systems: jax.Array, optimizer) -> LoopState:
+    """The state of a smaller batch that keeps some systems (no-idle-slots compaction).
+
+    ``rows (A',)``: the old atom row of every new row (``A``, one past the old last row, for new
+    padding rows); ``systems (S',)``: the old slot of every new slot (``S`` for an empty slot).
+    Whole systems move: their atoms keep their relative order, their optimizer state moves with
+    them (:meth:`Transform.take`), and their neighbor-matrix columns are carried over with the
+    atom indices renumbered, so nothing is rebuilt or re-evaluated and the systems continue
+    exactly where they were (bit for bit, as if nothing had happened).
+    """
+    A, S = state.positions.shape[0], state.energy.shape[0]
+    A_new, S_new = rows.shape[0], systems.shape[0]
+    real_row = rows < A
+    real_system = systems < S
+
+    def by_row(x):
+        return jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
+
+    def by_system(x, fill=0):
+        taken = jnp.take(x, systems, axis=0, mode="fill", fill_value=0)
+        return jnp.where(real_system.reshape((-1,) + (1,) * (x.ndim - 1)), taken, fill)
+
+    # old atom index -> new atom index (the dummy atom A -> the new dummy A_new)
+    renumber = jnp.full(A + 1, A_new, jnp.int32).at[jnp.where(real_row, rows, A)].set(
+        jnp.arange(A_new, dtype=jnp.int32), mode="drop").at[A].set(A_new)
+    old = state.neighbors
+    columns = jnp.take(old.neighbors, rows, axis=1, mode="fill", fill_value=A)
+    neighbors = dataclasses.replace(
+        old, neighbors=renumber[columns],
+        shifts=jnp.take(old.shifts, rows, axis=1, mode="fill", fill_value=0),
+        cutoffs=by_system(old.cutoffs), reference_positions=by_row(old.reference_positions),
+        n_pairs=jnp.sum(columns < A), overflow=jnp.asarray(False))
+    eye = jnp.eye(3, dtype=state.positions.dtype)
+    extra = {}
+    opt_rows = rows
+    if state.cell is not None:
+        # the optimizer's rows are the atoms, then 3 cell rows per system (see _index)
+        n_opt = A + 3 * S
+        cell_rows = jnp.where(real_system[:, None], A + 3 * systems[:, None] + jnp.arange(3)[None, :], n_opt)
+        opt_rows = jnp.concatenate([jnp.where(real_row, rows, n_opt), cell_rows.reshape(-1)])
+        extra = dict(cell=by_system(state.cell, eye), cell_dof=by_system(state.cell_dof),
+                     nl_cell=by_system(state.nl_cell, eye))
+    return LoopState(
+        positions=by_row(state.positions), opt_state=optimizer.take(state.opt_state, opt_rows, systems),
+        neighbors=neighbors, energy=by_system(state.energy), forces=by_row(state.forces),
+        stress=by_system(state.stress), fmax=by_system(state.fmax), steps=by_system(state.steps),
+        status=by_system(state.status, EMPTY).astype(jnp.int32), **extra)
+
+
 def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, optimizer):
     active = state.status == RUNNING
     row_active = _rows(geometry, active)
     forces_c = adjust_forces(state.forces, geometry)
-    updates, opt_state = optimizer.update(-forces_c, state.opt_state, state.positions, active)
+    updates, opt_state = optimizer.update(-forces_c, state.opt_state, state.positions, active,
+                                          _index(geometry, None))
     updates = jnp.where(row_active[:, None], adjust_step(updates, geometry), 0.0)
     trial = geometry.replace(positions=state.positions + updates)
 
@@ -352,7 +410,7 @@ def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets
     z = jnp.where(_rows(geometry, cp.variable)[:, None],
                   filters.to_reference(state.positions, F, geometry.system), state.positions)
     params = jnp.concatenate([z, state.cell_dof.reshape(-1, 3)])
-    updates, opt_state = optimizer.update(-generalized, state.opt_state, params, active)
+    updates, opt_state = optimizer.update(-generalized, state.opt_state, params, active, _index(geometry, cp))
     gen_active = jnp.concatenate([row_active, jnp.repeat(moving, 3)])
     updates = jnp.where(gen_active[:, None], updates, 0.0)
 
@@ -454,4 +512,13 @@ def run_chunk(state: LoopState, geometry: Geometry, potential, targets: Targets,
 
     state = state._replace(neighbors=dataclasses.replace(state.neighbors, overflow=jnp.asarray(False)))
     state, frames, _ = jax.lax.while_loop(cond, body, (state, frames, jnp.asarray(0)))
+    if cell_params is None:
+        # positions-only steps compute no stress: evaluate it once for the systems that stopped
+        stopped = running_at_start & (state.status != RUNNING)
+
+        def with_stress():
+            ev = evaluate(potential, geometry.replace(positions=state.positions), state.neighbors, compute_stress=True)
+            return state._replace(stress=_sel(stopped, ev.stress, state.stress))
+
+        state = jax.lax.cond(jnp.any(stopped) & ~state.neighbors.overflow, with_stress, lambda: state)
     return state, frames

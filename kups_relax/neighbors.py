@@ -1,24 +1,35 @@
-"""Batched neighbor lists with explicit capacities, an overflow flag and a Verlet skin.
+"""Batched neighbor lists: a per-atom neighbor matrix with explicit capacities, an overflow flag and a Verlet skin.
 
-A :class:`NeighborList` holds every ordered pair ``(i, j)`` (both directions, as
-ASE's ``bothways=True``) of atoms of the same system closer than
-``cutoff + skin``, with the integer lattice ``shifts`` of the periodic image:
-the pair vector is ``positions[j] - positions[i] + shifts @ cell[system[i]]``.
-There are never pairs across systems. Positions are never wrapped by the engine;
-shifts are computed for the unwrapped positions, so they stay valid as atoms move.
+A :class:`NeighborList` holds, for every atom ``i``, the atoms ``j`` of the same system
+closer than ``cutoff_s + skin`` (``cutoff_s`` the system's own interaction range, at most
+``cutoff``) in a fixed-width column of a **neighbor matrix** ``neighbors (K, A)``: entry
+``[k, i]`` is the ``k``-th neighbour of atom ``i``, with the integer lattice ``shifts[k, i]``
+of its periodic image. The vector from ``i`` to that neighbour is
+``positions[j] - positions[i] + shifts[k, i] @ cell[system[i]]``. Every pair appears from both
+ends (ASE's ``bothways=True``), and never across systems. Unused entries point at the dummy
+atom ``A`` (one past the last row) with a zero shift; :func:`kups_relax.pairs.pair_geometry`
+masks them. Positions are never wrapped by the engine; shifts are computed for the
+unwrapped positions, so they stay valid as atoms move.
+
+The matrix is stored neighbour-major, ``(K, A)``: every per-pair quantity of a potential is
+then an array whose rows are contiguous over atoms, a reduction over a row's neighbours is an
+element-wise sum of ``K`` such rows, and the only gathers are 1-D reads of per-atom columns at
+``neighbors`` (``x[neighbors]``). Analytic forces need nothing else (no scatter, no transposed
+gather): see :mod:`kups_relax.pairs`.
 
 Shapes are capacities (jax-md style): ``allocate`` on the host chooses them,
-``update`` under jit rebuilds the list when some atom moved more than half the
-skin since the last build and raises ``overflow`` when a capacity was too small;
-the host then grows the capacity and redoes the step.
+``update`` under jit rebuilds the systems in which some atom moved more than half the
+skin since the last build, and raises ``overflow`` when a capacity was too small (the
+matrix width ``K`` included); the host then grows the capacity and redoes the step.
 
 Candidate pairs are enumerated per system, in one of two ways, whichever is
 expected to test fewer candidates (:func:`_bin_plan`): all atom pairs of the
 system times all periodic images needed to reach ``cutoff + skin`` (a ragged
 enumeration whose length is the sum over systems of ``n_atoms**2 * n_images``,
 so a batch of small systems costs what its systems cost), or a cell list with
-bins half the radius wide. Either way a system's pairs come out in the same
-order whatever slot it sits in.
+bins half the radius wide. The pairs found are compacted into a flat buffer (``pairs``
+rows) with each atom's pairs contiguous, then written into the matrix. Either way an atom's
+neighbours come out in the same order whatever slot its system sits in.
 """
 
 from __future__ import annotations
@@ -33,27 +44,33 @@ import numpy as np
 from .batch import Geometry
 from .buckets import bucket
 from .executables import cached_jit
+from .segments import segment_any
 
 
 class Capacities(NamedTuple):
-    """Static sizes of a neighbor-list build (all bucketed).
+    """Static sizes of neighbor-list builds (all bucketed).
+
+    A **full build** enumerates every system at once:
 
     Attributes:
-        pairs: pair rows ``E``.
+        pairs: rows of the flat buffer a full build compacts its pairs into (``E``).
         dense_candidates: candidate pairs of the systems enumerated all-pairs.
         cell_rows: atoms of the systems enumerated with a cell list.
         bins: cell-list bins over all those systems.
         cell_candidates: candidate pairs of the cell-list systems (each atom times the atoms
             of its neighbouring bins).
         offsets: neighbouring bins visited per atom (27 unless a cell is thinner than the cutoff).
-        partial_candidates: candidate pairs of a partial rebuild (only the systems that need
-            one); a larger partial rebuild falls back to a full one.
-        partial_cell_rows: atoms of a partial rebuild's cell-list systems (likewise).
-        partial_cell_candidates: cell-list candidates of a partial rebuild (likewise, found
-            only after binning: a partial rebuild that needs more is redone in full).
+        neighbors: width ``K`` of the neighbor matrix (most neighbours of any atom).
 
-    The partial capacities are a quarter of the full ones, and at least twice what the
-    largest system needs, so that rebuilding one or two systems never takes a full build.
+    A **system rebuild** (the loop's common case: the few systems whose atoms used up half the
+    skin) enumerates one system at a time, at a cost that is that system's, not the batch's:
+
+    Attributes:
+        block: most atom rows of one system (its slot), the width of the matrix block it writes.
+        system_dense: candidate pairs of one all-pairs system.
+        system_rows: atoms of one cell-list system.
+        system_bins: bins of one cell-list system.
+        system_cell_candidates: cell-list candidates of one system.
     """
 
     pairs: int
@@ -62,36 +79,50 @@ class Capacities(NamedTuple):
     bins: int = 8
     cell_candidates: int = 64
     offsets: int = 27
-    partial_candidates: int = 64
-    partial_cell_rows: int = 8
-    partial_cell_candidates: int = 64
+    neighbors: int = 8
+    block: int = 8
+    system_dense: int = 64
+    system_rows: int = 8
+    system_bins: int = 8
+    system_cell_candidates: int = 64
+
+    def one_system(self) -> "Capacities":
+        """The capacities of a search over one system."""
+        return self._replace(dense_candidates=self.system_dense, cell_rows=self.system_rows, bins=self.system_bins,
+                             cell_candidates=self.system_cell_candidates)
+
+
+#: The capacities a build reports needing (``NeighborList.needed``), in this order.
+NEEDED_FIELDS = ("dense_candidates", "cell_rows", "bins", "cell_candidates", "offsets", "neighbors",
+                 "system_dense", "system_rows", "system_bins", "system_cell_candidates")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NeighborList:
-    """Fixed-capacity pair list of a batch (a pytree).
+    """Fixed-capacity neighbor matrix of a batch (a pytree).
 
     Attributes:
-        senders: ``(E,)`` atom ``i`` of each pair (0 for padding pairs).
-        receivers: ``(E,)`` atom ``j`` of each pair.
-        shifts: ``(E, 3)`` integer image shifts (stored as floats), in lattice vectors.
-        mask: ``(E,)`` True for real pairs.
+        neighbors: ``(K, A)`` int32, ``neighbors[k, i]`` is atom ``i``'s ``k``-th neighbour
+            (``A``, the dummy atom, where it has fewer than ``K``).
+        shifts: ``(K, A, 3)`` int16 lattice shifts of each neighbour's periodic image.
+        cutoffs: ``(S,)`` every system's interaction range, Å (at most ``cutoff``); pairs are
+            listed out to ``cutoffs + skin``.
         reference_positions: ``(A, 3)`` positions at the last build, Å.
-        n_pairs: ``()`` pairs found at the last build (may exceed ``E`` on overflow).
-        needed: ``(5,)`` what the last build needed of ``dense_candidates, cell_rows, bins,
-            cell_candidates, offsets`` (compared with ``capacities`` to detect overflow).
+        n_pairs: ``()`` pairs (matrix entries) found at the last build (may exceed the
+            capacities on overflow).
+        needed: ``(10,)`` what the last full build needed of the capacities named in
+            :data:`NEEDED_FIELDS` (compared with ``capacities`` to detect overflow).
         overflow: ``()`` True when a capacity was too small at the last build.
         n_builds: ``()`` builds so far (diagnostics).
-        cutoff: interaction cutoff, Å (static).
+        cutoff: largest interaction cutoff, Å (static).
         skin: Verlet skin, Å (static).
         capacities: the static :class:`Capacities`.
     """
 
-    senders: jax.Array
-    receivers: jax.Array
+    neighbors: jax.Array
     shifts: jax.Array
-    mask: jax.Array
+    cutoffs: jax.Array
     reference_positions: jax.Array
     n_pairs: jax.Array
     needed: jax.Array
@@ -102,8 +133,14 @@ class NeighborList:
     capacities: Capacities = dataclasses.field(metadata=dict(static=True))
 
     @property
-    def capacity(self) -> int:
-        return self.senders.shape[0]
+    def width(self) -> int:
+        """Matrix width ``K`` (static)."""
+        return self.neighbors.shape[0]
+
+    @property
+    def mask(self) -> jax.Array:
+        """``(K, A)`` True for real neighbours."""
+        return self.neighbors < self.neighbors.shape[1]
 
 
 #: Bins are at least this fraction of ``cutoff + skin`` wide. Half-width bins visit
@@ -292,16 +329,20 @@ def _cells(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Arra
     """Bin the atoms of the selected cell-list systems (``caps.cell_rows`` of them at most); list
     each atom's neighbouring bins' atoms as ``caps.cell_candidates`` candidates (ragged: a bin
     contributes as many candidates as it holds atoms, so crowded bins cost nothing elsewhere)."""
-    A = geometry.n_atom_rows
+    A, S = geometry.n_atom_rows, geometry.n_systems
     R, B, K, O = caps.cell_rows, caps.bins, caps.cell_candidates, caps.offsets
-    in_cells = (lay.use_cells & systems)[lay.system] & geometry.atom_mask
+    selected = lay.use_cells & systems
+    # bins are numbered over the selected systems only, so one system's search needs its own bins
+    cell_bins = jnp.where(selected, jnp.prod(lay.n_bins, axis=-1), 0)
+    bin_offset = jnp.cumsum(cell_bins) - cell_bins
+    in_cells = selected[lay.system] & geometry.atom_mask
     n_rows = jnp.sum(in_cells)
     (rows,) = jnp.nonzero(in_cells, size=R, fill_value=A)
     row_ok = rows < A
     rows_c = jnp.clip(rows, 0, A - 1)
     s_row = lay.system[rows_c]
     nb_row = lay.n_bins[s_row]
-    key = jnp.where(row_ok, _flat_bin(lay.bin_offset[s_row], nb_row, lay.bin_coord[rows_c]), B)
+    key = jnp.where(row_ok, _flat_bin(bin_offset[s_row], nb_row, lay.bin_coord[rows_c]), B)
     order = jnp.argsort(key, stable=True)
     sorted_key = key[order]
     sorted_atom = rows[order].astype(jnp.int32)
@@ -311,8 +352,10 @@ def _cells(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Arra
 
     target, translation, real = _neighbour_bins(jnp, lay.bin_coord[rows_c], lay.k_cells[s_row], nb_row,
                                                 geometry.pbc[s_row], O)
-    b_target = jnp.clip(_flat_bin(lay.bin_offset[s_row][:, None], nb_row[:, None, :], target), 0, B - 1)
-    count = jnp.where(row_ok[:, None] & real, occupancy[b_target], 0).reshape(-1)  # (R * O,)
+    b_target = jnp.clip(_flat_bin(bin_offset[s_row][:, None], nb_row[:, None, :], target), 0, B - 1)
+    count = jnp.where(row_ok[:, None] & real, occupancy[b_target], 0)  # (R, O)
+    per_system = jax.ops.segment_sum(jnp.sum(count, axis=1), jnp.where(row_ok, s_row, S), num_segments=S)
+    count = count.reshape(-1)
     ends = jnp.cumsum(count)
     total = ends[-1]
     # candidate c belongs to segment q = #{segments ending at or before c}
@@ -322,100 +365,119 @@ def _cells(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Arra
     m = c - (ends - count)[segment]
     slot = start[b_target.reshape(-1)[segment]] + m
     neighbours = jnp.where(c < total, sorted_atom[jnp.clip(slot, 0, R - 1)], A)
-    n_cell_bins = jnp.sum(jnp.where(lay.use_cells, jnp.prod(lay.n_bins, axis=-1), 0))
-    max_offsets = jnp.max(jnp.where(lay.use_cells, jnp.prod(2 * lay.k_cells + 1, axis=-1), 0))
+    max_offsets = jnp.max(jnp.where(selected, jnp.prod(2 * lay.k_cells + 1, axis=-1), 0))
     return _Cells(rows=rows, segment=segment, neighbours=neighbours, translation=translation.reshape(-1, 3),
-                  needs=(n_rows, n_cell_bins, total, max_offsets))
+                  needs=(n_rows, jnp.sum(cell_bins), total, max_offsets, jnp.max(per_system)))
 
 
 def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities,
-          n_builds: jax.Array | int = 0, systems: jax.Array | None = None,
-          keep: "NeighborList | None" = None) -> NeighborList:
-    """Build the pair list (jit-compatible; capacities are static); see :func:`_build`."""
-    return _build(geometry, cutoff, skin, capacities, n_builds, systems, keep)[0]
-
-
-def _build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities,
-           n_builds: jax.Array | int = 0, systems: jax.Array | None = None,
-           keep: "NeighborList | None" = None) -> tuple[NeighborList, jax.Array]:
-    """Build the pair list (jit-compatible; capacities are static).
+          n_builds: jax.Array | int = 0, cutoffs: jax.Array | None = None) -> NeighborList:
+    """Build the neighbor matrix of every system (jit-compatible; capacities are static).
 
     Systems for which it is cheaper (:func:`_bin_plan`; bins at least
     :data:`BIN_WIDTH_FRACTION` of ``cutoff + skin`` wide) use a cell list (cost linear in their atoms); the others
     enumerate all their atom pairs times the periodic images needed (cheapest for
-    small systems and cells thinner than the cutoff). Either way a system's pairs come
-    out in an order that does not depend on its slot.
+    small systems and cells thinner than the cutoff). Either way an atom's neighbours
+    come out in an order that does not depend on its slot.
 
-    Candidates are only tested (one distance each, from wrapped positions); the pair
-    rows are decoded afterwards for the candidates kept, so the cost per candidate is small.
+    Candidates are only tested (one distance each, from wrapped positions, against the
+    system's own ``cutoffs[s] + skin``); the pairs kept are decoded, compacted (each atom's
+    pairs contiguous) and written into the matrix.
 
-    A partial rebuild (``systems``, an ``(S,)`` mask, and ``keep``, the current list)
-    enumerates only the selected systems, within ``capacities.partial_candidates``, and
-    keeps the other systems' pairs as they are.
-
-    Returns the list and, for a partial rebuild, whether its new pairs exceeded
-    :func:`partial_pair_capacity` (the list is then incomplete: :func:`rebuild` builds in full).
+    ``cutoffs`` (``(S,)``, Å, at most ``cutoff``): every system's interaction range (default
+    ``cutoff`` for all). The list reports in ``needed`` what every capacity must be, the
+    one-system capacities of :func:`rebuild` included, and flags ``overflow`` if one is short.
     """
-    radius = cutoff + skin
     S, A = geometry.n_systems, geometry.n_atom_rows
-    partial = systems is not None
-    systems = jnp.ones(S, bool) if systems is None else systems
-    lay = _layout(geometry, radius)
-    positions = geometry.positions
-    E = capacities.pairs
-
-    def search(C, R, K, P):
-        caps = capacities._replace(dense_candidates=C, cell_rows=R, cell_candidates=K)
-        return _search(geometry, lay, radius, caps, systems, P)
-
-    if not partial:
-        C, R, K = capacities.dense_candidates, capacities.cell_rows, capacities.cell_candidates
-        new = search(C, R, K, E)
-        i, j, shift, real, n_pairs = new.senders, new.receivers, new.shifts, new.real, new.n_found
-        reference = positions
-        too_many_new = jnp.asarray(False)
-    else:
-        # the selected systems' new pairs are found, compacted and decoded in a buffer of their
-        # own, then merged behind the pairs the other systems keep (a slot emptied since has
-        # padding rows: dropped). Searching costs what the capacities are, not what is needed,
-        # so a quarter-size search is tried first (the common one- or two-system rebuild in the
-        # loop; the full partial size is for refills).
-        P = partial_pair_capacity(E)
-        C, R = capacities.partial_candidates, capacities.partial_cell_rows
-        K = capacities.partial_cell_candidates
-        C4, R4, K4 = bucket(C // 4, minimum=64), bucket(R // 4, minimum=8), bucket(K // 4, minimum=64)
-        dense_needed, rows_needed = _selection_size(geometry, lay, systems)
-        small = (dense_needed <= C4) & (rows_needed <= R4)
-        new = jax.lax.cond(small, lambda: search(C4, R4, K4, P), lambda: search(C, R, K, P))
-        # more new pairs or cell-list candidates than the partial buffers hold: build in full
-        too_many_new = (new.n_found > P) | (new.cell_needs[2] > jnp.where(small, K4, K))
-        sender_system = geometry.system[keep.senders]
-        kept = keep.mask & (sender_system < S) & ~systems[jnp.clip(sender_system, 0, S - 1)]
-        pick, real, _ = _compact(jnp.concatenate([kept, new.real]), E)
-        n_pairs = jnp.sum(kept) + new.n_found
-        i = jnp.concatenate([keep.senders, new.senders.astype(keep.senders.dtype)])[pick]
-        j = jnp.concatenate([keep.receivers, new.receivers.astype(keep.receivers.dtype)])[pick]
-        shift = jnp.concatenate([keep.shifts, new.shifts])[pick]
-        reference = jnp.where(geometry.atom_mask[:, None] & systems[lay.system][:, None],
-                              positions, keep.reference_positions)
-        K = jnp.iinfo(jnp.int64).max  # handled by too_many_new, not an overflow
-
-    dense_total, (n_rows, n_bins, cell_total, n_offsets) = new.dense_total, new.cell_needs
-    needed = jnp.stack([dense_total, n_rows, n_bins, cell_total, n_offsets]).astype(jnp.int64)
-    limits = jnp.asarray([C, R, capacities.bins,
-                          K, capacities.offsets], dtype=jnp.int64)
-    overflow = (n_pairs > E) | jnp.any(needed > limits)
-    if partial:
-        needed = jnp.maximum(keep.needed, needed)  # what a full build needs, as far as known
+    dtype = geometry.positions.dtype
+    cutoffs = jnp.full(S, cutoff, dtype) if cutoffs is None else jnp.minimum(jnp.asarray(cutoffs, dtype), cutoff)
+    lay = _layout(geometry, cutoff + skin)
+    caps = capacities
+    everything = jnp.ones(S, bool)
+    found = _search(geometry, lay, (cutoffs + skin) ** 2, caps, everything, caps.pairs)
+    neighbors, shifts, widest = _matrix(found, A, caps.neighbors)
+    n_rows, n_bins, cell_total, n_offsets, system_cells = found.cell_needs
+    cell_systems = lay.use_cells & (geometry.n_atoms > 0)
+    needed = jnp.stack([
+        found.dense_total, n_rows, n_bins, cell_total, n_offsets, widest,
+        jnp.max(_dense_counts(geometry, lay, everything)),
+        jnp.max(jnp.where(cell_systems, geometry.n_atoms, 0)),
+        jnp.max(jnp.where(cell_systems, jnp.prod(lay.n_bins, axis=-1), 0)),
+        system_cells]).astype(jnp.int64)
+    limits = jnp.asarray([getattr(caps, name) for name in NEEDED_FIELDS], dtype=jnp.int64)
+    overflow = (found.n_found > caps.pairs) | jnp.any(needed > limits) | jnp.any(geometry.n_atoms > caps.block)
     return NeighborList(
-        senders=jnp.where(real, i, 0).astype(jnp.int32),
-        receivers=jnp.where(real, j, 0).astype(jnp.int32),
-        shifts=jnp.where(real[:, None], shift, 0.0),
-        mask=real,
-        reference_positions=reference, n_pairs=n_pairs, needed=needed,
-        overflow=overflow, n_builds=jnp.asarray(n_builds) + 1,
-        cutoff=float(cutoff), skin=float(skin), capacities=capacities,
-    ), too_many_new
+        neighbors=neighbors, shifts=shifts, cutoffs=cutoffs, reference_positions=geometry.positions,
+        n_pairs=found.n_found, needed=needed, overflow=overflow, n_builds=jnp.asarray(n_builds) + 1,
+        cutoff=float(cutoff), skin=float(skin), capacities=capacities)
+
+
+def _ranks(found: "_Found", first_row, n_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each pair's column in its atom's row list: ``(local sender, rank, widest)``, for atoms
+    ``first_row .. first_row + n_rows`` (pairs of one atom are contiguous and in order)."""
+    P = found.senders.shape[0]
+    e = jnp.arange(P, dtype=jnp.int32)
+    local = jnp.where(found.real, found.senders - first_row, n_rows).astype(jnp.int32)
+    first = jax.ops.segment_min(e, local, num_segments=n_rows + 1)
+    rank = e - first[local]
+    widest = jnp.max(jnp.where(found.real, rank + 1, 0))
+    return local, rank, widest
+
+
+def _matrix(found: "_Found", A: int, K: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Write compacted pairs (each atom's contiguous, in order) into a ``(K, A)`` matrix.
+
+    Returns ``(neighbors (K, A), shifts (K, A, 3) int16, widest)``: columns of atoms without
+    pairs hold the dummy atom ``A``; ``widest`` is the most pairs of any atom (pairs beyond
+    column ``K`` are dropped: the caller flags the overflow).
+    """
+    sender, rank, widest = _ranks(found, 0, A)
+    column = jnp.where(found.real & (rank < K), rank, K)  # out of range -> dropped
+    neighbors = jnp.full((K, A), A, jnp.int32).at[column, sender].set(found.receivers.astype(jnp.int32), mode="drop")
+    shifts = jnp.zeros((K, A, 3), jnp.int16).at[column, sender].set(
+        jnp.rint(found.shifts).astype(jnp.int16), mode="drop")
+    return neighbors, shifts, widest
+
+
+def _rebuild_each(neighbors: NeighborList, geometry: Geometry, lay: _Layout, systems: jax.Array,
+                  cutoffs: jax.Array) -> tuple[NeighborList, jax.Array]:
+    """Rebuild the selected systems one after another, each searched with the one-system
+    capacities and written into its own columns; returns the list and whether every system fit
+    (if not, the caller builds in full: the list is then incomplete)."""
+    caps = neighbors.capacities
+    one = caps.one_system()
+    S, A, K, W = geometry.n_systems, geometry.n_atom_rows, caps.neighbors, caps.block
+    radius2 = (cutoffs + neighbors.skin) ** 2
+    (order,) = jnp.nonzero(systems, size=S, fill_value=S)
+    n_selected = jnp.sum(systems)
+    block_rows = jnp.arange(W, dtype=jnp.int32)
+
+    def body(carry):
+        i, matrix, shifts, reference, fits = carry
+        s = order[i]
+        first, n = geometry.first_atom[s], geometry.n_atoms[s]
+        found = _search(geometry, lay, radius2, one, jnp.arange(S) == s, W * K)
+        local, rank, widest = _ranks(found, first, W)
+        column = jnp.where(found.real & (rank < K), rank, K)
+        block = jnp.full((K, W), A, jnp.int32).at[column, local].set(found.receivers.astype(jnp.int32), mode="drop")
+        block_shifts = jnp.zeros((K, W, 3), jnp.int16).at[column, local].set(
+            jnp.rint(found.shifts).astype(jnp.int16), mode="drop")
+        # the system's own columns only (a slot's padding rows keep theirs; past the end: dropped)
+        cols = jnp.where(block_rows < n, first + block_rows, A)
+        matrix = matrix.at[:, cols].set(block, mode="drop")
+        shifts = shifts.at[:, cols].set(block_shifts, mode="drop")
+        reference = reference.at[cols].set(jnp.take(geometry.positions, cols, axis=0, mode="clip"), mode="drop")
+        n_rows, n_bins, cell_total, _, _ = found.cell_needs
+        fits = fits & (found.dense_total <= one.dense_candidates) & (n_rows <= one.cell_rows) & (
+            n_bins <= one.bins) & (cell_total <= one.cell_candidates) & (found.n_found <= W * K) & (widest <= K) & (n <= W)
+        return i + 1, matrix, shifts, reference, fits
+
+    _, matrix, shifts, reference, fits = jax.lax.while_loop(
+        lambda c: c[0] < n_selected, body,
+        (jnp.asarray(0), neighbors.neighbors, neighbors.shifts, neighbors.reference_positions, jnp.asarray(True)))
+    rebuilt = dataclasses.replace(neighbors, neighbors=matrix, shifts=shifts, reference_positions=reference,
+                                  cutoffs=cutoffs, n_pairs=jnp.sum(matrix < A), n_builds=neighbors.n_builds + 1)
+    return rebuilt, fits
 
 
 class _Found(NamedTuple):
@@ -430,8 +492,9 @@ class _Found(NamedTuple):
     cell_needs: tuple  # cell-list rows, bins, cell-list candidates, neighbouring bins needed
 
 
-def _candidate_masks(geometry: Geometry, lay: _Layout, radius: float, caps: Capacities, systems: jax.Array):
-    """``(found_dense (C,), found_cells (K,), dense, cells)``: which candidates are pairs."""
+def _candidate_masks(geometry: Geometry, lay: _Layout, radius2: jax.Array, caps: Capacities, systems: jax.Array):
+    """``(found_dense (C,), found_cells (K,), dense, cells)``: which candidates are pairs
+    (closer than their system's ``sqrt(radius2[s])``)."""
     A = geometry.n_atom_rows
     positions = geometry.positions
     cell_of_atom = geometry.cell[lay.system]
@@ -451,7 +514,7 @@ def _candidate_masks(geometry: Geometry, lay: _Layout, radius: float, caps: Capa
         image = sum(t[a] * geometry.cell[:, a, k][s_d] for a in range(3))
         d2 = d2 + (x[k][j_d] - x[k][i_d] + image) ** 2
     self_d = (i_d == j_d) & (t_d[:, 0] == 0) & (t_d[:, 1] == 0) & (t_d[:, 2] == 0)
-    found_d = ok_d & (d2 < radius * radius) & ~self_d
+    found_d = ok_d & (d2 < radius2[s_d]) & ~self_d
 
     # cell-list candidates: (K,), one distance each
     cells = _cells(geometry, lay, caps, systems)
@@ -468,18 +531,18 @@ def _candidate_masks(geometry: Geometry, lay: _Layout, radius: float, caps: Capa
         image = sum(t[a] * row_cell[:, a, k][r] for a in range(3))
         d2 = d2 + (x[k][j_safe] - x[k][i_c] + image) ** 2
     self_c = (j_c == i_c) & (t[0] == 0) & (t[1] == 0) & (t[2] == 0)
-    found_c = (j_c < A) & (d2 < radius * radius) & ~self_c
+    found_c = (j_c < A) & (d2 < radius2[lay.system[i_c]]) & ~self_c
     return found_d, found_c, dense, cells
 
 
-def _search(geometry: Geometry, lay: _Layout, radius: float, caps: Capacities, systems: jax.Array,
+def _search(geometry: Geometry, lay: _Layout, radius2: jax.Array, caps: Capacities, systems: jax.Array,
             P: int) -> _Found:
     """Test every candidate of the selected systems (``caps.dense_candidates`` dense ones and
     ``caps.cell_candidates`` from ``caps.cell_rows`` cell-list rows); keep the first ``P`` pairs
     within ``radius``, decoded."""
     A = geometry.n_atom_rows
     positions = geometry.positions
-    found_d, found_c, dense, cells = _candidate_masks(geometry, lay, radius, caps, systems)
+    found_d, found_c, dense, cells = _candidate_masks(geometry, lay, radius2, caps, systems)
     C = caps.dense_candidates
     rows_c = jnp.clip(cells.rows, 0, A - 1)
     j_c = cells.neighbours
@@ -495,11 +558,6 @@ def _search(geometry: Geometry, lay: _Layout, radius: float, caps: Capacities, s
     shift = t - lay.whole[j] + lay.whole[i]
     return _Found(senders=i, receivers=j, shifts=shift, real=real, n_found=n_found,
                   dense_total=dense.total, cell_needs=cells.needs)
-
-
-def partial_pair_capacity(pairs: int) -> int:
-    """Rows for the new pairs of a partial rebuild (more -> :func:`rebuild` does a full one)."""
-    return bucket(pairs // 3, minimum=64)
 
 
 def _compact(found: jax.Array, size: int):
@@ -525,39 +583,59 @@ def matvec_rows(vectors: jax.Array, matrices: jax.Array) -> jax.Array:
     return vectors[:, 0, None] * matrices[:, 0] + vectors[:, 1, None] * matrices[:, 1] + vectors[:, 2, None] * matrices[:, 2]
 
 
-def rebuild(neighbors: NeighborList, geometry: Geometry, systems: jax.Array | None = None) -> NeighborList:
+#: A rebuild of more than this fraction of the systems is done as one full build.
+FULL_REBUILD_FRACTION = 0.5
+
+
+def rebuild(neighbors: NeighborList, geometry: Geometry, systems: jax.Array | None = None,
+            cutoffs: jax.Array | None = None) -> NeighborList:
     """Build again with the same cutoff, skin and capacities (jit-compatible).
 
-    With ``systems`` (an ``(S,)`` mask), only those systems are rebuilt when their
-    candidates and new pairs fit the partial capacities, else everything is.
+    With ``systems`` (an ``(S,)`` mask), only those systems are rebuilt (:func:`rebuild_tracked`).
+    ``cutoffs`` replaces the systems' interaction ranges (default: the list's).
     """
     if systems is None:
-        return build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds)
-    return rebuild_tracked(neighbors, geometry, systems)[0]
+        return build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds,
+                     cutoffs=neighbors.cutoffs if cutoffs is None else cutoffs)
+    return rebuild_tracked(neighbors, geometry, systems, cutoffs)[0]
 
 
-def rebuild_tracked(neighbors: NeighborList, geometry: Geometry, systems: jax.Array) -> tuple[NeighborList, jax.Array]:
-    """:func:`rebuild` of ``systems``, and the ``(S,)`` systems actually built anew (all of them
-    when the partial rebuild did not fit). The variable-cell loop uses it to know at which cell
-    each system's pairs were found."""
+def rebuild_tracked(neighbors: NeighborList, geometry: Geometry, systems: jax.Array,
+                    cutoffs: jax.Array | None = None) -> tuple[NeighborList, jax.Array]:
+    """Rebuild the ``(S,)`` selected systems; return the list and the systems actually built anew.
+
+    Up to :data:`FULL_REBUILD_FRACTION` of the systems are rebuilt one after another, each at
+    the cost of its own size (the other columns are kept as they are); more, or a system that
+    does not fit the one-system capacities, take one full build (then every system is rebuilt).
+    The variable-cell loop uses the mask to know at which cell each system's pairs were found.
+    """
+    cutoffs = neighbors.cutoffs if cutoffs is None else cutoffs
+    S = geometry.n_systems
+
     def full():
-        return (build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds),
-                jnp.ones_like(systems))
+        return (build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds,
+                      cutoffs=cutoffs), jnp.ones_like(systems))
 
-    def partial():
-        return _build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities,
-                      neighbors.n_builds, systems=systems, keep=neighbors)
+    def each():
+        lay = _layout(geometry, neighbors.cutoff + neighbors.skin)
+        return _rebuild_each(neighbors, geometry, lay, systems, cutoffs)
 
-    # one full build in the program, for both ways a partial one can fail
-    out, need_full = jax.lax.cond(_partial_fits(neighbors, geometry, systems), partial,
-                                  lambda: (neighbors, jnp.asarray(True)))
-    return jax.lax.cond(need_full, full, lambda: (out, systems))
+    few = jnp.sum(systems) <= max(1, int(S * FULL_REBUILD_FRACTION))
+    out, fits = jax.lax.cond(few, each, lambda: (neighbors, jnp.asarray(False)))
+    return jax.lax.cond(fits, lambda: (out, systems), full)
+
+
+def clear_padding(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
+    """The list with empty columns for the padding rows (a slot whose new structure is smaller
+    than the old one: :func:`rebuild` writes only the new structure's atoms' columns)."""
+    A = geometry.n_atom_rows
+    return dataclasses.replace(neighbors, neighbors=jnp.where(geometry.atom_mask[None, :], neighbors.neighbors, A))
 
 
 def moved_too_far(neighbors: NeighborList, geometry: Geometry) -> jax.Array:
     """``(S,)`` True for the systems with an atom that moved more than half the skin since the last build."""
     moved = jnp.sum((geometry.positions - neighbors.reference_positions) ** 2, axis=-1) > (0.5 * neighbors.skin) ** 2
-    return jax.ops.segment_max(moved.astype(jnp.int32), geometry.system, num_segments=geometry.n_systems) > 0
+    return segment_any(moved & geometry.atom_mask, geometry.system, geometry.n_systems)
 
 
 def needs_rebuild(neighbors: NeighborList, positions: jax.Array) -> jax.Array:
@@ -573,19 +651,6 @@ def update(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
     """
     flagged = moved_too_far(neighbors, geometry)
     return jax.lax.cond(jnp.any(flagged), lambda: rebuild(neighbors, geometry, flagged), lambda: neighbors)
-
-
-def pair_vectors(neighbors: NeighborList, positions: jax.Array, cell: jax.Array, system: jax.Array) -> jax.Array:
-    """``(E, 3)`` vectors from atom ``i`` to its neighbour ``j`` (Å); zero for padding pairs.
-
-    ``cell`` may be a strained cell (for stress); ``shifts`` are in lattice vectors.
-    """
-    S, E = cell.shape[0], neighbors.capacity
-    s = jnp.clip(system[neighbors.senders], 0, S - 1)
-    # one gather for both ends (its transpose, in the force pass, is one scatter instead of
-    # two); padding pairs are (0, 0) with a zero shift, so their vector is exactly zero
-    ends = positions[jnp.concatenate([neighbors.receivers, neighbors.senders])]
-    return ends[:E] - ends[E:] + matvec_rows(neighbors.shifts, cell[s])
 
 
 _build_jit = cached_jit(build, static_argnames=("cutoff", "skin", "capacities"))
@@ -621,7 +686,7 @@ def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
     dense = int(np.sum(np.where(use_cells, 0, n * n * images)))
     rows = int(np.sum(n[use_cells]))
     bins = int(np.sum(np.prod(n_bins, axis=-1)[use_cells]))
-    candidates, offsets, largest_candidates = 1, 1, 1
+    candidates, offsets, largest_candidates, largest_bins = 1, 1, 1, 1
     if use_cells.any():
         offsets = int(np.max(np.prod(2 * k_cells + 1, axis=-1)[use_cells]))
         in_cells = mask & use_cells[system]
@@ -636,105 +701,109 @@ def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
         per_row = np.sum(np.where(real, occupancy[neighbour_bins], 0), axis=-1)
         candidates = int(np.sum(per_row))
         largest_candidates = int(np.bincount(s_c, weights=per_row).max())
+        largest_bins = int(cell_bins.max())
+        row_candidates = int(per_row.max())
+    else:
+        row_candidates = 1
     # pairs: neighbours within the radius at the system's own density (3-D periodic) or at a
     # dense packing (0.1 atoms/A^3) otherwise, never more than all pairs and images
     volume = np.abs(np.linalg.det(np.asarray(g.cell, np.float64)))
     density = np.where(pbc.all(axis=-1) & (volume > 1e-9), n / np.where(volume > 1e-9, volume, 1.0), 0.1)
     sphere = density * 4.0 / 3.0 * np.pi * radius ** 3
-    pairs = int(np.sum(np.minimum(n * np.maximum(n - 1, 0) * images + n * (images - 1), n * sphere)))
+    per_atom = np.minimum(np.maximum(n - 1, 0) * images + (images - 1), sphere)
+    pairs = int(np.sum(n * per_atom))
+    # matrix width: every candidate of the fullest atom (an upper bound), but not beyond twice a
+    # dense packing's sphere; allocate() then keeps only the columns the build filled
+    dense_rows = np.where(use_cells | (n == 0), 0, n * images - 1)
+    widest = max(row_candidates, int(dense_rows.max(initial=0)))
+    sphere_dense = 0.1 * 4.0 / 3.0 * np.pi * radius ** 3
+    widest = min(widest, max(int(2 * sphere_dense), int(1.25 * per_atom.max(initial=0)) + 1))
     grow = lambda x: bucket(int(x * 1.25) + 1, minimum=8)  # noqa: E731
-    caps = Capacities(pairs=bucket(int(pairs * 1.25) + 1, minimum=64), dense_candidates=bucket(dense, minimum=64),
-                      cell_rows=grow(rows), bins=grow(bins), cell_candidates=grow(candidates), offsets=max(offsets, 1))
-    largest_dense = int(np.max(np.where(use_cells, 0, n * n * images), initial=0))
-    largest_rows = int(np.max(np.where(use_cells, n, 0), initial=0))
-    return with_partial_capacities(caps, largest_dense, largest_rows, largest_candidates)
+    return Capacities(
+        pairs=bucket(int(pairs * 1.25) + 1, minimum=64), dense_candidates=bucket(dense, minimum=64),
+        cell_rows=grow(rows), bins=grow(bins), cell_candidates=grow(candidates), offsets=max(offsets, 1),
+        neighbors=matrix_width(widest), block=aligned_block(int(n.max(initial=1))),
+        system_dense=bucket(int(np.max(np.where(use_cells, 0, n * n * images), initial=0)), minimum=64),
+        system_rows=grow(np.max(np.where(use_cells, n, 0), initial=0)), system_bins=grow(largest_bins),
+        system_cell_candidates=grow(largest_candidates))
 
 
-def with_partial_capacities(caps: Capacities, largest_dense: int = 0, largest_rows: int = 0,
-                            largest_candidates: int = 0) -> Capacities:
-    """``caps`` with partial capacities of at least a quarter of the full ones (a refill of a
-    quarter of the slots is a partial rebuild) and twice the largest system's needs
-    (``largest_*``), never more than the full ones."""
-    def partial(full, largest, current, minimum):
-        return min(full, max(current, bucket(max(full // 4, 2 * largest), minimum=minimum)))
+def aligned_block(rows: int) -> int:
+    """Matrix block width for systems of up to ``rows`` atoms (whole row blocks)."""
+    return max(8, -(-int(rows) // 8) * 8)
 
-    return caps._replace(
-        partial_candidates=partial(caps.dense_candidates, largest_dense, caps.partial_candidates, 64),
-        partial_cell_rows=partial(caps.cell_rows, largest_rows, caps.partial_cell_rows, 8),
-        partial_cell_candidates=partial(caps.cell_candidates, largest_candidates, caps.partial_cell_candidates, 64))
+
+def matrix_width(widest: int) -> int:
+    """Neighbor-matrix width for atoms with at most ``widest`` neighbours: ~10 % to spare (atoms
+    move within the skin), in multiples of 8. Every column costs every evaluation, so the ladder
+    is finer than :func:`~kups_relax.buckets.bucket`'s."""
+    return max(8, -(-(int(widest * 1.1) + 2) // 8) * 8)
 
 
 def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | None = None,
-             capacities: Capacities | None = None) -> NeighborList:
-    """Build a list on the host, choosing bucketed capacities large enough (jax-md's ``allocate``).
+             capacities: Capacities | None = None, cutoffs: jax.Array | None = None,
+             block: int | None = None) -> NeighborList:
+    """Build a list on the host, choosing capacities large enough (jax-md's ``allocate``).
 
-    ``capacity`` (pairs) and ``capacities`` are lower bounds. The first build uses
+    ``capacity`` (pairs) and ``capacities`` are lower bounds; ``cutoffs`` (``(S,)`` Å) every
+    system's interaction range (default ``cutoff``); ``block`` the most atom rows a system may
+    have (a batch's largest slot; default: its largest system). The first build uses
     :func:`estimate_capacities`; builds are repeated with grown capacities until nothing
-    overflows (every build reports what it needed); the pair capacity is at least 25 %
-    above the pairs found, so the list can grow as atoms move.
+    overflows (every build reports what it needed). The pair buffer is at least 25 % above the
+    pairs found, and the matrix keeps only the columns its fullest atom needs
+    (:func:`matrix_width`), without a second build.
     """
     estimate = estimate_capacities(geometry, cutoff + skin)
     caps = Capacities(*(max(a, b) for a, b in zip(capacities, estimate))) if capacities else estimate
-    caps = caps._replace(pairs=max(caps.pairs, capacity or 0))
+    caps = caps._replace(pairs=max(caps.pairs, capacity or 0), block=max(caps.block, aligned_block(block or 0)))
+    if cutoffs is None:
+        cutoffs = jnp.full(geometry.n_systems, cutoff, geometry.positions.dtype)
     for _ in range(8):
-        # partial rebuilds (a few systems at a time) are what the loop mostly does
-        caps = with_partial_capacities(caps)
-        nl = _build_jit(geometry, cutoff=float(cutoff), skin=float(skin), capacities=caps)
-        needed = [int(nl.n_pairs)] + [int(x) for x in np.asarray(nl.needed)]
-        tight = bucket(int(needed[0] * 1.25) + 1, minimum=64)
-        if not bool(nl.overflow) and tight <= caps.pairs:
-            if caps.pairs > tight and (capacity or 0) <= tight and not capacities:
-                # the estimate was too generous, and padding pairs cost every evaluation: the
-                # real pairs come first, so keep the first ``tight`` rows (no second build)
-                return _truncated(nl, tight)
+        nl = _build_jit(geometry, cutoff=float(cutoff), skin=float(skin), capacities=caps, cutoffs=cutoffs)
+        needed = dict(zip(NEEDED_FIELDS, (int(x) for x in np.asarray(nl.needed))), pairs=int(nl.n_pairs))
+        tight_pairs = bucket(int(needed["pairs"] * 1.25) + 1, minimum=64)
+        if not bool(nl.overflow) and tight_pairs <= caps.pairs:
+            width = max(matrix_width(needed["neighbors"]), capacities.neighbors if capacities else 0)
+            if width < caps.neighbors:
+                nl = _narrowed(nl, width)
             return nl
-        grown = [max(c, bucket(int(n * 1.25) + 1, minimum=8)) for c, n in zip(caps, needed)]
-        caps = Capacities(*grown, partial_candidates=caps.partial_candidates, partial_cell_rows=caps.partial_cell_rows,
-                          partial_cell_candidates=caps.partial_cell_candidates)
-        caps = caps._replace(offsets=max(capacities.offsets if capacities else 1, needed[5], 1))
+        caps = caps._replace(**{name: max(getattr(caps, name), bucket(int(n * 1.25) + 1, minimum=8))
+                                for name, n in needed.items() if name not in ("offsets", "neighbors")})
+        caps = caps._replace(offsets=max(caps.offsets, needed["offsets"], 1),
+                             neighbors=max(caps.neighbors, matrix_width(needed["neighbors"])),
+                             block=max(caps.block, aligned_block(int(np.max(np.asarray(geometry.n_atoms))))))
     raise RuntimeError(f"neighbor list capacities did not settle: {caps}")
 
 
-def _truncated(neighbors: NeighborList, pairs: int) -> NeighborList:
-    """The list with only its first ``pairs`` rows (all its real pairs must be among them)."""
-    assert int(neighbors.n_pairs) <= pairs
-    return _truncate_jit(neighbors, pairs)
+def _narrowed(neighbors: NeighborList, width: int) -> NeighborList:
+    """The list with only the first ``width`` matrix rows (no atom may have more neighbours)."""
+    assert int(neighbors.needed[NEEDED_FIELDS.index("neighbors")]) <= width
+    return _narrow_jit(neighbors, width)
 
 
-@cached_jit(static_argnames=("pairs",))
-def _truncate_jit(neighbors: NeighborList, pairs: int) -> NeighborList:
-    return dataclasses.replace(
-        neighbors, senders=neighbors.senders[:pairs], receivers=neighbors.receivers[:pairs],
-        shifts=neighbors.shifts[:pairs], mask=neighbors.mask[:pairs],
-        capacities=neighbors.capacities._replace(pairs=pairs))
+@cached_jit(static_argnames=("width",))
+def _narrow_jit(neighbors: NeighborList, width: int) -> NeighborList:
+    return dataclasses.replace(neighbors, neighbors=neighbors.neighbors[:width], shifts=neighbors.shifts[:width],
+                               capacities=neighbors.capacities._replace(neighbors=width))
 
 
 def grow(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
     """A list with capacities large enough for ``geometry`` (after an overflow).
 
-    Every capacity that overflowed at least doubles (pairs: at least the next bucket, as
-    padding pairs cost every evaluation; bins visited per atom: what is needed), so a stream whose structures keep asking for a
-    little more grows a capacity a few times, not once per structure: each growth is a
-    compilation of every program of the batch.
+    Every capacity that overflowed at least doubles (pairs: at least the next bucket; bins
+    visited per atom and matrix width: what is needed, the width with its margin), so a
+    stream whose structures keep asking for a little more grows a capacity a few times, not
+    once per structure: each growth is a compilation of every program of the batch.
     """
     caps = neighbors.capacities
-    needed = [int(neighbors.n_pairs), *(int(x) for x in np.asarray(neighbors.needed))]
-    larger = [caps.pairs if needed[0] <= caps.pairs else max(bucket(caps.pairs + 1), needed[0])]
-    larger += [c if n <= c else max(2 * c, n) for c, n in zip(caps[1:5], needed[1:5])]
-    larger += [max(caps.offsets, needed[5])]  # neighbouring bins: exactly what a thin cell needs
-    floor = Capacities(*larger, partial_candidates=caps.partial_candidates, partial_cell_rows=caps.partial_cell_rows,
-                       partial_cell_candidates=caps.partial_cell_candidates)
-    return allocate(geometry, neighbors.cutoff, neighbors.skin, capacities=floor)
-
-
-def _selection_size(geometry: Geometry, lay: _Layout, systems: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """What enumerating the ``(S,)`` selected systems needs: ``(dense candidates, cell-list rows)``."""
-    cell_rows = jnp.sum(jnp.where(lay.use_cells & systems, geometry.n_atoms, 0))
-    return jnp.sum(_dense_counts(geometry, lay, systems)), cell_rows
-
-
-def _partial_fits(neighbors: NeighborList, geometry: Geometry, systems: jax.Array) -> jax.Array:
-    """Whether a partial rebuild of ``systems`` fits its capacities (else a full one is done)."""
-    caps = neighbors.capacities
-    dense, cell_rows = _selection_size(geometry, _layout(geometry, neighbors.cutoff + neighbors.skin), systems)
-    return (dense <= caps.partial_candidates) & (cell_rows <= caps.partial_cell_rows)
+    needed = dict(zip(NEEDED_FIELDS, (int(x) for x in np.asarray(neighbors.needed))))
+    n_pairs = int(neighbors.n_pairs)
+    larger = dict(pairs=caps.pairs if n_pairs <= caps.pairs else max(bucket(caps.pairs + 1), n_pairs))
+    for name in ("dense_candidates", "cell_rows", "bins", "cell_candidates", "system_dense", "system_rows",
+                 "system_bins", "system_cell_candidates"):
+        c = getattr(caps, name)
+        larger[name] = c if needed[name] <= c else max(2 * c, needed[name])
+    larger["offsets"] = max(caps.offsets, needed["offsets"])  # neighbouring bins: exactly what a thin cell needs
+    larger["neighbors"] = max(caps.neighbors, matrix_width(needed["neighbors"]))
+    floor = caps._replace(**larger)
+    return allocate(geometry, neighbors.cutoff, neighbors.skin, capacities=floor, cutoffs=neighbors.cutoffs)

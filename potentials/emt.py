@@ -42,7 +42,9 @@ from ase.data import chemical_symbols
 from ase.units import Bohr
 
 from kups_relax.batch import Geometry
-from kups_relax.neighbors import NeighborList, pair_vectors
+from kups_relax.evaluate import EnergyForces
+from kups_relax.neighbors import NeighborList
+from kups_relax.pairs import gather_neighbors, pair_forces, pair_geometry, pair_virial
 from kups_relax.segments import segment_any, segment_max, segment_sum
 
 #: ASE's EMT parameters (``ase.calculators.emt.parameters``; Jacobsen et al. 1996 for the
@@ -95,6 +97,12 @@ def _table() -> dict[str, np.ndarray]:
 
 
 _TABLE = _table()
+
+#: EMT's elements as a compact species index: ``_SPECIES[Z]`` (elements without parameters get
+#: copper's index; ``known`` marks them), and each species' atomic number.
+_SPECIES_Z = np.array(sorted(EMT_NUMBERS), dtype=np.int64)
+_SPECIES = np.full(len(chemical_symbols), int(np.searchsorted(_SPECIES_Z, chemical_symbols.index("Cu"))), np.int32)
+_SPECIES[_SPECIES_Z] = np.arange(len(_SPECIES_Z), dtype=np.int32)
 
 
 def _max_s0(numbers: Iterable[int]) -> float:
@@ -179,77 +187,124 @@ class EMT:
         numbers = self.elements if self.asap_cutoff else EMT_NUMBERS
         return float(cutoff_parameters(_max_s0(numbers), self.asap_cutoff)[1])
 
-    def energy(self, geometry: Geometry, neighbors: NeighborList) -> jax.Array:
-        """Per-system EMT energies, eV, ``(S,)``; ``nan`` for systems with an element EMT lacks."""
-        S = geometry.n_systems
-        A = geometry.n_atom_rows
-        dtype = geometry.positions.dtype
-        table = {name: jnp.asarray(values, dtype=dtype if values.dtype.kind == "f" else None)
-                 for name, values in _TABLE.items()}
-        z = jnp.clip(geometry.numbers, 0, len(chemical_symbols) - 1)
-        p = {name: values[z] for name, values in table.items()}
-        atom_mask = geometry.atom_mask
-        atom_system = jnp.clip(geometry.system, 0, S - 1)
+    def system_cutoffs(self, geometry: Geometry) -> jax.Array:
+        """``(S,)`` every system's list radius ``rc_list``, Å (with ``asap_cutoff``, from the
+        elements present; else ASE's constant): pairs beyond it contribute nothing."""
+        return self._cutoffs(geometry)[2]
 
-        # Per-pair parameters are looked up in small tables indexed by atomic number (and
-        # system), which XLA fuses into the pair arithmetic instead of materialising
-        # (E, k) gathers. rc, rc_list, acut: per system (asap) or constants (default).
+    def _cutoffs(self, geometry: Geometry):
+        """``(rc, acut, rc_list)`` per system ``(S,)`` (asap) or as constants broadcast to ``(S,)``."""
+        S = geometry.n_systems
+        dtype = geometry.positions.dtype
         table_max = _max_s0(EMT_NUMBERS)
         if self.asap_cutoff:
-            present = segment_max(jnp.where(atom_mask & p["known"], p["s0"], -jnp.inf), geometry.system, S)
+            z = jnp.clip(geometry.numbers, 0, len(chemical_symbols) - 1)
+            s0 = jnp.asarray(_TABLE["s0"], dtype)[z]
+            known = jnp.asarray(_TABLE["known"])[z]
+            present = segment_max(jnp.where(geometry.atom_mask & known, s0, -jnp.inf), geometry.system, S)
             max_s0 = jnp.where(jnp.isfinite(present), present, table_max)
-            rc_s, rc_list_s, acut_s = cutoff_parameters(max_s0, True)
-            # -V0 / (2 gamma2) for every (system, atomic number), flattened to (S * 119,)
-            _, gamma2_sz = _gammas(table["s0"][None], table["eta2"][None], table["kappa"][None],
-                                   rc_s[:, None], acut_s[:, None])
-            v_sz = (-0.5 * table["V0"][None] / gamma2_sz).reshape(-1)
-            rc_a, acut_a = rc_s[atom_system], acut_s[atom_system]
+            rc, rc_list, acut = cutoff_parameters(max_s0, True)
         else:
-            rc_c, rc_list_c, acut_c = cutoff_parameters(table_max, False)
-            _, gamma2_z = _gammas(table["s0"], table["eta2"], table["kappa"], rc_c, acut_c)
-            v_z = -0.5 * table["V0"] / gamma2_z
-            rc_a, acut_a = rc_c, acut_c
-        gamma1, _ = _gammas(p["s0"], p["eta2"], p["kappa"], rc_a, acut_a)
+            rc, rc_list, acut = (jnp.full(S, x, dtype) for x in cutoff_parameters(table_max, False))
+        return rc, acut, rc_list
 
-        i, j = neighbors.senders, neighbors.receivers
-        zi, zj = z[i], z[j]
-        if self.asap_cutoff:
-            pair_system = atom_system[i]
-            rc, rc_list, acut = rc_s[pair_system], rc_list_s[pair_system], acut_s[pair_system]
-            v_i = v_sz[pair_system * len(chemical_symbols) + zi]
-            v_j = v_sz[pair_system * len(chemical_symbols) + zj]
-        else:
-            rc, rc_list, acut = rc_c, rc_list_c, acut_c
-            v_i, v_j = v_z[zi], v_z[zj]
-        log_n0 = jnp.log(table["n0"])
+    def _setup(self, geometry: Geometry):
+        """Per-atom columns ``(A,)``, per-(system, species) tables and cutoffs shared by both passes."""
+        S = geometry.n_systems
+        dtype = geometry.positions.dtype
+        tz = {name: jnp.asarray(values[_SPECIES_Z], dtype) for name, values in _TABLE.items() if name != "known"}
+        z = jnp.clip(geometry.numbers, 0, len(chemical_symbols) - 1)
+        species = jnp.asarray(_SPECIES)[z]
+        known = jnp.asarray(_TABLE["known"])[z]
+        atom_system = jnp.clip(geometry.system, 0, S - 1)
+        rc_s, acut_s, rc_list_s = self._cutoffs(geometry)
+        log_n0 = jnp.log(tz["n0"])
+        # per-species constants: rho_ij = w exp(A1_b - eta2_b r) / n0_a, the pair term's densities
+        # w exp(A2_b - kb_b r) / n0_a and w exp(A2_a - kb_a r - log n0_b)
+        sp = dict(A1=log_n0 + tz["eta2"] * BETA * tz["s0"], eta2=tz["eta2"], A2=log_n0 + tz["kappa"] * tz["s0"],
+                  kb=tz["kappa"] / BETA, log_n0=log_n0)
+        # -V0 / (2 gamma2) per (system, species), flattened to (S * n_species,)
+        _, gamma2 = _gammas(tz["s0"][None], tz["eta2"][None], tz["kappa"][None], rc_s[:, None], acut_s[:, None])
+        v_table = (-0.5 * tz["V0"][None] / gamma2).reshape(-1)
+        n_species = len(_SPECIES_Z)
+        atom = {name: values[species] for name, values in tz.items()}
+        atom.update({name: values[species] for name, values in sp.items()})
+        atom["v"] = v_table[atom_system * n_species + species]
+        atom["rc"], atom["acut"], atom["rc_list"] = rc_s[atom_system], acut_s[atom_system], rc_list_s[atom_system]
+        atom["gamma1"], _ = _gammas(atom["s0"], atom["eta2"], atom["kappa"], atom["rc"], atom["acut"])
+        return species, known, atom, sp, v_table, n_species, atom_system
 
-        vec = pair_vectors(neighbors, geometry.positions, geometry.cell, geometry.system)
-        d2 = jnp.sum(vec * vec, axis=-1)
-        r = jnp.sqrt(jnp.where(neighbors.mask, d2, 1.0))  # padding pairs kept away from sqrt(0)
-        inside = neighbors.mask & (r < rc_list)
-        # w the logistic cutoff, chi = n0_j / n0_i (i = sender = "self"). w itself, not log(w):
-        # one exp per pair instead of an exp and a log1p (transcendentals are most of the cost)
-        w = 1.0 / (1.0 + jnp.exp(jnp.minimum(acut * (r - rc), 700.0)))
-        log_chi = log_n0[zj] - log_n0[zi]
-        dsigma1 = w * jnp.exp(log_chi - table["eta2"][zj] * (r - BETA * table["s0"][zj]))
-        dsigma2_self = w * jnp.exp(log_chi - table["kappa"][zj] * (r / BETA - table["s0"][zj]))
-        dsigma2_other = w * jnp.exp(-log_chi - table["kappa"][zi] * (r / BETA - table["s0"][zi]))
-        pair_as = 0.5 * (v_i * dsigma2_self + v_j * dsigma2_other)
+    def _pair_terms(self, geometry: Geometry, neighbors: NeighborList, positions=None, cell=None):
+        """Pass 1 over the neighbor matrix: pair geometry and the ``(K, A)`` terms of the energy."""
+        species, known, atom, sp, v_table, n_species, atom_system = self._setup(geometry)
+        pg = pair_geometry(neighbors, geometry.positions if positions is None else positions,
+                           geometry.cell if cell is None else cell, geometry.system)
+        (sj,) = gather_neighbors(neighbors, species)
+        col = {name: values[None, :] for name, values in atom.items()}  # broadcast over neighbours
+        inside = pg.valid & (pg.r2 < col["rc_list"] ** 2)
+        r = jnp.sqrt(jnp.where(inside, pg.r2, 1.0))
+        # w itself, not log(w): one transcendental fewer per pair
+        w = jnp.where(inside, 1.0 / (1.0 + jnp.exp(jnp.minimum(col["acut"] * (r - col["rc"]), 700.0))), 0.0)
+        j = {name: sp[name][sj] for name in ("A1", "eta2", "A2", "kb", "log_n0")}  # small tables: fused
+        j["v"] = v_table[atom_system[None, :] * n_species + sj]
+        e1b = w * jnp.exp(j["A1"] - j["eta2"] * r)
+        e2b = w * jnp.exp(j["A2"] - j["kb"] * r)
+        e2a = w * jnp.exp(col["A2"] - col["kb"] * r - j["log_n0"])
+        return dict(pg=pg, inside=inside, r=r, w=w, j=j, col=col, e1b=e1b, e2b=e2b, e2a=e2a,
+                    atom=atom, known=known)
 
-        # one scatter for the three per-atom sums
-        per_pair = jnp.where(inside[:, None], jnp.stack([dsigma1, pair_as, jnp.ones_like(r)], axis=-1), 0.0)
-        sigma1, e_as, n_neighbors = segment_sum(per_pair, i, A).T
-        has_neighbors = n_neighbors > 0
-
+    def _atom_energies(self, geometry: Geometry, t: dict):
+        """Per-atom energies ``(A,)`` and ``F'(sigma) / n0`` of every atom (pass-2 input)."""
+        atom = t["atom"]
+        s1 = jnp.sum(t["e1b"], axis=0)
+        s2b = jnp.sum(t["e2b"], axis=0)
+        s2a = jnp.sum(t["j"]["v"] * t["e2a"], axis=0)
+        has_neighbors = jnp.any(t["inside"], axis=0)
+        inv_n0 = 1.0 / atom["n0"]
+        e_as = 0.5 * (atom["v"] * inv_n0 * s2b + s2a)
         # cohesive energy; atoms without neighbours have ds -> inf, E_c -> 0 (ASE skips them)
-        twelve_gamma1 = 12.0 * gamma1
-        sigma1 = jnp.where(has_neighbors, sigma1, twelve_gamma1)
-        ds = -jnp.log(sigma1 / twelve_gamma1) / (BETA * p["eta2"])
-        lambda_ds = p["lambda"] * ds
-        e_c = p["E0"] * (1.0 + lambda_ds) * jnp.exp(-lambda_ds) + 6.0 * p["V0"] * jnp.exp(-p["kappa"] * ds)
-        e_atom = jnp.where(has_neighbors, e_c, 0.0) + e_as - p["E0"]
-        e_atom = jnp.where(atom_mask, e_atom, 0.0)
+        twelve_gamma1 = 12.0 * atom["gamma1"]
+        sigma1 = jnp.where(has_neighbors, s1 * inv_n0, twelve_gamma1)
+        ds = -jnp.log(sigma1 / twelve_gamma1) / (BETA * atom["eta2"])
+        lambda_ds = atom["lambda"] * ds
+        e_lambda = jnp.exp(-lambda_ds)
+        e_kappa = jnp.exp(-atom["kappa"] * ds)
+        e_c = atom["E0"] * (1.0 + lambda_ds) * e_lambda + 6.0 * atom["V0"] * e_kappa
+        e_atom = jnp.where(has_neighbors, e_c, 0.0) + e_as - atom["E0"]
+        e_atom = jnp.where(geometry.atom_mask, e_atom, 0.0)
+        # dE_c/dsigma1 = dE_c/dds * dds/dsigma1
+        de_dds = -atom["E0"] * atom["lambda"] * lambda_ds * e_lambda - 6.0 * atom["V0"] * atom["kappa"] * e_kappa
+        f_prime = jnp.where(has_neighbors & geometry.atom_mask, de_dds / (-sigma1 * BETA * atom["eta2"]), 0.0)
+        return e_atom, f_prime * inv_n0
 
+    def _system_energies(self, geometry: Geometry, e_atom: jax.Array, known: jax.Array) -> jax.Array:
+        S = geometry.n_systems
         energy = segment_sum(e_atom, geometry.system, S)
-        unknown = segment_any(atom_mask & ~p["known"], geometry.system, S)
+        unknown = segment_any(geometry.atom_mask & ~known, geometry.system, S)
         return jnp.where(unknown, jnp.nan, energy)
+
+    def energy(self, geometry: Geometry, neighbors: NeighborList) -> jax.Array:
+        """Per-system EMT energies, eV, ``(S,)``; ``nan`` for systems with an element EMT lacks."""
+        t = self._pair_terms(geometry, neighbors)
+        e_atom, _ = self._atom_energies(geometry, t)
+        return self._system_energies(geometry, e_atom, t["known"])
+
+    def energy_forces(self, geometry: Geometry, neighbors: NeighborList, compute_virial: bool = False) -> EnergyForces:
+        """Energies ``(S,)``, forces ``(A, 3)`` and (optionally) virials ``(S, 3, 3)`` analytically.
+
+        Two passes over the neighbor matrix: the densities and pair sums give every atom's
+        energy and ``F'(sigma)``; the second pass gathers the neighbours' ``F'`` and reduces
+        ``g = dE/dr`` (both directions of every pair, :mod:`kups_relax.pairs`) over each column.
+        """
+        t = self._pair_terms(geometry, neighbors)
+        e_atom, fn = self._atom_energies(geometry, t)
+        (fn_j,) = gather_neighbors(neighbors, fn)
+        col, j, w, r = t["col"], t["j"], t["w"], t["r"]
+        dlogw = -col["acut"] * (1.0 - w)
+        e1a = w * jnp.exp(col["A1"] - col["eta2"] * r)
+        g = (fn[None, :] * t["e1b"] * (dlogw - j["eta2"]) + fn_j * e1a * (dlogw - col["eta2"])
+             + col["v"] / col["n0"] * t["e2b"] * (dlogw - j["kb"]) + j["v"] * t["e2a"] * (dlogw - col["kb"]))
+        g_over_r = jnp.where(t["inside"], g / r, 0.0)
+        forces = pair_forces(g_over_r, t["pg"])
+        virial = pair_virial(g_over_r, t["pg"], geometry.system, geometry.n_systems) if compute_virial else None
+        return EnergyForces(energy=self._system_energies(geometry, e_atom, t["known"]), forces=forces, virial=virial)

@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kups_relax.batch import Geometry
-from kups_relax.neighbors import NeighborList, pair_vectors
+from kups_relax.evaluate import EnergyForces
+from kups_relax.neighbors import NeighborList
+from kups_relax.pairs import gather_neighbors, pair_forces, pair_geometry, pair_virial
 from kups_relax.segments import segment_sum
 
 from .species import ParameterValue, PairTable, Species, finish, pair_table
@@ -111,32 +113,64 @@ class LennardJones:
     def supported_numbers(self) -> frozenset[int] | None:
         return None if self.pairs is None else frozenset(self.pairs.numbers)
 
-    def energy(self, geometry: Geometry, neighbors: NeighborList) -> jax.Array:
+    def _pair_terms(self, geometry: Geometry, neighbors: NeighborList):
+        """One pass over the neighbor matrix: pair geometry, pair energies and ``g / r``.
+
+        Returns ``(pg, pair, g_over_r)``: the :class:`~kups_relax.pairs.PairGeometry`, every
+        directed pair's energy ``(K, A)`` (eV, before the weight 1/2) and ``g / r`` ``(K, A)``
+        (eV/Å², ``g = du/dr`` counts both directed copies of the pair, :mod:`kups_relax.pairs`;
+        zero outside the cutoff). :meth:`energy` uses only the energies.
+        """
         if self.pairs is None:
             sigma, epsilon, rc, ro = self.sigma, self.epsilon, self.rc, self.ro
-        else:  # every pair's own parameters, (E,) each
-            p = self.pairs.lookup(geometry.numbers[neighbors.senders], geometry.numbers[neighbors.receivers])
+        else:  # every pair's own parameters, (K, A) each
+            (numbers_j,) = gather_neighbors(neighbors, geometry.numbers)
+            p = self.pairs.lookup(geometry.numbers[None, :], numbers_j)
             sigma, epsilon, rc, ro = p["sigma"], p["epsilon"], p["rc"], p["ro"]
-        vec = pair_vectors(neighbors, geometry.positions, geometry.cell, geometry.system)
-        r2 = jnp.sum(vec * vec, axis=-1)
+        pg = pair_geometry(neighbors, geometry.positions, geometry.cell, geometry.system)
+        r2 = pg.r2
         rc2 = rc ** 2
-        inside = neighbors.mask & (r2 <= rc2)
+        inside = pg.valid & (r2 <= rc2)
         r2_safe = jnp.where(inside, r2, rc2)  # keeps padding pairs away from 1/0
         c6 = jnp.where(inside, (sigma ** 2 / r2_safe) ** 3, 0.0)
         c12 = c6 ** 2
         pair = 4.0 * epsilon * (c12 - c6)
+        # g / r = (du/dr) / r = 2 du/d(r^2): the pair's two directed copies weigh 1/2 each
+        g_over_r = 24.0 * epsilon * (c6 - 2.0 * c12) / r2_safe
         if self.smooth:
-            pair = pair * _cutoff_function(r2_safe, rc2, ro ** 2)
-        else:
+            cut, dcut_dr2 = _cutoff_function(r2_safe, rc2, ro ** 2)
+            g_over_r = g_over_r * cut + 2.0 * pair * dcut_dr2
+            pair = pair * cut
+        else:  # the shift is a constant: the force jumps at rc, as in ASE
             e0 = 4.0 * epsilon * ((sigma / rc) ** 12 - (sigma / rc) ** 6)
             pair = pair - jnp.where(c6 != 0.0, e0, 0.0)
         pair = jnp.where(inside, pair, 0.0)
-        S = geometry.n_systems
-        owner = jnp.where(neighbors.mask, geometry.system[neighbors.senders], S)  # padding pairs dropped
-        return segment_sum(0.5 * pair, owner, S)
+        g_over_r = jnp.where(inside, g_over_r, 0.0)
+        return pg, pair, g_over_r
+
+    def _system_energies(self, geometry: Geometry, pair: jax.Array) -> jax.Array:
+        per_atom = jnp.where(geometry.atom_mask, 0.5 * jnp.sum(pair, axis=0), 0.0)
+        return segment_sum(per_atom, geometry.system, geometry.n_systems)
+
+    def energy(self, geometry: Geometry, neighbors: NeighborList) -> jax.Array:
+        """Per-system energies ``(S,)``, eV."""
+        _, pair, _ = self._pair_terms(geometry, neighbors)
+        return self._system_energies(geometry, pair)
+
+    def energy_forces(self, geometry: Geometry, neighbors: NeighborList, compute_virial: bool = False) -> EnergyForces:
+        """Energies ``(S,)``, forces ``(A, 3)`` and (optionally) virials ``(S, 3, 3)`` analytically,
+        from one pass over the neighbor matrix (the energies are :meth:`energy`'s)."""
+        pg, pair, g_over_r = self._pair_terms(geometry, neighbors)
+        forces = pair_forces(g_over_r, pg)
+        virial = pair_virial(g_over_r, pg, geometry.system, geometry.n_systems) if compute_virial else None
+        return EnergyForces(energy=self._system_energies(geometry, pair), forces=forces, virial=virial)
 
 
 def _cutoff_function(r2, rc2, ro2):
-    """ASE's smooth cutoff in squared distances: 1 below ``ro``, 0 above ``rc``, C^1 between."""
+    """ASE's smooth cutoff in squared distances (1 below ``ro``, 0 above ``rc``, C^1 between)
+    and its derivative by ``r2`` (1/Å²)."""
     between = (rc2 - r2) ** 2 * (rc2 + 2 * r2 - 3 * ro2) / (rc2 - ro2) ** 3
-    return jnp.where(r2 < ro2, 1.0, jnp.where(r2 < rc2, between, 0.0))
+    dbetween = 6.0 * (rc2 - r2) * (ro2 - r2) / (rc2 - ro2) ** 3
+    value = jnp.where(r2 < ro2, 1.0, jnp.where(r2 < rc2, between, 0.0))
+    derivative = jnp.where(r2 < ro2, 0.0, jnp.where(r2 < rc2, dbetween, 0.0))
+    return value, derivative

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kups_relax.batch import Geometry
-from kups_relax.neighbors import NeighborList, pair_vectors
+from kups_relax.evaluate import EnergyForces
+from kups_relax.neighbors import NeighborList
+from kups_relax.pairs import gather_neighbors, pair_forces, pair_geometry, pair_virial
 from kups_relax.segments import segment_sum
 
 from .species import ParameterValue, PairTable, Species, finish, pair_table
@@ -101,27 +103,61 @@ class MorsePotential:
     def supported_numbers(self) -> frozenset[int] | None:
         return None if self.pairs is None else frozenset(self.pairs.numbers)
 
-    def energy(self, geometry: Geometry, neighbors: NeighborList) -> jax.Array:
+    def _pair_terms(self, geometry: Geometry, neighbors: NeighborList):
+        """One pass over the neighbor matrix: pair geometry, pair energies and ``g / r``.
+
+        Returns ``(pg, pair, g_over_r)``: the :class:`~kups_relax.pairs.PairGeometry`, every
+        directed pair's ``V(r)`` ``(K, A)`` (eV, before the weight 1/2) and ``g / r`` ``(K, A)``
+        (eV/Å², ``g = dV/dr`` counts both directed copies of the pair, :mod:`kups_relax.pairs`;
+        zero beyond the cutoff). :meth:`energy` uses only the energies.
+        """
         if self.pairs is None:
             epsilon, rho0, r0, rcut1, rcut2 = self.epsilon, self.rho0, self.r0, self.rcut1, self.rcut2
-        else:  # every pair's own parameters, (E,) each
-            p = self.pairs.lookup(geometry.numbers[neighbors.senders], geometry.numbers[neighbors.receivers])
+        else:  # every pair's own parameters, (K, A) each
+            (numbers_j,) = gather_neighbors(neighbors, geometry.numbers)
+            p = self.pairs.lookup(geometry.numbers[None, :], numbers_j)
             epsilon, rho0, r0, rcut1, rcut2 = p["epsilon"], p["rho0"], p["r0"], p["rcut1"], p["rcut2"]
         r_on, r_off = rcut1 * r0, rcut2 * r0
-        vec = pair_vectors(neighbors, geometry.positions, geometry.cell, geometry.system)
-        r2 = jnp.sum(vec * vec, axis=-1)
-        inside = neighbors.mask & (r2 < r_off ** 2)
+        pg = pair_geometry(neighbors, geometry.positions, geometry.cell, geometry.system)
+        r2 = pg.r2
+        inside = pg.valid & (r2 < r_off ** 2)
         d = jnp.sqrt(jnp.where(inside, r2, r_off ** 2))  # padding pairs kept off r = 0
         expf = jnp.exp(rho0 * (1.0 - d / r0))
-        pair = epsilon * expf * (expf - 2.0) * fcut(d, r_on, r_off)
-        pair = jnp.where(inside, pair, 0.0)
-        S = geometry.n_systems
-        owner = jnp.where(neighbors.mask, geometry.system[neighbors.senders], S)  # padding pairs dropped
-        return segment_sum(0.5 * pair, owner, S)
+        morse = epsilon * expf * (expf - 2.0)
+        cut, dcut = _smooth_step(d, r_on, r_off)
+        pair = jnp.where(inside, morse * cut, 0.0)
+        dmorse = -2.0 * epsilon * rho0 / r0 * expf * (expf - 1.0)
+        g_over_r = jnp.where(inside, (dmorse * cut + morse * dcut) / d, 0.0)
+        return pg, pair, g_over_r
+
+    def _system_energies(self, geometry: Geometry, pair: jax.Array) -> jax.Array:
+        per_atom = jnp.where(geometry.atom_mask, 0.5 * jnp.sum(pair, axis=0), 0.0)
+        return segment_sum(per_atom, geometry.system, geometry.n_systems)
+
+    def energy(self, geometry: Geometry, neighbors: NeighborList) -> jax.Array:
+        """Per-system energies ``(S,)``, eV."""
+        _, pair, _ = self._pair_terms(geometry, neighbors)
+        return self._system_energies(geometry, pair)
+
+    def energy_forces(self, geometry: Geometry, neighbors: NeighborList, compute_virial: bool = False) -> EnergyForces:
+        """Energies ``(S,)``, forces ``(A, 3)`` and (optionally) virials ``(S, 3, 3)`` analytically,
+        from one pass over the neighbor matrix (the energies are :meth:`energy`'s)."""
+        pg, pair, g_over_r = self._pair_terms(geometry, neighbors)
+        forces = pair_forces(g_over_r, pg)
+        virial = pair_virial(g_over_r, pg, geometry.system, geometry.n_systems) if compute_virial else None
+        return EnergyForces(energy=self._system_energies(geometry, pair), forces=forces, virial=virial)
+
+
+def _smooth_step(r: jax.Array, r_on, r_off) -> tuple[jax.Array, jax.Array]:
+    """ASE's quintic smooth step (:func:`fcut`) and its derivative by ``r`` (1/Å)."""
+    s = 1.0 - (r - r_on) / (r_off - r_on)
+    between = s * s * s * (10.0 + s * (-15.0 + 6.0 * s))
+    dbetween = -30.0 * (s * (1.0 - s)) ** 2 / (r_off - r_on)  # d(between)/ds = 30 s^2 (1 - s)^2, ds/dr < 0
+    value = jnp.where(s >= 1.0, 1.0, jnp.where(s > 0.0, between, 0.0))
+    derivative = jnp.where((s < 1.0) & (s > 0.0), dbetween, 0.0)
+    return value, derivative
 
 
 def fcut(r: jax.Array, r_on, r_off) -> jax.Array:
     """ASE's quintic smooth step: 1 for ``r <= r_on``, 0 for ``r >= r_off``, C² in between (Å)."""
-    s = 1.0 - (r - r_on) / (r_off - r_on)
-    between = s * s * s * (10.0 + s * (-15.0 + 6.0 * s))
-    return jnp.where(s >= 1.0, 1.0, jnp.where(s > 0.0, between, 0.0))
+    return _smooth_step(r, r_on, r_off)[0]

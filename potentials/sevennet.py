@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kups_relax.batch import Geometry
-from kups_relax.neighbors import NeighborList, pair_vectors
+from kups_relax.neighbors import NeighborList
+from kups_relax.pairs import pair_vectors
 from kups_relax.segments import segment_sum
 
 from . import sevennet_layers as layers
@@ -153,9 +154,11 @@ class SevenNet:
         n_rows, S = geometry.n_atom_rows, geometry.n_systems
 
         # edges: i = sender receives the message of j = receiver, along r_j - r_i
-        vec = pair_vectors(neighbors, geometry.positions, geometry.cell, geometry.system)
+        vec = pair_vectors(neighbors, geometry.positions, geometry.cell, geometry.system).reshape(-1, 3)
+        senders = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[None, :], neighbors.neighbors.shape).reshape(-1)
+        receivers = jnp.clip(neighbors.neighbors, 0, n_rows - 1).reshape(-1)
         r2 = jnp.sum(vec * vec, axis=-1)
-        inside = neighbors.mask & (r2 < cfg.cutoff ** 2)
+        inside = neighbors.mask.reshape(-1) & (r2 < cfg.cutoff ** 2)
         safe = jnp.where(inside[:, None], vec, jnp.asarray([0.0, 0.0, 0.5 * cfg.cutoff], dtype))
         r = jnp.sqrt(jnp.sum(safe * safe, axis=-1))
         sh = layers.spherical_harmonics(safe / r[:, None], cfg.lmax_filter)
@@ -166,7 +169,7 @@ class SevenNet:
         species = jnp.clip(jnp.take(self.species_index, geometry.numbers, mode="clip"), 0, None)
         embedding = p["embedding.l0"]
         x = {0: (embedding[species] / math.sqrt(embedding.shape[0]))[:, :, None]}
-        edges = (sh, radial, neighbors.senders, neighbors.receivers)
+        edges = (sh, radial, senders, receivers)
         t = 0
         while t < cfg.n_layers:
             # blocks with the same irreps in and out share one traced body (lax.scan): less to compile

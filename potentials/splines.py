@@ -47,6 +47,37 @@ def cubic_coefficients(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(c, (0, 1), (-1, -2)))
 
 
+def interval(t: jax.Array, dx: jax.Array | float, n_intervals: int, offset: int = 0) -> tuple[jax.Array, jax.Array]:
+    """The grid interval of every point and the offset into it, on the uniform grid ``x_k = (offset + k) dx``.
+
+    Args:
+        t: points; outside the grid the end intervals are chosen (they extrapolate).
+        dx: grid spacing.
+        n_intervals: intervals of the table (``len(x) - 1``).
+        offset: index of the first grid point.
+
+    Returns:
+        ``(k, u)``: int32 interval indices (the shape of ``t``) and ``u = t - x_k``.
+    """
+    k = jnp.clip(jnp.floor(t / dx) - offset, 0, n_intervals - 1).astype(jnp.int32)
+    return k, t - (k + offset) * dx
+
+
+def polynomial(c: tuple[jax.Array, ...] | jax.Array, u: jax.Array) -> jax.Array:
+    """``c0 + c1 u + c2 u**2 + ...`` by Horner's rule (``c``: a tuple of arrays, or ``(..., n)``)."""
+    c = tuple(c) if isinstance(c, (tuple, list)) else tuple(c[..., m] for m in range(c.shape[-1]))
+    value = c[-1]
+    for cm in reversed(c[:-1]):
+        value = cm + u * value
+    return value
+
+
+def derivative_coefficients(c):
+    """``(..., n)`` polynomial coefficients -> ``(..., n - 1)`` of its derivative, ``m c_m``
+    (numpy or JAX arrays)."""
+    return c[..., 1:] * np.arange(1, c.shape[-1])
+
+
 def evaluate(coefficients: jax.Array, which: tuple[jax.Array, ...], t: jax.Array,
              dx: jax.Array | float, offset: int = 0) -> jax.Array:
     """Values at ``t`` of splines tabulated on the uniform grid ``x_k = (offset + k) dx`` (differentiable).
@@ -66,8 +97,27 @@ def evaluate(coefficients: jax.Array, which: tuple[jax.Array, ...], t: jax.Array
     Returns:
         ``s(t)``, the shape of ``t``.
     """
-    n_intervals = coefficients.shape[-2]
-    k = jnp.clip(jnp.floor(t / dx) - offset, 0, n_intervals - 1).astype(jnp.int32)
+    return evaluate_with_derivative(coefficients, which, t, dx, offset)[0]
+
+
+def evaluate_with_derivative(coefficients: jax.Array, which: tuple[jax.Array, ...], t: jax.Array,
+                             dx: jax.Array | float, offset: int = 0) -> tuple[jax.Array, jax.Array]:
+    """``(s(t), s'(t))``: :func:`evaluate` and the spline's own derivative (ASE's ``spline(t, 1)``),
+    from one lookup of the coefficients. Arguments as :func:`evaluate`."""
+    k, u = interval(t, dx, coefficients.shape[-2], offset)
     c = coefficients[tuple(which) + (k,)]
-    u = t - (k + offset) * dx
-    return c[..., 0] + u * (c[..., 1] + u * (c[..., 2] + u * c[..., 3]))
+    return polynomial(c, u), polynomial(derivative_coefficients(c), u)
+
+
+def shift_origin(coefficients: np.ndarray, delta: float) -> np.ndarray:
+    """The same cubics written around an origin moved by ``delta`` (host, numpy).
+
+    Row ``(c0, c1, c2, c3)`` of ``s(t) = sum c_m (t - x)**m`` becomes the coefficients of
+    ``sum d_m (t - (x + delta))**m``, the same polynomial (to round-off).
+    """
+    c0, c1, c2, c3 = np.moveaxis(np.asarray(coefficients, dtype=np.float64), -1, 0)
+    h = delta
+    d0 = c0 + h * (c1 + h * (c2 + h * c3))
+    d1 = c1 + h * (2.0 * c2 + h * 3.0 * c3)
+    d2 = c2 + 3.0 * h * c3
+    return np.stack([d0, d1, d2, c3], axis=-1)

@@ -73,3 +73,29 @@ def test_alone_equals_in_batch(twenty, batched, alone):
         tolerance = 1e-10 if name.startswith("cluster-") else 1e-12
         assert np.abs(a.atoms.positions - b.atoms.positions).max() <= tolerance, name
         np.testing.assert_allclose(a.energies, b.energies, rtol=0, atol=tolerance, err_msg=name)
+
+
+def test_compaction_keeps_every_path(twenty, batched, monkeypatch, caplog):
+    """When nothing waits, running systems move into a batch of half the size (or less) as others
+    stop. Their state moves with them, so every path equals the one in a batch that is never
+    compacted (same steps; positions within the cross-bucket rounding of ``test_alone_equals_in_batch``)."""
+    import logging
+
+    from kups_relax import engine
+
+    monkeypatch.setattr(engine, "MIN_COMPACTED_ROWS", 10**9)
+    potential = LennardJones(**LJ_PARAMS)
+    with caplog.at_level(logging.DEBUG, logger="kups_relax.engine"):
+        plain = relax([a for _, a in twenty], potential, fmax=FMAX, max_steps=500, names=[n for n, _ in twenty])
+    assert not [m for m in caplog.messages if "compacted" in m]
+    monkeypatch.setattr(engine, "MIN_COMPACTED_ROWS", 24)  # this batch has 384 rows: 96, 24 rows
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="kups_relax.engine"):
+        again = relax([a for _, a in twenty], potential, fmax=FMAX, max_steps=500, names=[n for n, _ in twenty])
+    compacted = [m for m in caplog.messages if "compacted" in m]
+    assert compacted, "the batch of 20 was compacted at least once"
+    for p, c in zip(plain, again):
+        assert p.steps == c.steps, p.name
+        tolerance = 1e-10 if p.name.startswith("cluster-") else 1e-12
+        assert np.abs(p.atoms.positions - c.atoms.positions).max() <= tolerance, p.name
+        np.testing.assert_allclose(p.energies, c.energies, rtol=0, atol=tolerance, err_msg=p.name)

@@ -48,14 +48,21 @@ def ase_pairs(atoms: Atoms, radius: float) -> set:
 
 
 def our_pairs(neighbors, first: np.ndarray, system_of_atom: np.ndarray, n_systems: int) -> list[set]:
-    mask = np.asarray(neighbors.mask)
-    i, j = np.asarray(neighbors.senders)[mask], np.asarray(neighbors.receivers)[mask]
-    S = np.rint(np.asarray(neighbors.shifts)[mask]).astype(int)
+    """Every system's pairs ``(i, j, shift)`` (rows counted from the system's first), from the matrix."""
+    matrix = np.asarray(neighbors.neighbors)
+    mask = matrix < matrix.shape[1]
+    k_idx, i = np.nonzero(mask)
+    j = matrix[k_idx, i]
+    S = np.asarray(neighbors.shifts)[k_idx, i].astype(int)
+    # a column's neighbours come first, padding after
+    assert (np.cumsum(~mask, axis=0)[mask] == 0).all(), "padding entries precede real ones"
     out = [set() for _ in range(n_systems)]
     for a, b, s in zip(i, j, S):
         k = system_of_atom[a]
         assert system_of_atom[b] == k, "a pair crosses systems"
-        out[k].add((int(a - first[k]), int(b - first[k]), tuple(s.tolist())))
+        pair = (int(a - first[k]), int(b - first[k]), tuple(s.tolist()))
+        assert pair not in out[k], "a pair listed twice"
+        out[k].add(pair)
     return out
 
 
@@ -63,9 +70,10 @@ def our_pairs(neighbors, first: np.ndarray, system_of_atom: np.ndarray, n_system
 def packed():
     structures = mixed_structures()
     batch = Batch.from_atoms(structures)
-    sizes = np.array([len(a) for a in structures])
-    first = np.cumsum(sizes) - sizes
-    system = np.repeat(np.arange(len(structures)), sizes)
+    first = np.asarray(batch.starts)
+    system = np.full(batch.geometry.n_atom_rows, -1)
+    for k, atoms in enumerate(structures):
+        system[batch.atom_slice(k)] = k
     return structures, batch.geometry, first, system
 
 
@@ -81,27 +89,19 @@ def test_pairs_equal_ase_for_every_system(packed):
         assert ours[k] == ase_pairs(atoms, RADIUS), f"structure {k} ({atoms.get_chemical_formula()})"
 
 
-@pytest.mark.parametrize("chosen, partial, capacities", [((0, 3, 4), True, "estimated"), ((1, 5, 6), False, "tiny"),
-                                                         ((1, 4, 5, 6, 7, 8, 9), False, "roomy")])
-def test_rebuild_of_some_systems_keeps_the_others(packed, chosen, partial, capacities):
-    """Selections within the partial capacities are rebuilt alone (the others keep their pairs);
-    larger ones fall back to a full build: ``tiny`` partial capacities (the selection's candidates
-    do not fit), or ``roomy`` ones whose candidates fit but whose new pairs exceed
-    ``partial_pair_capacity`` (the fallback after the search)."""
+@pytest.mark.parametrize("chosen, one_by_one, capacities", [((0, 3, 4), True, "estimated"), ((1, 5, 6), False, "tiny"),
+                                                            ((0, 1, 4, 5, 6, 7, 8, 9), False, "estimated")])
+def test_rebuild_of_some_systems_keeps_the_others(packed, chosen, one_by_one, capacities):
+    """A few selected systems are rebuilt one by one (the others keep their pairs, even where
+    stale); a selection of more than half the systems, or a system beyond the one-system
+    capacities (``tiny``), takes a full build."""
     import dataclasses
 
     structures, geometry, first, system = packed
     neighbors = nl.allocate(geometry, CUTOFF, SKIN)
-    caps = neighbors.capacities
     if capacities == "tiny":
-        neighbors = dataclasses.replace(neighbors, capacities=caps._replace(
-            partial_candidates=64, partial_cell_rows=8, partial_cell_candidates=64))
-    if capacities == "roomy":
-        neighbors = dataclasses.replace(neighbors, capacities=caps._replace(
-            partial_candidates=caps.dense_candidates, partial_cell_rows=caps.cell_rows,
-            partial_cell_candidates=caps.cell_candidates))
-        counts = np.bincount(system[np.asarray(neighbors.senders)[np.asarray(neighbors.mask)]])
-        assert counts[list(chosen)].sum() > nl.partial_pair_capacity(neighbors.capacity)
+        neighbors = dataclasses.replace(neighbors, capacities=neighbors.capacities._replace(
+            system_dense=64, system_rows=8, system_cell_candidates=64))
     moved = [a.copy() for a in structures]
     for k in chosen:
         moved[k].rattle(0.4, seed=100 + k)
@@ -110,10 +110,38 @@ def test_rebuild_of_some_systems_keeps_the_others(packed, chosen, partial, capac
     # one compiled program (run op by op, the conds' branches compile piecemeal: ~3x slower)
     after, rebuilt = jax.jit(nl.rebuild_tracked)(neighbors, moved_geometry, selected)
     rebuilt = np.asarray(rebuilt)[: len(structures)]
-    assert rebuilt.all() != partial and set(np.flatnonzero(rebuilt)) >= set(chosen)
-    assert not bool(after.overflow)
+    if one_by_one:
+        assert set(np.flatnonzero(rebuilt)) == set(chosen)
+    else:
+        assert rebuilt.all()
+    assert bool(after.overflow) == (capacities == "tiny")  # a full build reports the short capacities
     ours = our_pairs(after, first, system, len(structures))
     for k in range(len(structures)):
         # a system that was not rebuilt keeps the pairs of its old positions
         expected = ase_pairs(moved[k] if rebuilt[k] else structures[k], RADIUS)
         assert ours[k] == expected, f"structure {k}"
+
+
+def test_per_system_cutoffs_and_matrix_width(packed):
+    """Systems list pairs out to their own ``cutoffs + skin``; the matrix is as wide as the fullest
+    atom needs (with its margin), and a width too small is an overflow that ``grow`` repairs."""
+    import dataclasses
+
+    structures, geometry, first, system = packed
+    cutoffs = np.full(geometry.n_systems, CUTOFF)
+    cutoffs[1::2] = 3.0
+    neighbors = nl.allocate(geometry, CUTOFF, SKIN, cutoffs=jnp.asarray(cutoffs))
+    ours = our_pairs(neighbors, first, system, len(structures))
+    widest = 0
+    for k, atoms in enumerate(structures):
+        expected = ase_pairs(atoms, cutoffs[k] + SKIN)
+        assert ours[k] == expected, f"structure {k}"
+        if expected:
+            widest = max(widest, np.bincount([p[0] for p in expected]).max())
+    assert neighbors.width == nl.matrix_width(widest)
+    narrow = dataclasses.replace(neighbors, capacities=neighbors.capacities._replace(neighbors=8))
+    rebuilt = nl.rebuild(narrow, geometry)
+    assert bool(rebuilt.overflow)
+    grown = nl.grow(rebuilt, geometry)
+    assert not bool(grown.overflow) and grown.width == neighbors.width
+    assert our_pairs(grown, first, system, len(structures)) == ours

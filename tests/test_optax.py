@@ -136,16 +136,16 @@ def test_inactive_state_is_untouched_and_reset_restarts():
     state = transform.init(params, index)
     update = jax.jit(transform.update)
     for _ in range(3):
-        _, state = update(jnp.asarray(rng.normal(size=(8, 3))), state, params, jnp.asarray([True, True, True]))
+        _, state = update(jnp.asarray(rng.normal(size=(8, 3))), state, params, jnp.asarray([True, True, True]), index)
     before = state
-    step, state = update(jnp.asarray(rng.normal(size=(8, 3))), state, params, jnp.asarray([True, False, True]))
+    step, state = update(jnp.asarray(rng.normal(size=(8, 3))), state, params, jnp.asarray([True, False, True]), index)
     rows1 = np.asarray(index.system) == 1
     for new, old in zip(jax.tree.leaves(state.inner), jax.tree.leaves(before.inner)):
         np.testing.assert_array_equal(np.asarray(new)[rows1], np.asarray(old)[rows1])
     assert np.all(np.asarray(step)[rows1] == 0.0)
     counts = np.asarray(state.inner[0].count)
     assert counts.tolist() == [4, 4, 3, 3, 3, 4, 0, 0]  # per system (padding never steps)
-    reset = transform.reset(state, jnp.asarray([False, True, False]))
+    reset = transform.reset(state, jnp.asarray([False, True, False]), index)
     fresh = transform.init(params, index)
     for new, old, init in zip(jax.tree.leaves(reset.inner), jax.tree.leaves(state.inner), jax.tree.leaves(fresh.inner)):
         np.testing.assert_array_equal(np.asarray(new)[rows1], np.asarray(init)[rows1])
@@ -222,8 +222,8 @@ def test_schedules_count_the_systems_own_steps():
     index = SystemIndex(jnp.asarray([0, 1]), 2)
     state = transform.init(jnp.zeros((2, 3)), index)
     g = jnp.ones((2, 3))
-    step, state = transform.update(g, state, None, jnp.asarray([True, False]))
-    step, state = transform.update(g, state, None, jnp.asarray([True, True]))
+    step, state = transform.update(g, state, None, jnp.asarray([True, False]), index)
+    step, state = transform.update(g, state, None, jnp.asarray([True, True]), index)
     np.testing.assert_allclose(np.asarray(step), [[-0.5] * 3, [-1.0] * 3])  # system 1 starts at rate 1.0
 
 
@@ -233,7 +233,7 @@ def test_max_step_clips_each_system_like_ase():
     rng, params, index = _rows_and_index()
     grads = jnp.asarray(rng.normal(size=(8, 3)) * 0.2)
     state = transform.init(params, index)
-    step, _ = transform.update(grads, state, params, jnp.asarray([True, True, True]))
+    step, _ = transform.update(grads, state, params, jnp.asarray([True, True, True]), index)
     system = np.asarray(index.system)
     for s in range(3):
         ref = -np.asarray(grads)[system == s]

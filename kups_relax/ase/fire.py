@@ -21,7 +21,8 @@ from kups_relax.transforms import Fire, FireState, SystemIndex
 
 @functools.partial(jax.jit, static_argnums=0)
 def _fire_update(transform: Fire, gradient, state: FireState, params):
-    return transform.update(gradient, state, params, jnp.ones((1,), bool))
+    index = SystemIndex(jnp.zeros((gradient.shape[0],), jnp.int32), 1)
+    return transform.update(gradient, state, params, jnp.ones((1,), bool), index)
 
 
 class FIRE(_AseFIRE):
@@ -72,7 +73,6 @@ class FIRE(_AseFIRE):
             a=jnp.full((1,), self.a, jnp.float64),
             n_positive=jnp.full((1,), self.Nsteps, jnp.int32),
             started=jnp.full((1,), started, bool),
-            index=SystemIndex(jnp.zeros((rows,), jnp.int32), 1),
         )
         r = optimizable.get_x()
         dr, state = _fire_update(transform, as_rows(gradient), state, as_rows(r))

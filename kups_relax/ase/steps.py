@@ -50,8 +50,8 @@ def match_state(state: ChainState, transform: Chain) -> ChainState:
 
 
 @functools.partial(jax.jit, static_argnames=("transform",))
-def _update(transform, gradient, state, params, active):
-    return transform.update(gradient, state, params, active)
+def _update(transform, gradient, state, params, active, index):
+    return transform.update(gradient, state, params, active, index)
 
 
 class HostSteps:
@@ -102,7 +102,7 @@ class HostSteps:
         transform = self.transform(maxstep, damping)
         updates, self.state = _update(transform, jnp.asarray(self.pack(gradients), dtype),
                                       match_state(self.state, transform),
-                                      jnp.asarray(self.pack(positions), dtype), jnp.asarray(mask))
+                                      jnp.asarray(self.pack(positions), dtype), jnp.asarray(mask), self.index)
         updates = np.asarray(updates, dtype=np.float64)
         return [updates[rows] for rows in self.slices]
 
@@ -115,7 +115,7 @@ class HostSteps:
         ``s``/``y``/``r0``/``f0`` are flat arrays of ``3 * n_rows`` entries; ``r0`` and
         ``f0`` (the coordinates and forces of the last step) are ``None`` before the first.
         """
-        h = get_history(self.state.inner[0], system, self.memory)
+        h = get_history(self.state.inner[0], self.index, system, self.memory)
         first = h["iteration"] == 0
         return {
             "iteration": h["iteration"], "s": h["s"], "y": h["y"], "rho": h["rho"],
@@ -134,7 +134,7 @@ class HostSteps:
         g0 = zeros if f0 is None else -_checked(f0, n_values)
         s = [_checked(v, n_values) for v in s]
         y = [_checked(v, n_values) for v in y]
-        lb = set_history(self.state.inner[0], system, self.memory, int(iteration), s, y, rho, r0, g0)
+        lb = set_history(self.state.inner[0], self.index, system, self.memory, int(iteration), s, y, rho, r0, g0)
         self.state = self.state._replace(inner=(lb,) + tuple(self.state.inner[1:]))
 
 

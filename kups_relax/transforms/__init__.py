@@ -3,7 +3,7 @@
 from .base import Chain, EmptyState, Scale, SystemIndex, Transform, chain
 from .fire import Fire, FireState
 from .lbfgs import ScaleByAseLbfgs, ScaleByAseLbfgsState
-from .max_step import MaxStepSize, MaxStepSizeState
+from .max_step import MaxStepSize
 from .optax_adapter import OptaxState, OptaxTransform, is_optax_spec, optax_optimizer
 
 
@@ -24,7 +24,7 @@ def ase_fire(dt: float = 0.1, maxstep: float = 0.2, dtmax: float = 1.0, Nmin: in
 
 
 __all__ = [
-    "Chain", "EmptyState", "Fire", "FireState", "MaxStepSize", "MaxStepSizeState", "OptaxState", "OptaxTransform",
+    "Chain", "EmptyState", "Fire", "FireState", "MaxStepSize", "OptaxState", "OptaxTransform",
     "Scale", "ScaleByAseLbfgs", "ScaleByAseLbfgsState", "SystemIndex", "Transform", "ase_fire", "ase_lbfgs", "chain",
     "is_optax_spec", "optax_optimizer",
 ]

@@ -1,18 +1,23 @@
 """The optimizer-transform protocol, per system, in the spirit of optax.
 
-A transform maps the gradient of every system (flat ``(N, 3)`` rows with a
-:class:`SystemIndex`) to an update, keeping its own state:
+A transform maps the gradient of every system (flat ``(N, 3)`` rows; a :class:`SystemIndex`
+says which system every row belongs to) to an update, keeping its own state:
 
 * ``init(params, index) -> state``
-* ``update(updates, state, params, active) -> (updates, state)``: ``active``
+* ``update(updates, state, params, active, index) -> (updates, state)``: ``active``
   ``(S,)`` says which systems take this step; the state of the others must not
   change (a converged system keeps its history, bit for bit).
-* ``reset(state, systems) -> state``: forget the history of the systems in the
+* ``reset(state, systems, index) -> state``: forget the history of the systems in the
   ``(S,)`` mask, so a slot can take a new structure.
+* ``take(state, rows, systems) -> state``: the state of a smaller (or reordered) batch whose
+  row ``r`` is old row ``rows[r]`` and whose system ``s`` is old system ``systems[s]``
+  (out-of-range entries: new empty rows and systems). The engine compacts the running
+  systems of a batch this way when nothing waits for their slots.
 
-Every reduction inside a transform is per system (:mod:`kups_relax.segments`);
-nothing ever mixes systems. Transforms are frozen dataclasses of plain Python
-hyper-parameters, so they are hashable and serve as static arguments to jit.
+The index is passed in, not kept in the state: it describes the batch, which the engine owns
+(after a ``take`` the batch has a new one). Every reduction inside a transform is per system
+(:mod:`kups_relax.segments`); nothing ever mixes systems. Transforms are frozen dataclasses of
+plain Python hyper-parameters, so they are hashable and serve as static arguments to jit.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from ..segments import per_atom, per_system_dot, segment_max
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +39,30 @@ class SystemIndex:
     Attributes:
         system: ``(N,)`` int, the system slot of each row; ``n_systems`` marks padding rows.
         n_systems: number of system slots ``S`` (static).
+        aligned: the first ``aligned`` rows come in whole row blocks of one system each
+            (:mod:`kups_relax.segments`; the atom rows of a batch), so per-system reductions over
+            them need no scatter; ``None``: no such rows (static).
     """
 
     system: jax.Array
     n_systems: int = dataclasses.field(metadata=dict(static=True))
+    aligned: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def _aligned(self) -> int:
+        return 0 if self.aligned is None else self.aligned
+
+    def dot(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        """Per-system inner product of two ``(N, 3)`` fields -> ``(S,)``."""
+        return per_system_dot(a, b, self.system, self.n_systems, self._aligned)
+
+    def max(self, values: jax.Array) -> jax.Array:
+        """Per-system maximum of ``(N,)`` values -> ``(S,)`` (``-inf`` for systems without rows)."""
+        return segment_max(values, self.system, self.n_systems, self._aligned)
+
+    def broadcast(self, table: jax.Array) -> jax.Array:
+        """A per-system ``(S, ...)`` table at every row -> ``(N, ...)`` (padding rows read a clamped row)."""
+        return per_atom(table, self.system)
 
     def row_mask(self, systems: jax.Array) -> jax.Array:
         """``(N,)`` bool: rows whose system is selected in the ``(S,)`` mask ``systems``."""
@@ -49,10 +76,12 @@ class Transform(Protocol):
 
     def init(self, params: jax.Array, index: SystemIndex) -> Any: ...
 
-    def update(self, updates: jax.Array, state: Any, params: jax.Array,
-               active: jax.Array) -> tuple[jax.Array, Any]: ...
+    def update(self, updates: jax.Array, state: Any, params: jax.Array, active: jax.Array,
+               index: SystemIndex) -> tuple[jax.Array, Any]: ...
 
-    def reset(self, state: Any, systems: jax.Array) -> Any: ...
+    def reset(self, state: Any, systems: jax.Array, index: SystemIndex) -> Any: ...
+
+    def take(self, state: Any, rows: jax.Array, systems: jax.Array) -> Any: ...
 
 
 class EmptyState(NamedTuple):
@@ -64,6 +93,12 @@ def select_rows(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
     return jnp.where(mask.reshape(mask.shape + (1,) * (jnp.ndim(old) - 1)), new, old)
 
 
+def take_along(values: jax.Array, index: jax.Array, axis: int = 0) -> jax.Array:
+    """``values`` at ``index`` along ``axis``; out-of-range entries read zeros (new empty rows or
+    systems of a :meth:`Transform.take`)."""
+    return jnp.take(values, index, axis=axis, mode="fill", fill_value=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Scale:
     """Multiply updates by a constant (ASE's LBFGS ``damping``)."""
@@ -73,10 +108,13 @@ class Scale:
     def init(self, params, index):
         return EmptyState()
 
-    def update(self, updates, state, params, active):
+    def update(self, updates, state, params, active, index):
         return updates * self.factor, state
 
-    def reset(self, state, systems):
+    def reset(self, state, systems, index):
+        return state
+
+    def take(self, state, rows, systems):
         return state
 
 
@@ -93,15 +131,18 @@ class Chain:
     def init(self, params, index):
         return ChainState(tuple(t.init(params, index) for t in self.transforms))
 
-    def update(self, updates, state, params, active):
+    def update(self, updates, state, params, active, index):
         new_states = []
         for t, s in zip(self.transforms, state.inner):
-            updates, s = t.update(updates, s, params, active)
+            updates, s = t.update(updates, s, params, active, index)
             new_states.append(s)
         return updates, ChainState(tuple(new_states))
 
-    def reset(self, state, systems):
-        return ChainState(tuple(t.reset(s, systems) for t, s in zip(self.transforms, state.inner)))
+    def reset(self, state, systems, index):
+        return ChainState(tuple(t.reset(s, systems, index) for t, s in zip(self.transforms, state.inner)))
+
+    def take(self, state, rows, systems):
+        return ChainState(tuple(t.take(s, rows, systems) for t, s in zip(self.transforms, state.inner)))
 
 
 def chain(*transforms: Transform) -> Chain:

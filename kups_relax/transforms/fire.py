@@ -23,8 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..segments import per_atom, per_system_dot
-from .base import SystemIndex, select_rows
+from ..segments import per_atom
+from .base import SystemIndex, select_rows, take_along
 
 
 class FireState(NamedTuple):
@@ -36,7 +36,6 @@ class FireState(NamedTuple):
         a: ``(S,)`` current velocity/force mixing coefficient (ASE's ``a``).
         n_positive: ``(S,)`` int, steps since the power ``F.v`` was last non-positive (ASE's ``Nsteps``).
         started: ``(S,)`` bool, whether the system has taken a step (ASE's ``vel is not None``).
-        index: the :class:`SystemIndex` of the rows.
     """
 
     velocity: jax.Array
@@ -44,7 +43,6 @@ class FireState(NamedTuple):
     a: jax.Array
     n_positive: jax.Array
     started: jax.Array
-    index: SystemIndex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,20 +82,18 @@ class Fire:
             a=jnp.full((S,), self.a, params.dtype),
             n_positive=jnp.zeros((S,), jnp.int32),
             started=jnp.zeros((S,), bool),
-            index=index,
         )
 
-    def update(self, updates, state: FireState, params, active):
+    def update(self, updates, state: FireState, params, active, index: SystemIndex):
         """``updates`` are gradients ``(N, 3)``; returns the FIRE displacement ``(N, 3)``."""
-        index = state.index
         S, system = index.n_systems, index.system
         force = -updates  # ASE's "gradient" (the negative gradient)
         v = state.velocity
         dt, a, n_pos = state.dt, state.a, state.n_positive
 
-        vf = per_system_dot(force, v, system, S)
-        f2 = per_system_dot(force, force, system, S)
-        v2 = per_system_dot(v, v, system, S)
+        vf = index.dot(force, v)
+        f2 = index.dot(force, force)
+        v2 = index.dot(v, v)
 
         # a started system with positive power mixes its velocity towards the force ...
         mix = state.started & (vf > 0.0)
@@ -117,7 +113,7 @@ class Fire:
         dt_row = per_atom(dt_new, system)[:, None]
         v_new = v_new + dt_row * force
         dr = dt_row * v_new
-        norm = jnp.sqrt(per_system_dot(dr, dr, system, S))
+        norm = jnp.sqrt(index.dot(dr, dr))
         clip = norm > self.maxstep
         safe_norm = per_atom(jnp.where(clip, norm, 1.0), system)[:, None]
         dr = jnp.where(per_atom(clip, system)[:, None], self.maxstep * dr / safe_norm, dr)
@@ -130,12 +126,11 @@ class Fire:
             a=jnp.where(active, a_new, a),
             n_positive=jnp.where(active, n_new, n_pos),
             started=state.started | active,
-            index=index,
         )
         return step, new_state
 
-    def reset(self, state: FireState, systems: jax.Array) -> FireState:
-        rows = state.index.row_mask(systems)
+    def reset(self, state: FireState, systems: jax.Array, index: SystemIndex) -> FireState:
+        rows = index.row_mask(systems)
         return state._replace(
             velocity=select_rows(rows, 0.0, state.velocity),
             dt=jnp.where(systems, self.dt, state.dt).astype(state.dt.dtype),
@@ -143,3 +138,8 @@ class Fire:
             n_positive=jnp.where(systems, 0, state.n_positive),
             started=jnp.where(systems, False, state.started),
         )
+
+    def take(self, state: FireState, rows: jax.Array, systems: jax.Array) -> FireState:
+        return FireState(velocity=take_along(state.velocity, rows), dt=take_along(state.dt, systems),
+                         a=take_along(state.a, systems), n_positive=take_along(state.n_positive, systems),
+                         started=take_along(state.started, systems))

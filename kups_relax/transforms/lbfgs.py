@@ -22,8 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..segments import per_system_dot
-from .base import SystemIndex, select_rows
+from .base import SystemIndex, select_rows, take_along
 
 
 class ScaleByAseLbfgsState(NamedTuple):
@@ -44,7 +43,6 @@ class ScaleByAseLbfgsState(NamedTuple):
         s_memory: ``(M, N, 3)`` ring buffer of parameter differences.
         y_memory: ``(M, N, 3)`` ring buffer of gradient differences.
         rho: ``(M, S)`` per-system weights ``1 / (y.s)`` of each ring slot.
-        index: the :class:`SystemIndex` of the rows.
     """
 
     clock: jax.Array
@@ -54,7 +52,6 @@ class ScaleByAseLbfgsState(NamedTuple):
     s_memory: jax.Array
     y_memory: jax.Array
     rho: jax.Array
-    index: SystemIndex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +76,10 @@ class ScaleByAseLbfgs:
             s_memory=jnp.zeros((M,) + params.shape, params.dtype),
             y_memory=jnp.zeros((M,) + params.shape, params.dtype),
             rho=jnp.zeros((M, S), params.dtype),
-            index=index,
         )
 
-    def update(self, updates, state: ScaleByAseLbfgsState, params, active):
+    def update(self, updates, state: ScaleByAseLbfgsState, params, active, index: SystemIndex):
         """``updates`` are gradients ``(N, 3)``; returns the L-BFGS step ``-H g``."""
-        index = state.index
         S, M = index.n_systems, self.memory_size
         system = index.system
         row_system = jnp.clip(system, 0, S - 1)
@@ -97,7 +92,7 @@ class ScaleByAseLbfgs:
         slot = state.clock % M
         s0 = params - state.params
         y0 = grads - state.grads
-        ys = per_system_dot(y0, s0, system, S)
+        ys = index.dot(y0, s0)
         rho0 = jnp.where(ys != 0, 1.0 / jnp.where(ys != 0, ys, 1.0), 0.0)
         s_memory = state.s_memory.at[slot].set(jnp.where(row_store, s0, state.s_memory[slot]))
         y_memory = state.y_memory.at[slot].set(jnp.where(row_store, y0, state.y_memory[slot]))
@@ -110,7 +105,7 @@ class ScaleByAseLbfgs:
         def first_loop(age, carry):
             q, a_table = carry
             ring = (slot - age) % M
-            a = jnp.where(age < n_pairs, rho[ring] * per_system_dot(s_memory[ring], q, system, S), 0.0)
+            a = jnp.where(age < n_pairs, rho[ring] * index.dot(s_memory[ring], q), 0.0)
             q = q - a[row_system][:, None] * y_memory[ring]
             return q, a_table.at[age].set(a)
 
@@ -121,7 +116,7 @@ class ScaleByAseLbfgs:
         def second_loop(k, z):
             age = loopmax - 1 - k  # oldest first
             ring = (slot - age) % M
-            b = rho[ring] * per_system_dot(y_memory[ring], z, system, S)
+            b = rho[ring] * index.dot(y_memory[ring], z)
             coefficient = jnp.where(age < n_pairs, a_table[age] - b, 0.0)
             return z + s_memory[ring] * coefficient[row_system][:, None]
 
@@ -137,12 +132,11 @@ class ScaleByAseLbfgs:
             s_memory=s_memory,
             y_memory=y_memory,
             rho=rho,
-            index=index,
         )
         return step, new_state
 
-    def reset(self, state: ScaleByAseLbfgsState, systems: jax.Array) -> ScaleByAseLbfgsState:
-        rows = state.index.row_mask(systems)
+    def reset(self, state: ScaleByAseLbfgsState, systems: jax.Array, index: SystemIndex) -> ScaleByAseLbfgsState:
+        rows = index.row_mask(systems)
         return state._replace(
             iteration=jnp.where(systems, 0, state.iteration),
             params=select_rows(rows, 0.0, state.params),
@@ -152,8 +146,17 @@ class ScaleByAseLbfgs:
             rho=jnp.where(systems[None, :], 0.0, state.rho),
         )
 
+    def take(self, state: ScaleByAseLbfgsState, rows: jax.Array, systems: jax.Array) -> ScaleByAseLbfgsState:
+        # the ring is indexed by the global clock, which every system shares: its slots stay valid
+        return state._replace(
+            iteration=take_along(state.iteration, systems),
+            params=take_along(state.params, rows), grads=take_along(state.grads, rows),
+            s_memory=take_along(state.s_memory, rows, axis=1), y_memory=take_along(state.y_memory, rows, axis=1),
+            rho=take_along(state.rho, systems, axis=1),
+        )
 
-def get_history(state: ScaleByAseLbfgsState, system: int, memory_size: int) -> dict:
+
+def get_history(state: ScaleByAseLbfgsState, index: SystemIndex, system: int, memory_size: int) -> dict:
     """One system's memory in ASE's layout (the contents of an ``ase.optimize.LBFGS`` restart file).
 
     Returns a dict with ``iteration`` (int), ``s``, ``y`` (lists of ``(n_rows * 3,)`` arrays,
@@ -162,7 +165,7 @@ def get_history(state: ScaleByAseLbfgsState, system: int, memory_size: int) -> d
     """
     import numpy as np
 
-    rows = np.flatnonzero(np.asarray(state.index.system) == system)
+    rows = np.flatnonzero(np.asarray(index.system) == system)
     it = int(state.iteration[system])
     n_pairs = min(max(it - 1, 0), memory_size)
     clock = int(state.clock)
@@ -178,7 +181,7 @@ def get_history(state: ScaleByAseLbfgsState, system: int, memory_size: int) -> d
     }
 
 
-def set_history(state: ScaleByAseLbfgsState, system: int, memory_size: int, iteration: int,
+def set_history(state: ScaleByAseLbfgsState, index: SystemIndex, system: int, memory_size: int, iteration: int,
                 s, y, rho, r0, g0) -> ScaleByAseLbfgsState:
     """Load one system's memory from ASE's layout (inverse of :func:`get_history`).
 
@@ -187,7 +190,7 @@ def set_history(state: ScaleByAseLbfgsState, system: int, memory_size: int, iter
     """
     import numpy as np
 
-    rows = np.flatnonzero(np.asarray(state.index.system) == system)
+    rows = np.flatnonzero(np.asarray(index.system) == system)
     pairs = list(zip(s, y, rho))[-memory_size:] if memory_size > 0 else []
     if len(pairs) > max(int(iteration) - 1, 0):
         raise ValueError(f"L-BFGS history has {len(pairs)} pairs for iteration {iteration}")

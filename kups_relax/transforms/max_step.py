@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from ..segments import per_atom, segment_max
-from .base import SystemIndex
-
-
-class MaxStepSizeState(NamedTuple):
-    """Holds the row index captured at ``init``."""
-
-    index: SystemIndex
+from ..segments import per_atom
+from .base import EmptyState, SystemIndex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,16 +26,18 @@ class MaxStepSize:
 
     max_step: float = 0.2
 
-    def init(self, params: jax.Array, index: SystemIndex) -> MaxStepSizeState:
-        return MaxStepSizeState(index=index)
+    def init(self, params: jax.Array, index: SystemIndex) -> EmptyState:
+        return EmptyState()
 
-    def update(self, updates, state: MaxStepSizeState, params, active):
-        index = state.index
+    def update(self, updates, state: EmptyState, params, active, index: SystemIndex):
         lengths = jnp.linalg.norm(updates, axis=-1)
-        longest = segment_max(lengths, index.system, index.n_systems)
+        longest = index.max(lengths)
         clip = longest >= self.max_step
         scale = jnp.where(clip, self.max_step / jnp.where(clip, longest, 1.0), 1.0)
         return updates * per_atom(scale, index.system)[:, None], state
 
-    def reset(self, state, systems):
+    def reset(self, state, systems, index):
+        return state
+
+    def take(self, state, rows, systems):
         return state

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .base import Chain, SystemIndex, chain, select_rows
+from .base import Chain, SystemIndex, chain, select_rows, take_along
 from .max_step import MaxStepSize
 
 logger = logging.getLogger(__name__)
@@ -396,11 +396,9 @@ class OptaxState(NamedTuple):
     Attributes:
         inner: the optax state, every leaf with a leading ``(N,)`` axis: one optax state per atom
             row (its ``count`` is the row's system's steps since its start).
-        index: the :class:`SystemIndex` of the rows.
     """
 
     inner: Any
-    index: SystemIndex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,24 +426,27 @@ class OptaxTransform:
         return _optax_transform(self.spec)
 
     def init(self, params: jax.Array, index: SystemIndex) -> OptaxState:
-        return OptaxState(inner=jax.vmap(self.optax.init)(params), index=index)
+        return OptaxState(inner=jax.vmap(self.optax.init)(params))
 
-    def update(self, updates, state: OptaxState, params, active):
+    def update(self, updates, state: OptaxState, params, active, index: SystemIndex):
         new_updates, inner = jax.vmap(self.optax.update)(updates, state.inner, params)
-        rows = state.index.row_mask(active)
+        rows = index.row_mask(active)
         inner = jax.tree.map(lambda new, old: select_rows(rows, new, old).astype(old.dtype), inner, state.inner)
         step = jnp.where(rows[:, None], new_updates, 0.0).astype(updates.dtype)
-        return step, OptaxState(inner=inner, index=state.index)
+        return step, OptaxState(inner=inner)
 
-    def reset(self, state: OptaxState, systems: jax.Array) -> OptaxState:
+    def take(self, state: OptaxState, rows: jax.Array, systems: jax.Array) -> OptaxState:
+        return OptaxState(inner=jax.tree.map(lambda leaf: take_along(leaf, rows), state.inner))
+
+    def reset(self, state: OptaxState, systems: jax.Array, index: SystemIndex) -> OptaxState:
         # the allowlisted transforms' initial states do not depend on parameter values (zeros,
         # constants, counts), so a fresh state from zero parameters is a fresh state
-        rows = state.index.row_mask(systems)
+        rows = index.row_mask(systems)
         floats = [x.dtype for x in jax.tree.leaves(state.inner) if jnp.issubdtype(x.dtype, jnp.floating)]
         dtype = floats[0] if floats else jnp.float32
         fresh = jax.vmap(self.optax.init)(jnp.zeros((rows.shape[0], 3), dtype))
         inner = jax.tree.map(lambda new, old: select_rows(rows, new.astype(old.dtype), old), fresh, state.inner)
-        return OptaxState(inner=inner, index=state.index)
+        return OptaxState(inner=inner)
 
 
 def optax_optimizer(spec: str | Mapping, maxstep: float | None = None) -> Chain:
