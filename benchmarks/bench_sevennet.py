@@ -1,44 +1,69 @@
-"""SevenNet-0 on the CPU: kups-relax (JAX) vs sevenn's torch model, evaluation and relaxation.
+"""SevenNet-0 on the CPU: kups-relax (JAX) vs sevenn's torch model (ASE calculator, torch-sim), evaluation and relaxation.
 
     python benchmarks/bench_sevennet.py [--n 24] [--dtype float32] [--fmax 0.05] [--skin S] [--skip-relax]
+        [--optimizers lbfgs fire] [--torch-threads 1] [--torchsim-python /tmp/torchsim-venv/bin/python]
+        [--torchsim-check-every 5 1] [--torchsim-neighbor-list default] [--skip-torch-sim] [--keep DIR]
 
 * forces: one batched evaluation (energy, forces, stress) of ``--n`` structures with the engine
   (compiled; compile time reported apart) vs ``sevenn``'s ASE calculator one structure at a
-  time, and vs torch-sim's batched ``SevenNetModel`` (``torch_sim.models.sevennet``) when it loads offline
-  (torch-sim 0.3.0 imports ``sevenn.calculator.torch_script_type``, which sevenn 0.13 no longer has:
-  it is set to ``torch.jit.ScriptModule`` first, which only serves an ``isinstance`` test there);
-  the energies of each method are checked against the calculator's;
-* relax: ``kups_relax.relax`` (L-BFGS, ASE's defaults) on the same structures vs
-  ``ase.optimize.LBFGS`` + sevenn's calculator, structure by structure; reports both times
-  and the parity: step counts (equal / within how many) and final energies per atom.
+  time, and vs torch-sim 0.6.2's batched ``SevenNetModel`` (``torch_sim.models.sevennet``, which
+  re-exports ``sevenn.torchsim.SevenNetModel``), run by benchmarks/torchsim_runner.py
+  (``--task evaluate``) in torch-sim's own venv (benchmarks/setup_torchsim_venv.sh; Python >=
+  3.12); the energies and forces of each method are checked against the calculator's;
+* relax, for each optimizer of ``--optimizers`` (default L-BFGS and FIRE, ASE's defaults):
+  ``kups_relax.relax(..., optimizer=...)`` on the same structures (first call, compiling, and a
+  second call), ``ase.optimize.LBFGS`` / ``ase.optimize.FIRE`` + sevenn's calculator structure
+  by structure (the reference), and torch-sim's batched ``ts.optimize`` with its SevenNetModel
+  (benchmarks/torchsim_runner.py: L-BFGS in ASE's mode, alpha 70 and memory 100; FIRE
+  ``ase_fire``, which lowers alpha before the velocity mixing where ASE lowers it after; one
+  process per optimizer and convergence-check interval K, a first run with
+  torch's warm-up and warp's kernels compiled into an empty cache, then a second run; torch-sim
+  checks convergence every K = ``--torchsim-check-every`` steps, 5 by default, so rows for
+  K = 5 and K = 1); reports the times and the parity: step counts against ASE's same
+  optimizer (equal / how many) and final energies per atom. Same fmax, at most 1000 steps.
+  Without the torch-sim venv its rows are skipped with a message.
 
 Structures (``relax_structures``): rattled bulk metals, semiconductors and ionic crystals, an
 fcc vacancy cell, an fcc(111) slab, oxides (MgO, SrTiO3, rutile TiO2) and molecules in a box;
-2 to 31 atoms. Prints markdown tables for benchmarks/RESULTS.md. Timings on a shared machine
-are noisy; torch runs with one thread per process unless ``--torch-threads``.
+2 to 31 atoms, all fully periodic (torch-sim has one pbc for a whole batch). Prints the
+machine, versions, date, load averages, the commands and markdown tables for
+benchmarks/RESULTS.md. Timings on a shared machine are noisy; torch runs with one thread per
+process unless ``--torch-threads``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("KUPS_RELAX_COMPILATION_CACHE", "0")
 warnings.filterwarnings("ignore")
 
+import ase.io  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ase import Atoms  # noqa: E402
 from ase.build import bulk, fcc111, molecule  # noqa: E402
-from ase.optimize import LBFGS  # noqa: E402
+from ase.optimize import FIRE, LBFGS  # noqa: E402
 
 from kups_relax import neighbors as nbl  # noqa: E402
 from kups_relax import relax  # noqa: E402
 from kups_relax.batch import Batch  # noqa: E402
 from kups_relax.evaluate import evaluate  # noqa: E402
 from potentials import get_potential  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+MAX_STEPS = 1000
+ASE_OPTIMIZERS = {"lbfgs": LBFGS, "fire": FIRE}
 
 
 def _rattle(atoms: Atoms, seed: int, amount: float = 0.1) -> Atoms:
@@ -100,7 +125,42 @@ def sevenn_calculator(threads: int):
     return SevenNetCalculator("7net-0", device="cpu")
 
 
-def bench_forces(potential, structures, dtype, calc, repeats=3):
+class TorchSim:
+    """benchmarks/torchsim_runner.py in torch-sim's venv, one fresh process per call."""
+
+    def __init__(self, python: str, work: Path, threads: int, neighbor_list: str):
+        self.python, self.work, self.threads, self.neighbor_list = python, work, threads, neighbor_list
+        self.commands: list[str] = []
+        self.versions = ""
+
+    def available(self) -> bool:
+        return Path(self.python).exists()
+
+    def run(self, structures, tag: str, *extra: str) -> tuple[dict, float]:
+        source = self.work / "sevennet-structures.traj"  # exact positions (extxyz would round them to 1e-8 A)
+        ase.io.write(source, structures, format="traj")  # afresh: a --keep folder may hold another --n
+        out = self.work / f"torchsim-{tag}.json"
+        cmd = [self.python, str(HERE / "torchsim_runner.py"), str(source), str(out), "--model", "sevennet",
+               "--dtype", "float32", "--threads", str(self.threads), "--neighbor-list", self.neighbor_list, *extra]
+        warp_cache = self.work / f"warp-cache-{tag}"
+        shutil.rmtree(warp_cache, ignore_errors=True)  # the first call compiles warp's kernels (its neighbor list)
+        self.commands.append(f"WARP_CACHE_PATH={warp_cache} " + shlex.join(cmd))
+        log = self.work / f"torchsim-{tag}.log"
+        t = time.perf_counter()
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=self.work,
+                                env=os.environ | {"WARP_CACHE_PATH": str(warp_cache)}).returncode
+        wall = time.perf_counter() - t
+        if rc != 0:
+            raise RuntimeError(f"torch-sim runner failed (exit status {rc}): see {log}")
+        data = json.loads(out.read_text())
+        self.versions = (f"torch-sim-atomistic {data['torch_sim_version']}, torch {data['torch_version']} "
+                         f"({data['threads']} threads), sevenn {data['sevenn_version']}, "
+                         f"neighbor list {data['neighbor_list']}")
+        return data, wall
+
+
+def bench_forces(potential, structures, dtype, calc, torchsim: TorchSim | None, repeats=3):
     batch = Batch.from_atoms(structures, dtype=dtype)
     neighbors = nbl.allocate(batch.geometry, potential.cutoff, 0.0)
     fn = jax.jit(lambda p, g, n: evaluate(p, g, n, True))
@@ -129,59 +189,85 @@ def bench_forces(potential, structures, dtype, calc, repeats=3):
     parity = {"kups-relax": (np.abs(np.asarray(ours.energy[:len(structures)], np.float64) - e_ref) / n_atoms).max(),
               "kups-relax forces": np.abs(f_ours - f_ref).max()}
     t_ts = None
-    try:
-        import sevenn.calculator
-        import sevenn.util
-        import torch
-
-        if not hasattr(sevenn.calculator, "torch_script_type"):  # removed in sevenn 0.13; see the docstring
-            sevenn.calculator.torch_script_type = torch.jit.ScriptModule
-        import torch_sim as ts
-        from torch_sim.models.sevennet import SevenNetModel
-
-        net = sevenn.util.load_checkpoint("7net-0").build_model()
-        model = SevenNetModel(net, device="cpu", dtype=torch.float32)
-        state = ts.io.atoms_to_state(structures, torch.device("cpu"), torch.float32)
-        out = model(state)
-        t = time.perf_counter()
-        for _ in range(repeats):
-            model(state)
-        t_ts = (time.perf_counter() - t) / repeats
-        parity["torch-sim"] = (np.abs(out["energy"].double().numpy() - e_ref) / n_atoms).max()
-        parity["torch-sim forces"] = np.abs(out["forces"].double().numpy() - f_ref).max()
-    except Exception as err:  # torch-sim is optional; say why it did not run
-        print(f"torch-sim skipped: {type(err).__name__}: {err}")
+    if torchsim is not None:
+        try:
+            data, _ = torchsim.run(structures, "evaluate", "--task", "evaluate", "--evaluate-repeats", str(repeats))
+            ev = data["evaluate"]
+            t_ts = ev["wall_per_call"]
+            parity["torch-sim"] = (np.abs(np.array(ev["energy"]) - e_ref) / n_atoms).max()
+            parity["torch-sim forces"] = np.abs(np.concatenate([np.array(f) for f in ev["forces"]]) - f_ref).max()
+        except Exception as err:  # torch-sim is optional; say why it did not run
+            print(f"torch-sim skipped: {type(err).__name__}: {err}")
     return t_compile, t_ours, t_ref, t_ts, int(neighbors.n_pairs), neighbors.capacity, parity
 
 
-def bench_relax(potential, named, dtype, calc, fmax, skin):
-    names = [n for n, _ in named]
-    structures = [a for _, a in named]
-    options = dict(fmax=fmax, dtype=dtype, names=names) | ({} if skin is None else dict(skin=skin))
+def run_ase(structures, calc, fmax, optimizer):
     t = time.perf_counter()
-    relax(structures, potential, **options)
-    t_cold = time.perf_counter() - t
-    t = time.perf_counter()
-    ours = relax(structures, potential, **options)
-    t_warm = time.perf_counter() - t
-    t = time.perf_counter()
-    theirs = []
+    steps, energies = [], []
     for atoms in structures:
         atoms = atoms.copy()
         atoms.calc = calc
-        opt = LBFGS(atoms, logfile=None)
-        opt.run(fmax=fmax, steps=1000)
-        theirs.append((opt.nsteps, atoms.get_potential_energy()))
-    t_ref = time.perf_counter() - t
-    rows = []
-    for name, atoms, r, (steps, energy) in zip(names, structures, ours, theirs):
-        rows.append((name, len(atoms), r.steps, steps, abs(r.energy - energy) / len(atoms), r.status))
-    return t_cold, t_warm, t_ref, rows
+        opt = ASE_OPTIMIZERS[optimizer](atoms, logfile=None)
+        converged = opt.run(fmax=fmax, steps=MAX_STEPS)
+        steps.append(opt.nsteps)
+        energies.append((atoms.get_potential_energy(), converged))
+    wall = time.perf_counter() - t
+    return dict(walls=[wall], steps=np.array(steps), energy=np.array([e for e, _ in energies]),
+                converged=np.array([c for _, c in energies]))
+
+
+def run_ours(potential, named, dtype, fmax, skin, optimizer):
+    names = [n for n, _ in named]
+    structures = [a for _, a in named]
+    options = dict(fmax=fmax, dtype=dtype, names=names, optimizer=optimizer, max_steps=MAX_STEPS)
+    options |= {} if skin is None else dict(skin=skin)
+    walls = []
+    for _ in range(2):
+        t = time.perf_counter()
+        results = relax(structures, potential, **options)
+        walls.append(time.perf_counter() - t)
+    return dict(walls=walls, steps=np.array([r.steps for r in results]), energy=np.array([r.energy for r in results]),
+                converged=np.array([r.status == "converged" for r in results]))
+
+
+def run_torchsim(torchsim: TorchSim, structures, fmax, optimizer, check_every):
+    data, wall = torchsim.run(structures, f"{optimizer}-k{check_every}", "--optimizer", optimizer,
+                              "--check-every", str(check_every), "--fmax", str(fmax), "--max-steps", str(MAX_STEPS),
+                              "--repeat", "2")
+    run = data["runs"][0]
+    return dict(walls=run["wall_s"][:2], steps=np.array(run["steps"]), energy=np.array(run["energy"]),
+                converged=np.array(run["fmax"]) < fmax, wall_process=wall, model_load_s=data["model_load_s"])
+
+
+def bench_relax(potential, named, dtype, calc, fmax, skin, optimizers, torchsim: TorchSim | None, check_every):
+    """Rows (label, short label, optimizer, result dict) for every method, and the ASE reference per optimizer."""
+    structures = [a for _, a in named]
+    refs, rows = {}, []
+    for optimizer in optimizers:
+        refs[optimizer] = run_ase(structures, calc, fmax, optimizer)
+        print(f"ASE {optimizer}: {refs[optimizer]['walls'][0]:.1f} s, {refs[optimizer]['steps'].sum()} steps", flush=True)
+        r = run_ours(potential, named, dtype, fmax, skin, optimizer)
+        print(f"kups-relax {optimizer}: {r['walls'][0]:.1f} s first, {r['walls'][1]:.1f} s compiled, "
+              f"{r['steps'].sum()} steps", flush=True)
+        rows.append(("kups-relax (one batch)", "kups-relax", optimizer, r))
+        if torchsim is None:
+            continue
+        for k in check_every:
+            try:
+                r = run_torchsim(torchsim, structures, fmax, optimizer, k)
+            except Exception as err:  # torch-sim is optional; say why it did not run
+                print(f"torch-sim {optimizer} skipped: {type(err).__name__}: {err}")
+                continue
+            print(f"torch-sim {optimizer} (check every {k}): process {r['wall_process']:.1f} s (model built in "
+                  f"{r['model_load_s']:.1f} s, not in the inner times); inner "
+                  f"{r['walls'][0]:.1f} s first, {r['walls'][1]:.1f} s second, {r['steps'].sum()} steps", flush=True)
+            default = ", its default" if k == 5 else ", every step as ASE" if k == 1 else ""
+            rows.append((f"torch-sim 0.6.2 (one batch, check every {k}{default})", f"torch-sim K={k}", optimizer, r))
+    return refs, rows
 
 
 def _machine() -> str:
     import platform
-    import subprocess
 
     import sevenn
     import torch
@@ -191,8 +277,14 @@ def _machine() -> str:
             ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
     except (OSError, StopIteration):
         model = platform.processor()
-    return (f"{model}, {os.cpu_count()} CPUs; jax {jax.__version__}, torch {torch.__version__}, "
-            f"sevenn {sevenn.__version__}; load average {_load()}")
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=HERE).stdout.strip()
+    except OSError:
+        rev = ""
+    return (f"{platform.machine()}, {model}, {os.cpu_count()} CPUs; kups-relax {rev or '?'}, jax {jax.__version__}, "
+            f"torch {torch.__version__} and sevenn {sevenn.__version__} (ASE calculator), ase {ase.__version__}; load average "
+            f"{_load()}")
 
 
 def _load() -> str:
@@ -208,7 +300,20 @@ def main():
     parser.add_argument("--skin", type=float, default=None,
                         help="neighbour-list skin for the relaxation, A (default: the engine's)")
     parser.add_argument("--skip-relax", action="store_true")
+    parser.add_argument("--optimizers", nargs="+", choices=["lbfgs", "fire"], default=["lbfgs", "fire"],
+                        help="relaxation optimizers (default: both)")
+    parser.add_argument("--torchsim-python", default="/tmp/torchsim-venv/bin/python",
+                        help="python of the torch-sim 0.6.2 venv (benchmarks/setup_torchsim_venv.sh)")
+    parser.add_argument("--torchsim-check-every", type=int, nargs="+", default=[5, 1],
+                        help="torch-sim's steps_between_swaps, one row each (default: 5, its default, and 1)")
+    parser.add_argument("--torchsim-neighbor-list", default="default",
+                        help="torchsim_runner.py's --neighbor-list (default: torch-sim's own choice)")
+    parser.add_argument("--skip-torch-sim", action="store_true")
+    parser.add_argument("--keep", metavar="DIR", help="keep torch-sim's inputs, outputs and logs in DIR")
     args = parser.parse_args()
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_sevennet_"))
+    work.mkdir(parents=True, exist_ok=True)
+    work = work.resolve()
     potential = get_potential("sevennet-0")
     named = relax_structures(args.n)
     structures = [a for _, a in named]
@@ -217,45 +322,92 @@ def main():
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {_machine()}")
     print(f"{args.n} structures, {n_atoms} atoms, {args.dtype}, torch threads {args.torch_threads} "
           f"(shared machine: noisy)")
+    print("command: python benchmarks/bench_sevennet.py " + " ".join(map(shlex.quote, sys.argv[1:])), flush=True)
+    torchsim = None
+    if args.skip_torch_sim:
+        pass
+    elif args.dtype != "float32":
+        print("torch-sim rows skipped: sevenn's SevenNetModel runs float32 only")
+    else:
+        torchsim = TorchSim(args.torchsim_python, work, args.torch_threads, args.torchsim_neighbor_list)
+        if not torchsim.available():
+            print(f"torch-sim rows skipped: no torch-sim venv at {args.torchsim_python} "
+                  f"(run benchmarks/setup_torchsim_venv.sh)")
+            torchsim = None
 
-    t_compile, t_ours, t_ref, t_ts, pairs, capacity, parity = bench_forces(potential, structures, args.dtype, calc)
+    t_compile, t_ours, t_ref, t_ts, pairs, capacity, parity = bench_forces(potential, structures, args.dtype, calc,
+                                                                          torchsim)
     print(f"\nforce evaluation ({pairs} pairs in a {capacity}-pair list; compile {t_compile:.1f} s)\n")
     print("| method | s per evaluation of all | atoms/s | structures/s | ratio (ASE + sevenn time / this) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for label, t in [("kups-relax SevenNet-0 (JAX, one batch)", t_ours),
                      ("ASE + sevenn calculator (one by one)", t_ref),
-                     ("torch-sim + sevenn SevenNetModel (one batch)", t_ts)]:
+                     ("torch-sim 0.6.2 + sevenn SevenNetModel (one batch)", t_ts)]:
         if t is not None:
             print(f"| {label} | {t:.3f} | {n_atoms / t:.0f} | {args.n / t:.1f} | {t_ref / t:.2f}x |")
     print("\nagainst the calculator: " + "; ".join(
         f"{k} max |dF| {v:.1e} eV/A" if "forces" in k else f"{k} max |dE| {v:.1e} eV/atom" for k, v in parity.items()))
 
-    if args.skip_relax:
-        print(f"\nload average at the end: {_load()}")
-        return
-    t_cold, t_warm, t_ref, rows = bench_relax(potential, named, args.dtype, calc, args.fmax, args.skin)
-    skin = "engine default" if args.skin is None else f"{args.skin} A"
-    print(f"\nrelaxation to fmax {args.fmax} eV/A (L-BFGS, ASE defaults; skin {skin})\n")
-    steps_ours, steps_ase = sum(r[2] for r in rows), sum(r[3] for r in rows)
-    print("| method | s | structures/s | steps | ratio (ASE time / this) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| kups-relax incl. compilation (one batch) | {t_cold:.1f} | {args.n / t_cold:.2f} | {steps_ours} "
-          f"| {t_ref / t_cold:.2f}x |")
-    print(f"| kups-relax compiled (one batch) | {t_warm:.1f} | {args.n / t_warm:.2f} | {steps_ours} "
-          f"| {t_ref / t_warm:.2f}x |")
-    print(f"| ASE LBFGS + sevenn calculator (one by one) | {t_ref:.1f} | {args.n / t_ref:.2f} | {steps_ase} | 1.00x |")
-    print("\n| structure | atoms | steps ours | steps ASE | abs dE eV/atom | status |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
-    for name, n, s_ours, s_ase, de, status in rows:
-        print(f"| {name} | {n} | {s_ours} | {s_ase} | {de:.1e} | {status} |")
-    diffs = np.array([abs(r[2] - r[3]) for r in rows])
-    worst_de = max(r[4] for r in rows)
-    differing = ", ".join(f"{r[0]} {r[2]} vs {r[3]}" for r in rows if r[2] != r[3]) or "none"
-    print(f"\nsame step count: {int(np.sum(diffs == 0))}/{len(rows)}; largest step difference {diffs.max()}; "
-          f"total steps ours {steps_ours} / ASE {steps_ase}; largest final energy difference {worst_de:.1e} eV/atom; "
-          f"converged {sum(r[5] == 'converged' for r in rows)}/{len(rows)}")
-    print(f"differing step counts (ours vs ASE): {differing}")
+    if not args.skip_relax:
+        refs, rows = bench_relax(potential, named, args.dtype, calc, args.fmax, args.skin, args.optimizers, torchsim,
+                                 args.torchsim_check_every)
+        print_relax(named, args, refs, rows)
+    if torchsim is not None and torchsim.commands:
+        print(f"\ntorch-sim: {torchsim.versions}; commands:")
+        for c in torchsim.commands:
+            print(f"    {c}")
     print(f"\nload average at the end: {_load()}")
+
+
+def print_relax(named, args, refs, rows):
+    names = [n for n, _ in named]
+    sizes = np.array([len(a) for _, a in named])
+    skin = "engine default" if args.skin is None else f"{args.skin} A"
+    print(f"\nrelaxation to fmax {args.fmax} eV/A (ASE's defaults; kups-relax skin {skin}; at most {MAX_STEPS} steps)\n")
+    print("| method | optimizer | s, first call (compilation / warm-up) | s, again | structures/s (again) | steps | "
+          "same steps as ASE | max abs dE vs ASE, eV/atom | converged | ratio (ASE time / this, first) | "
+          "ratio (ASE time / this, again) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    n = len(names)
+    for optimizer, ref in refs.items():
+        t_ref = ref["walls"][0]
+        print(f"| ASE {ASE_OPTIMIZERS[optimizer].__name__} + sevenn calculator (one by one) | "
+              f"{optimizer} | {t_ref:.1f} | | {n / t_ref:.2f} | {ref['steps'].sum()} | | 0 | {ref['converged'].sum()}/{n} "
+              f"| 1.00x | 1.00x |")
+        for label, short, opt, r in rows:
+            if opt != optimizer:
+                continue
+            same = int(np.sum(r["steps"] == ref["steps"]))
+            de = np.abs(r["energy"] - ref["energy"]) / sizes
+            print(f"| {label} | {optimizer} | {r['walls'][0]:.1f} | {r['walls'][1]:.1f} | {n / r['walls'][1]:.2f} | "
+                  f"{r['steps'].sum()} | {same}/{n} | {de.max():.1e} | {r['converged'].sum()}/{n} | "
+                  f"{t_ref / r['walls'][0]:.2f}x | {t_ref / r['walls'][1]:.2f}x |")
+    # per structure: steps of every method, and |dE| against ASE's same optimizer
+    header = ["structure", "atoms"]
+    columns = []
+    for optimizer, ref in refs.items():
+        header.append(f"ASE {optimizer} steps")
+        columns.append(ref["steps"].astype(str))
+        for label, short, opt, r in rows:
+            if opt == optimizer:
+                header += [f"{short} {optimizer} steps", f"{short} {optimizer} abs dE eV/atom"]
+                columns += [r["steps"].astype(str), [f"{x:.1e}" for x in np.abs(r["energy"] - ref["energy"]) / sizes]]
+    print("\n| " + " | ".join(header) + " |")
+    print("| --- | " + " | ".join("---:" for _ in header[1:]) + " |")
+    for i, name in enumerate(names):
+        print(f"| {name} | {sizes[i]} | " + " | ".join(str(c[i]) for c in columns) + " |")
+    print()
+    for optimizer, ref in refs.items():
+        for label, short, opt, r in rows:
+            if opt != optimizer:
+                continue
+            diffs = np.abs(r["steps"] - ref["steps"])
+            differing = ", ".join(f"{names[i]} {r['steps'][i]} vs {ref['steps'][i]}" for i in np.flatnonzero(diffs)) \
+                or "none"
+            print(f"{label}, {optimizer}: same step count {int(np.sum(diffs == 0))}/{n}; largest step difference "
+                  f"{diffs.max()}; total steps {r['steps'].sum()} / ASE {ref['steps'].sum()}; largest final energy "
+                  f"difference {(np.abs(r['energy'] - ref['energy']) / sizes).max():.1e} eV/atom; converged "
+                  f"{r['converged'].sum()}/{n}; differing (this vs ASE): {differing}")
 
 
 if __name__ == "__main__":

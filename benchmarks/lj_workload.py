@@ -1,7 +1,8 @@
 """The Lennard-Jones structures of bench_lj_relax.py in a form every batched library can take.
 
-kups (1.0.8) cannot put cells of different periodicity in one batch and torch-sim (0.3.0)
-has one ``pbc`` flag for a whole batch (all directions periodic, or none). So here every
+kups (1.0.8) cannot put cells of different periodicity in one batch and torch-sim has one
+``pbc`` for a whole batch (0.3.0: one flag; 0.6.2: one 3-vector, and ``atoms_to_state`` refuses
+mixed periodicity). So here every
 structure with mixed periodicity (slabs, the wire) is rewritten as the same physics in a
 fully periodic cell: each non-periodic direction gets a lattice vector along its axis with
 more than ``rc + 10`` Å of vacuum (no atom sees a periodic image of that direction within the
