@@ -1,4 +1,4 @@
-"""One EMT force evaluation: kups-relax (JAX, jitted, float64) against ASE's EMT (numpy) and asap3's EMT (C++).
+"""One EMT (and EAM) force evaluation: kups-relax (JAX, jitted, float64) against ASE (numpy) and asap3's EMT (C++).
 
 For every case the same structures go to every engine. Timed: energy + forces of
 structures whose neighbor list is already built (ours: ``kups_relax.neighbors.allocate``
@@ -10,12 +10,16 @@ atoms per second, and our speed-up over theirs (their time / ours).
 
 asap3 is used when importable (``pip install asap3``); its EMT follows ASE's
 ``asap_cutoff=True`` conventions, so it is compared with ``EMT(asap_cutoff=True)``
-and the largest energy difference per atom is printed alongside.
+and the largest energy difference per atom is printed alongside. asap3 has no EAM, so EAM
+(``--eam``: a Cu/Ag/Ni ``.eam.alloy`` file of smooth analytic functions, the tests' writer)
+is compared with ASE's ``EAM`` calculator only. Our programs are compiled as the engine
+compiles them (``kups_relax.executables.compiler_options``), with each system's own cutoff
+(``system_cutoffs``).
 
 Usage::
 
     python benchmarks/bench_emt_forces.py                 # 256, 1k, 4k fcc Cu and 64 mixed structures
-    python benchmarks/bench_emt_forces.py --sizes 4 6 --repeat 3
+    python benchmarks/bench_emt_forces.py --sizes 4 6 --repeat 3 --eam
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import kups_relax  # noqa: F401  (float64)
 from kups_relax import neighbors as nl
 from kups_relax.batch import Batch
 from kups_relax.evaluate import evaluate
+from kups_relax.executables import compiler_options
+from kups_relax.loop import system_cutoffs
 from potentials.emt import EMT
 
 try:
@@ -84,9 +90,11 @@ def time_ours(structures: list[Atoms], potential, repeat: int) -> tuple[float, n
     """Best wall time of one batched energy + forces evaluation, and the energies."""
     batch = Batch.from_atoms(structures)
     geometry = batch.geometry
-    neighbors = nl.allocate(geometry, potential.cutoff, skin=0.0)
-    run = jax.jit(functools.partial(evaluate, compute_stress=False))
-    energies = np.asarray(run(potential, geometry, neighbors).energy)[: len(structures)]  # compile + warm-up
+    cutoffs = jax.jit(system_cutoffs, static_argnums=2)(potential, geometry, float(potential.cutoff))
+    neighbors = nl.allocate(geometry, potential.cutoff, skin=0.0, cutoffs=cutoffs)
+    run = jax.jit(functools.partial(evaluate, compute_stress=False)).lower(potential, geometry, neighbors).compile(
+        compiler_options=compiler_options())
+    energies = np.asarray(run(potential, geometry, neighbors).energy)[: len(structures)]  # warm-up
     best = np.inf
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -125,6 +133,7 @@ def main() -> None:
                         help="fcc Cu supercells of n x n x n cubic cells (4 atoms each); 6 -> 6x6x7")
     parser.add_argument("--mixed", type=int, default=64, help="structures in the mixed batch (0: none)")
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (best is reported)")
+    parser.add_argument("--eam", action="store_true", help="also EAM (Cu/Ag/Ni setfl) against ASE's EAM")
     args = parser.parse_args()
 
     cases: list[tuple[str, list[Atoms]]] = []
@@ -138,10 +147,10 @@ def main() -> None:
           f"on {jax.devices()[0].platform}, float64")
     print(f"# asap3: {asap3.__version__ if asap3 else 'not installed'}; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
-    header = f"{'case':<22}{'atoms':>7}{'mode':>9} {'ours s':>10}{'ours at/s':>12} {'ASE s':>10}{'ASE at/s':>12}{'vs ASE':>10}"
-    if asap3:
-        header += f" {'asap3 s':>10}{'asap3 at/s':>12}{'vs asap3':>11}{'dE/atom vs asap3':>18}"
-    print(header)
+    print("| case | atoms | mode | ours s | ours µs/atom | ASE s | ASE µs/atom | vs ASE | asap3 s | asap3 µs/atom "
+          "| vs asap3 | max dE/atom vs asap3 |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    us = lambda t, n: f"{1e6 * t / n:.2f}"  # noqa: E731
     for label, structures in cases:
         n_atoms = sum(len(a) for a in structures)
         for asap_cutoff in (False, True):
@@ -150,14 +159,51 @@ def main() -> None:
             potential = EMT(asap_cutoff=asap_cutoff)
             ours, ours_e = time_ours(structures, potential, args.repeat)
             ase_s, ase_e = time_calculator(structures, lambda: AseEMT(asap_cutoff=asap_cutoff), args.repeat)
-            line = f"{label:<22}{n_atoms:>7}{'asap' if asap_cutoff else 'default':>9} "
-            line += f"{ours:10.4f}{fmt_rate(n_atoms, ours)} {ase_s:10.4f}{fmt_rate(n_atoms, ase_s)}{ase_s / ours:9.1f}x"
+            line = (f"| {label} | {n_atoms} | {'asap' if asap_cutoff else 'default'} | {ours:.4f} | {us(ours, n_atoms)} "
+                    f"| {ase_s:.4f} | {us(ase_s, n_atoms)} | {ase_s / ours:.1f}x |")
             if asap_cutoff:
                 asap_s, asap_e = time_calculator(structures, asap3.EMT, args.repeat)
-                line += f" {asap_s:10.4f}{fmt_rate(n_atoms, asap_s)}"
                 diff = max(abs(a - b) / len(s) for a, b, s in zip(ours_e, asap_e, structures))
-                line += f"{asap_s / ours:10.2f}x{diff:18.2e}"
-            print(line)
+                line += f" {asap_s:.4f} | {us(asap_s, n_atoms)} | **{asap_s / ours:.2f}x** | {diff:.1e} |"
+            else:
+                line += " | | | |"
+            print(line, flush=True)
+    if args.eam:
+        eam_cases(cases, args.repeat, us)
+
+
+def eam_cases(cases, repeat: int, us) -> None:
+    """EAM (a Cu/Ag/Ni setfl file of the tests' analytic functions) against ASE's EAM calculator."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from ase.calculators.eam import EAM as AseEAM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_eam import write_eam  # noqa: E402  (the tests' file writer: smooth analytic tables)
+
+    from potentials import EAM
+
+    folder = Path(tempfile.mkdtemp())
+    path = folder / "CuAgNi.eam.alloy"
+    write_eam(path, ("Cu", "Ag", "Ni"), "alloy")
+    potential = EAM.from_file(path)
+    rng = np.random.default_rng(3)
+    print("\n| EAM case | atoms | ours s | ours µs/atom | ASE s | ASE µs/atom | vs ASE | max dE/atom vs ASE |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, structures in cases:
+        alloyed = []
+        for a in structures:
+            a = a.copy()
+            a.symbols = list(rng.choice(["Cu", "Ag", "Ni"], size=len(a)))
+            alloyed.append(a)
+        n_atoms = sum(len(a) for a in alloyed)
+        ours, ours_e = time_ours(alloyed, potential, repeat)
+        ase_s, ase_e = time_calculator(alloyed, lambda: AseEAM(potential=str(path)), max(1, repeat // 2))
+        diff = max(abs(a - b) / len(s) for a, b, s in zip(ours_e, ase_e, alloyed))
+        print(f"| {label} (Cu/Ag/Ni) | {n_atoms} | {ours:.4f} | {us(ours, n_atoms)} | {ase_s:.4f} | "
+              f"{us(ase_s, n_atoms)} | {ase_s / ours:.1f}x | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

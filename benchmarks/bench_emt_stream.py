@@ -16,6 +16,7 @@ separate process, clocked from its start to its exit, i.e. to the last output fi
   ``relax-batch ... --potential-params asap_cutoff=true`` (ASE's asap3-compatible EMT mode).
 
 Reported: wall times, ratios (reference time / engine time; > 1: the engine is faster),
+microseconds per atom-step (wall time / sum over structures of atoms x steps),
 total steps, on how many structures the step counts are equal, the largest difference of
 the final energy per atom, and the programs each engine run compiled (from its log).
 The cache runs use the package's own cache settings (every program cached, however quick to
@@ -175,9 +176,9 @@ def main(argv=None) -> int:
         rows.append((mode, runs, steps_e, energy_e, atoms_e, status_e, ref_name, ref))
 
     print()
-    print("| EMT mode | run | wall s | ratio (reference s / this) | programs compiled | steps total | converged |"
-          " same step count as reference | max abs dE per atom (eV) |")
-    print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| EMT mode | run | wall s | ratio (reference s / this) | µs per atom-step | programs compiled | steps total |"
+          " converged | same step count as reference | max abs dE per atom (eV) |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for mode, runs, steps_e, energy_e, atoms_e, status_e, ref_name, ref in rows:
         n_conv = sum(s == "converged" for s in status_e)
         for label in ("cold", "warm"):
@@ -186,14 +187,16 @@ def main(argv=None) -> int:
             k = len(ref[1]) if ref else 0
             same = f"{int(np.sum(steps_e[:k] == ref[1]))}/{k}" if ref else ""
             de = f"{np.max(np.abs(energy_e[:k] - ref[2]) / atoms_e[:k]):.1e}" if ref else ""
-            print(f"| {mode} | relax-batch, {label} cache | {wall:.2f} | {ratio} | {compiled_programs(log)} | "
+            per = 1e6 * wall / np.sum(atoms_e * steps_e)
+            print(f"| {mode} | relax-batch, {label} cache | {wall:.2f} | {ratio} | {per:.2f} | {compiled_programs(log)} | "
                   f"{int(steps_e.sum())} | {n_conv}/{len(steps_e)} | {same} | {de} |")
         if ref:
             k = len(ref[1])
             label = f"{ref_name}, one at a time" + ("" if k == len(steps_e) else
                                                    f", first {k} timed, x{len(steps_e) / k:g} extrapolated")
-            print(f"| {mode} | {label} | {ref[0]:.2f} | 1x | | {int(ref[1].sum())} (engine: {int(steps_e[:k].sum())}) | "
-                  f"{int(ref[3].sum())}/{k} | | |")
+            per = 1e6 * ref[0] / (np.sum(atoms_e[:k] * ref[1]) * len(steps_e) / k)
+            print(f"| {mode} | {label} | {ref[0]:.2f} | 1x | {per:.2f} | | {int(ref[1].sum())} (engine: "
+                  f"{int(steps_e[:k].sum())}) | {int(ref[3].sum())}/{k} | | |")
     if not args.keep:
         import shutil
 

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 import collections
+import collections.abc
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -79,7 +80,8 @@ class RelaxResult:
         reason: why, for any status but ``"converged"``.
         energies: ``(steps + 1,)`` energy after every step, eV (index 0 = input geometry).
         fmaxes: ``(steps + 1,)`` largest force after every step, eV/Å.
-        trajectory: every frame as ``Atoms`` with energy and forces, when requested.
+        trajectory: every frame (a :class:`Trajectory`: a sequence of ``Atoms`` with energy and
+            forces, backed by arrays), when requested.
     """
 
     name: str
@@ -93,7 +95,35 @@ class RelaxResult:
     reason: str = ""
     energies: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     fmaxes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
-    trajectory: list[Atoms] | None = None
+    trajectory: "Trajectory | list[Atoms] | None" = None
+
+
+class Trajectory(collections.abc.Sequence):
+    """Every frame of one relaxation (frame 0 = the input geometry) as arrays; indexing gives
+    ``Atoms`` with energy and forces (made when asked for: a stream of millions of frames
+    should not build an ``Atoms`` object per frame just to write them to disk).
+
+    Attributes:
+        atoms: the input structure (``info``, ``arrays`` and constraints are kept in every frame).
+        positions: ``(T, N, 3)`` Å.
+        forces: ``(T, N, 3)`` eV/Å, before constraints.
+        energies: ``(T,)`` eV.
+        cells: ``(T, 3, 3)`` Å for variable-cell runs, else ``None`` (the input cell throughout).
+    """
+
+    def __init__(self, atoms: Atoms, positions: np.ndarray, forces: np.ndarray, energies: np.ndarray,
+                 cells: np.ndarray | None = None):
+        self.atoms, self.positions, self.forces, self.energies, self.cells = atoms, positions, forces, energies, cells
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]
+        return with_results(self.atoms, self.positions[index], energy=self.energies[index], forces=self.forces[index],
+                            cell=None if self.cells is None else self.cells[index])
 
 
 #: Optimizer names and the factories of their transforms (ASE's defaults).
@@ -525,7 +555,7 @@ class SlotBatch:
             job.energies, job.fmaxes, job.frames = [float(energy[slot])], [float(fmax[slot])], []
             if self.trajectory:
                 rows = self._rows(slot)
-                job.frames.append((positions[rows], forces[rows], None if cells is None else cells[slot]))
+                job.frames.append((positions[None, rows], forces[None, rows], None if cells is None else cells[None, slot]))
         yield from self._collect_finished()
 
     def _rows(self, slot: int) -> slice:
@@ -585,7 +615,7 @@ class SlotBatch:
             return None
         for stopped in range(1, n):
             left = n - stopped
-            if self.compaction_target(left, max(int(np.ceil(rows * left / n)), max(sizes) if left == 1 else 0)):
+            if self.compaction_target(left, int(np.ceil(rows * left / n))):
                 return stopped
         return n
 
@@ -653,9 +683,9 @@ class SlotBatch:
                 rows = np.flatnonzero(taken[:, slot])
                 job.energies.extend(e[rows, slot].tolist())
                 job.fmaxes.extend(f[rows, slot].tolist())
-                if self.trajectory:
-                    r = self._rows(slot)
-                    job.frames.extend((pos[t, r], frc[t, r], None if cel is None else cel[t, slot]) for t in rows)
+                if self.trajectory and len(rows):
+                    r = self._rows(slot)  # copies: the chunk's arrays are not kept alive
+                    job.frames.append((pos[rows, r], frc[rows, r], None if cel is None else cel[rows, slot]))
         if bool(state.neighbors.overflow):
             self._grow(self._current_geometry(state))
         yield from self._collect_finished()
@@ -687,8 +717,10 @@ class SlotBatch:
                           f"from its start; stopped at the last geometry within that")
             trajectory = None
             if self.trajectory:
-                trajectory = [with_results(job.atoms, pos, energy=e, forces=frc, cell=cel)
-                              for (pos, frc, cel), e in zip(job.frames, job.energies)]
+                pos, frc, cel = zip(*job.frames)
+                trajectory = Trajectory(job.atoms, np.concatenate(pos), np.concatenate(frc),
+                                        np.asarray(job.energies, np.float64),
+                                        None if cel[0] is None else np.concatenate(cel))
             result = RelaxResult(
                 name=job.name, atoms=atoms, energy=float(energy[slot]), initial_energy=float(job.energies[0]),
                 fmax=float(fmax[slot]), steps=int(steps[slot]), converged=name == "converged", status=name,

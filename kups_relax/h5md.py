@@ -93,7 +93,8 @@ def write_relaxation(
     Args:
         path: the file to create (overwritten if it exists; write to a temporary name
             and rename for atomicity, see :func:`kups_relax.io.atomic_output`).
-        trajectory: ``T`` frames as ``Atoms`` with a calculator holding forces (eV/Å);
+        trajectory: ``T`` frames as ``Atoms`` with a calculator holding forces (eV/Å), or a
+            :class:`kups_relax.engine.Trajectory` (its arrays are written as they are);
             frame 0 is the input geometry.
         energies: ``(T,)`` potential energy per frame, eV.
         fmaxes: ``(T,)`` largest per-atom force norm after constraints, eV/Å.
@@ -111,10 +112,16 @@ def write_relaxation(
     fmaxes = np.asarray(fmaxes, dtype=np.float64)
     if energies.shape != (T,) or fmaxes.shape != (T,):
         raise ValueError(f"energies {energies.shape} and fmaxes {fmaxes.shape} must have one entry per frame ({T})")
-    positions = np.stack([a.positions for a in trajectory]).astype(np.float64)
-    forces = np.stack([a.calc.get_property("forces", a, allow_calculation=False)
-                       for a in trajectory]).astype(np.float64)
-    edges = np.stack([a.cell.array for a in trajectory]).astype(np.float64)
+    if hasattr(trajectory, "positions") and hasattr(trajectory, "forces"):  # kups_relax.engine.Trajectory
+        positions = np.asarray(trajectory.positions, np.float64)
+        forces = np.asarray(trajectory.forces, np.float64)
+        cells = getattr(trajectory, "cells", None)
+        edges = (np.broadcast_to(first.cell.array, (T, 3, 3)) if cells is None else np.asarray(cells)).astype(np.float64)
+    else:
+        positions = np.stack([a.positions for a in trajectory]).astype(np.float64)
+        forces = np.stack([a.calc.get_property("forces", a, allow_calculation=False)
+                           for a in trajectory]).astype(np.float64)
+        edges = np.stack([a.cell.array for a in trajectory]).astype(np.float64)
     steps = np.arange(T, dtype=np.int64)
 
     with h5py.File(path, "w", libver=("earliest", "latest")) as f:

@@ -446,6 +446,8 @@ def _rebuild_each(neighbors: NeighborList, geometry: Geometry, lay: _Layout, sys
     (if not, the caller builds in full: the list is then incomplete)."""
     caps = neighbors.capacities
     one = caps.one_system()
+    cells_only = one._replace(dense_candidates=64)
+    dense_only = one._replace(cell_rows=8, bins=8, cell_candidates=64)
     S, A, K, W = geometry.n_systems, geometry.n_atom_rows, caps.neighbors, caps.block
     radius2 = (cutoffs + neighbors.skin) ** 2
     (order,) = jnp.nonzero(systems, size=S, fill_value=S)
@@ -456,7 +458,12 @@ def _rebuild_each(neighbors: NeighborList, geometry: Geometry, lay: _Layout, sys
         i, matrix, shifts, reference, fits = carry
         s = order[i]
         first, n = geometry.first_atom[s], geometry.n_atoms[s]
-        found = _search(geometry, lay, radius2, one, jnp.arange(S) == s, W * K)
+        selected = jnp.arange(S) == s
+        # a system is enumerated one way: search with that way's capacities only
+        found = jax.lax.cond(
+            lay.use_cells[s],
+            lambda: _search(geometry, lay, radius2, cells_only, selected, W * K),
+            lambda: _search(geometry, lay, radius2, dense_only, selected, W * K))
         local, rank, widest = _ranks(found, first, W)
         column = jnp.where(found.real & (rank < K), rank, K)
         block = jnp.full((K, W), A, jnp.int32).at[column, local].set(found.receivers.astype(jnp.int32), mode="drop")
