@@ -198,7 +198,7 @@ def bench_forces(potential, structures, dtype, calc, torchsim: TorchSim | None, 
             parity["torch-sim forces"] = np.abs(np.concatenate([np.array(f) for f in ev["forces"]]) - f_ref).max()
         except Exception as err:  # torch-sim is optional; say why it did not run
             print(f"torch-sim skipped: {type(err).__name__}: {err}")
-    return t_compile, t_ours, t_ref, t_ts, int(neighbors.n_pairs), neighbors.capacity, parity
+    return t_compile, t_ours, t_ref, t_ts, int(neighbors.n_pairs), neighbors.neighbors.size, parity
 
 
 def run_ase(structures, calc, fmax, optimizer):

@@ -336,7 +336,7 @@ def compact(state: LoopState, rows: jax.Array, systems: jax.Array, optimizer) ->
         old, neighbors=renumber[columns],
         shifts=jnp.take(old.shifts, rows, axis=1, mode="fill", fill_value=0),
         cutoffs=by_system(old.cutoffs), reference_positions=by_row(old.reference_positions),
-        n_pairs=jnp.sum(columns < A), overflow=jnp.asarray(False))
+        overflow=jnp.asarray(False))
     eye = jnp.eye(3, dtype=state.positions.dtype)
     extra = {}
     opt_rows = rows

@@ -48,53 +48,45 @@ from .segments import segment_any
 
 
 class Capacities(NamedTuple):
-    """Static sizes of neighbor-list builds (all bucketed).
+    """Static sizes of neighbor-list builds.
 
-    A **full build** enumerates every system at once:
+    Systems are enumerated one at a time (a build of every system is a loop over them), at a
+    cost that is the system's own, not the batch's. A system of up to ``block`` atoms whose
+    periodic spacings are at least the search radius is tested atom pair by atom pair, against
+    the two nearest images per periodic direction, in a dense block (:func:`_block_columns`: no
+    gathers, no scatters); any other (a batch of large structures, a cell thinner than the
+    radius) goes through a cell list or an all-pairs list (:func:`_search`) sized by the other
+    fields.
 
     Attributes:
-        pairs: rows of the flat buffer a full build compacts its pairs into (``E``).
-        dense_candidates: candidate pairs of the systems enumerated all-pairs.
-        cell_rows: atoms of the systems enumerated with a cell list.
-        bins: cell-list bins over all those systems.
-        cell_candidates: candidate pairs of the cell-list systems (each atom times the atoms
-            of its neighbouring bins).
-        offsets: neighbouring bins visited per atom (27 unless a cell is thinner than the cutoff).
         neighbors: width ``K`` of the neighbor matrix (most neighbours of any atom).
-
-    A **system rebuild** (the loop's common case: the few systems whose atoms used up half the
-    skin) enumerates one system at a time, at a cost that is that system's, not the batch's:
-
-    Attributes:
-        block: most atom rows of one system (its slot), the width of the matrix block it writes.
-        system_dense: candidate pairs of one all-pairs system.
-        system_rows: atoms of one cell-list system.
-        system_bins: bins of one cell-list system.
-        system_cell_candidates: cell-list candidates of one system.
+        block: most atom rows of one system (a batch's largest slot).
+        images: images per pair a dense block tests (``2**d``, ``d`` periodic directions; ``0``: no
+            dense blocks).
+        dense_candidates: candidate pairs of one system enumerated all-pairs (x images).
+        cell_rows: atoms of one system enumerated with a cell list.
+        bins: cell-list bins of one system.
+        cell_candidates: cell-list candidates of one system (each atom times the atoms of its
+            neighbouring bins).
+        offsets: neighbouring bins visited per atom (27 unless a cell is thinner than the cutoff).
     """
 
-    pairs: int
+    neighbors: int = 8
+    block: int = 8
+    images: int = 8
     dense_candidates: int = 64
     cell_rows: int = 8
     bins: int = 8
     cell_candidates: int = 64
     offsets: int = 27
-    neighbors: int = 8
-    block: int = 8
-    system_dense: int = 64
-    system_rows: int = 8
-    system_bins: int = 8
-    system_cell_candidates: int = 64
-
-    def one_system(self) -> "Capacities":
-        """The capacities of a search over one system."""
-        return self._replace(dense_candidates=self.system_dense, cell_rows=self.system_rows, bins=self.system_bins,
-                             cell_candidates=self.system_cell_candidates)
 
 
 #: The capacities a build reports needing (``NeighborList.needed``), in this order.
-NEEDED_FIELDS = ("dense_candidates", "cell_rows", "bins", "cell_candidates", "offsets", "neighbors",
-                 "system_dense", "system_rows", "system_bins", "system_cell_candidates")
+NEEDED_FIELDS = Capacities._fields
+
+#: Largest dense block, ``block**2 * images`` candidate pairs; batches of larger systems go
+#: through cell lists (a 256-row block with 8 images, 0.5M pairs, takes ~1-2 ms).
+MAX_BLOCK_CANDIDATES = 2_000_000
 
 
 @jax.tree_util.register_dataclass
@@ -109,9 +101,7 @@ class NeighborList:
         cutoffs: ``(S,)`` every system's interaction range, Å (at most ``cutoff``); pairs are
             listed out to ``cutoffs + skin``.
         reference_positions: ``(A, 3)`` positions at the last build, Å.
-        n_pairs: ``()`` pairs (matrix entries) found at the last build (may exceed the
-            capacities on overflow).
-        needed: ``(10,)`` what the last full build needed of the capacities named in
+        needed: ``(8,)`` what the last build needed of the capacities named in
             :data:`NEEDED_FIELDS` (compared with ``capacities`` to detect overflow).
         overflow: ``()`` True when a capacity was too small at the last build.
         n_builds: ``()`` builds so far (diagnostics).
@@ -124,7 +114,6 @@ class NeighborList:
     shifts: jax.Array
     cutoffs: jax.Array
     reference_positions: jax.Array
-    n_pairs: jax.Array
     needed: jax.Array
     overflow: jax.Array
     n_builds: jax.Array
@@ -141,6 +130,11 @@ class NeighborList:
     def mask(self) -> jax.Array:
         """``(K, A)`` True for real neighbours."""
         return self.neighbors < self.neighbors.shape[1]
+
+    @property
+    def n_pairs(self) -> jax.Array:
+        """``()`` pairs listed (matrix entries in use; diagnostics, counted when asked for)."""
+        return jnp.sum(self.mask)
 
 
 #: Bins are at least this fraction of ``cutoff + skin`` wide. Half-width bins visit
@@ -374,117 +368,205 @@ def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities
           n_builds: jax.Array | int = 0, cutoffs: jax.Array | None = None) -> NeighborList:
     """Build the neighbor matrix of every system (jit-compatible; capacities are static).
 
-    Systems for which it is cheaper (:func:`_bin_plan`; bins at least
-    :data:`BIN_WIDTH_FRACTION` of ``cutoff + skin`` wide) use a cell list (cost linear in their atoms); the others
-    enumerate all their atom pairs times the periodic images needed (cheapest for
-    small systems and cells thinner than the cutoff). Either way an atom's neighbours
-    come out in an order that does not depend on its slot.
-
-    Candidates are only tested (one distance each, from wrapped positions, against the
-    system's own ``cutoffs[s] + skin``); the pairs kept are decoded, compacted (each atom's
-    pairs contiguous) and written into the matrix.
-
     ``cutoffs`` (``(S,)``, Å, at most ``cutoff``): every system's interaction range (default
-    ``cutoff`` for all). The list reports in ``needed`` what every capacity must be, the
-    one-system capacities of :func:`rebuild` included, and flags ``overflow`` if one is short.
+    ``cutoff`` for all). Every system is enumerated on its own (:func:`_rebuild_systems`), so a
+    system's neighbours come out in the same order whether it is built with the whole batch or
+    alone. ``needed`` reports what every capacity must be; ``overflow`` flags one that is short.
     """
     S, A = geometry.n_systems, geometry.n_atom_rows
     dtype = geometry.positions.dtype
     cutoffs = jnp.full(S, cutoff, dtype) if cutoffs is None else jnp.minimum(jnp.asarray(cutoffs, dtype), cutoff)
-    lay = _layout(geometry, cutoff + skin)
-    caps = capacities
-    everything = jnp.ones(S, bool)
-    found = _search(geometry, lay, (cutoffs + skin) ** 2, caps, everything, caps.pairs)
-    neighbors, shifts, widest = _matrix(found, A, caps.neighbors)
-    n_rows, n_bins, cell_total, n_offsets, system_cells = found.cell_needs
-    cell_systems = lay.use_cells & (geometry.n_atoms > 0)
-    needed = jnp.stack([
-        found.dense_total, n_rows, n_bins, cell_total, n_offsets, widest,
-        jnp.max(_dense_counts(geometry, lay, everything)),
-        jnp.max(jnp.where(cell_systems, geometry.n_atoms, 0)),
-        jnp.max(jnp.where(cell_systems, jnp.prod(lay.n_bins, axis=-1), 0)),
-        system_cells]).astype(jnp.int64)
-    limits = jnp.asarray([getattr(caps, name) for name in NEEDED_FIELDS], dtype=jnp.int64)
-    overflow = (found.n_found > caps.pairs) | jnp.any(needed > limits) | jnp.any(geometry.n_atoms > caps.block)
-    return NeighborList(
-        neighbors=neighbors, shifts=shifts, cutoffs=cutoffs, reference_positions=geometry.positions,
-        n_pairs=found.n_found, needed=needed, overflow=overflow, n_builds=jnp.asarray(n_builds) + 1,
-        cutoff=float(cutoff), skin=float(skin), capacities=capacities)
+    K = capacities.neighbors
+    empty = NeighborList(
+        neighbors=jnp.full((K, A), A, jnp.int32), shifts=jnp.zeros((K, A, 3), jnp.int16), cutoffs=cutoffs,
+        reference_positions=geometry.positions, needed=jnp.zeros(len(NEEDED_FIELDS), jnp.int64),
+        overflow=jnp.asarray(False), n_builds=jnp.asarray(n_builds), cutoff=float(cutoff), skin=float(skin),
+        capacities=capacities)
+    return _rebuild_systems(empty, geometry, jnp.ones(S, bool), cutoffs)
 
 
-def _ranks(found: "_Found", first_row, n_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Each pair's column in its atom's row list: ``(local sender, rank, widest)``, for atoms
-    ``first_row .. first_row + n_rows`` (pairs of one atom are contiguous and in order)."""
+def _block_tiers(W: int) -> tuple[int, ...]:
+    """Dense block sizes tried for a system (the smallest that holds it): a 13-atom cluster in a
+    batch whose largest slot is 256 rows tests 32**2 pairs per image, not 256**2."""
+    tiers = [W]  # multiples of 32: a block packs its hits 32 to a word (_block_columns)
+    while tiers[-1] % 64 == 0 and tiers[-1] // 2 >= 32 and len(tiers) < 4:
+        tiers.append(tiers[-1] // 2)
+    return tuple(reversed(tiers))
+
+
+def _block_columns(geometry: Geometry, lay: "_Layout", s, radius2, W: int, I: int, K: int, padded, whole_padded):
+    """One system's neighbor-matrix columns by a dense test of its ``W`` rows against themselves:
+    ``(neighbors (K, W), shifts (K, W, 3), widest)``.
+
+    For a system whose periodic cell spacings are all at least the search radius, a pair can
+    only be within reach through the image on either side of its wrapped fractional difference
+    ``f = u_j - u_i`` in ``(-1, 1)``: ``t = -floor(f) - c`` with ``c`` in ``{0, 1}`` per
+    periodic direction, so ``I = 2**(periodic directions)`` images per pair instead of
+    ``3**d``. Row ``i``'s neighbours come in the order ``(j, c)``; the ``k``-th is found by a
+    search over row ``i``'s hits packed into bits (:func:`_first_hits`; no gather from the batch,
+    no scatter).
+    """
+    A = geometry.n_atom_rows
+    first, n = geometry.first_atom[s], geometry.n_atoms[s]
+    start = (first, jnp.zeros_like(first))
+    x = jax.lax.dynamic_slice(padded, start, (W, 3))
+    whole = jax.lax.dynamic_slice(whole_padded, start, (W, 3))
+    basis = geometry.wrap_cell[s]  # periodic rows = the cell's; the others unit vectors
+    periodic = geometry.pbc[s]
+    u = x @ jnp.linalg.inv(basis) - whole  # in [0, 1) along periodic directions
+    # Hits are packed 32 to a word as they are computed: word (i, jw) holds, at bit jg * I + c, the
+    # test of j = jw * G + jg under corner c (G = 32 / I), i.e. the flat order j * I + c. The
+    # arrays are laid out (jg, c, i, jw), so the packing sums over leading axes, which XLA
+    # vectorizes (with the bits innermost: 5x slower).
+    G = 32 // I
+    uj = u.reshape(W // G, G, 3).transpose(1, 0, 2)[:, None, None, :, :]  # (G, 1, 1, W/G, 3)
+    ui = u[None, None, :, None, :]  # (1, 1, W, 1, 3)
+    corners = jnp.asarray([[(c >> a) & 1 for a in range(3)] for c in range(8)][:I], u.dtype)  # (I, 3)
+    usable = jnp.all(periodic[None, :] | (corners == 0), axis=-1)  # (I,)
+    f = [uj[..., a] - ui[..., a] for a in range(3)]  # (G, 1, W, W/G)
+    base = [jnp.where(periodic[a], -jnp.floor(f[a]), 0.0) for a in range(3)]
+    d = [f[a] + base[a] - corners[None, :, None, None, a] for a in range(3)]  # (G, I, W, W/G)
+    cart = [d[0] * basis[0, c] + d[1] * basis[1, c] + d[2] * basis[2, c] for c in range(3)]
+    d2 = cart[0] * cart[0] + cart[1] * cart[1] + cart[2] * cart[2]
+    i_index = jnp.arange(W)[None, None, :, None]
+    j_index = (jnp.arange(W // G)[None, :] * G + jnp.arange(G)[:, None])[:, None, None, :]
+    no_shift = (base[0] == corners[None, :, None, None, 0]) & (base[1] == corners[None, :, None, None, 1]) & (
+        base[2] == corners[None, :, None, None, 2])
+    hit = ((i_index < n) & (j_index < n) & usable[None, :, None, None] & (d2 < radius2[s])
+           & ~((i_index == j_index) & no_shift))
+    bit = (jnp.arange(G, dtype=jnp.uint32)[:, None] * I + jnp.arange(I, dtype=jnp.uint32)[None, :])[:, :, None, None]
+    words = jnp.sum(hit.astype(jnp.uint32) << bit, axis=(0, 1), dtype=jnp.uint32)  # (W, W/G); distinct bits: sum = or
+    where, total = _first_hits(words, K)  # (W, K), (W,)
+    has = jnp.arange(K)[None, :] < total[:, None]
+    where = jnp.clip(where, 0, W * I - 1)
+    j, corner = where // I, where % I
+    f_selected = jnp.take(u, j, axis=0) - u[:, None, :]  # (W, K, 3)
+    image = jnp.where(periodic, -jnp.floor(f_selected), 0.0) - corners[corner]
+    neighbors = jnp.where(has, first + j, A).T.astype(jnp.int32)
+    shifts = image - whole[j] + whole[:, None, :]
+    shifts = jnp.where(has[..., None], jnp.rint(shifts), 0).astype(jnp.int16).transpose(1, 0, 2)
+    return neighbors, shifts, jnp.max(total)
+
+
+def _first_hits(words: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
+    """Positions of the first ``K`` set bits of every row of ``words (W, n_words)`` (uint32, bit
+    ``b`` of word ``w`` is entry ``32 w + b`` of the row): ``(where (W, K), total (W,))``
+    (``where`` is undefined past a row's ``total``).
+
+    A running count over every entry costs ~8 ns per entry on XLA's CPU backend; the count runs
+    over words instead, and the ``k``-th hit is found by a binary search over words and then
+    over the bits of its word.
+    """
+    n_words = words.shape[1]
+    counts = jax.lax.population_count(words).astype(jnp.int32)
+    ends = jnp.cumsum(counts, axis=1)  # (W, n_words) hits up to and including each word
+    k = jnp.arange(K, dtype=jnp.int32)
+    word = jax.vmap(lambda e: jnp.searchsorted(e, k + 1, side="left", method="scan"))(ends)
+    word = jnp.clip(word, 0, n_words - 1)
+    m = k[None, :] - jnp.take_along_axis(ends - counts, word, axis=1)  # rank of the hit in its word
+    w = jnp.take_along_axis(words, word, axis=1)
+    position = jnp.zeros_like(m)
+    for width in (16, 8, 4, 2, 1):  # which half of what is left holds the m-th set bit
+        low = jax.lax.population_count((w >> position.astype(jnp.uint32)) & jnp.uint32((1 << width) - 1))
+        upper = m >= low.astype(jnp.int32)
+        m = jnp.where(upper, m - low.astype(jnp.int32), m)
+        position = jnp.where(upper, position + width, position)
+    return word * 32 + position, ends[:, -1]
+
+
+def _block_images(pbc) -> int:
+    """Images per pair a dense block tests for systems with these periodic directions."""
+    return 2 ** int(np.max(np.sum(np.asarray(pbc), axis=-1), initial=0))
+
+
+def _searched_columns(geometry: Geometry, lay: "_Layout", s, radius2, caps: Capacities, W: int, K: int):
+    """One system's columns from a cell list or an all-pairs list (:func:`_search`), for systems a
+    dense block cannot take: ``(neighbors (K, W), shifts (K, W, 3), widest, needs)``."""
+    S, A = geometry.n_systems, geometry.n_atom_rows
+    first = geometry.first_atom[s]
+    selected = jnp.arange(S) == s
+    # a system is enumerated one way: search with that way's capacities only
+    cells_only = caps._replace(dense_candidates=64)
+    dense_only = caps._replace(cell_rows=8, bins=8, cell_candidates=64)
+    found = jax.lax.cond(lay.use_cells[s], lambda: _search(geometry, lay, radius2, cells_only, selected, W * K),
+                         lambda: _search(geometry, lay, radius2, dense_only, selected, W * K))
     P = found.senders.shape[0]
     e = jnp.arange(P, dtype=jnp.int32)
-    local = jnp.where(found.real, found.senders - first_row, n_rows).astype(jnp.int32)
-    first = jax.ops.segment_min(e, local, num_segments=n_rows + 1)
-    rank = e - first[local]
+    local = jnp.where(found.real, found.senders - first, W).astype(jnp.int32)
+    rank = e - jax.ops.segment_min(e, local, num_segments=W + 1)[local]
     widest = jnp.max(jnp.where(found.real, rank + 1, 0))
-    return local, rank, widest
+    column = jnp.where(found.real & (rank < K), rank, K)
+    neighbors = jnp.full((K, W), A, jnp.int32).at[column, local].set(found.receivers.astype(jnp.int32), mode="drop")
+    shifts = jnp.zeros((K, W, 3), jnp.int16).at[column, local].set(jnp.rint(found.shifts).astype(jnp.int16),
+                                                                    mode="drop")
+    n_rows, n_bins, cell_total, n_offsets, _ = found.cell_needs
+    needs = (found.dense_total, n_rows, n_bins, cell_total, n_offsets, found.n_found > W * K)
+    return neighbors, shifts, widest, needs
 
 
-def _matrix(found: "_Found", A: int, K: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Write compacted pairs (each atom's contiguous, in order) into a ``(K, A)`` matrix.
-
-    Returns ``(neighbors (K, A), shifts (K, A, 3) int16, widest)``: columns of atoms without
-    pairs hold the dummy atom ``A``; ``widest`` is the most pairs of any atom (pairs beyond
-    column ``K`` are dropped: the caller flags the overflow).
-    """
-    sender, rank, widest = _ranks(found, 0, A)
-    column = jnp.where(found.real & (rank < K), rank, K)  # out of range -> dropped
-    neighbors = jnp.full((K, A), A, jnp.int32).at[column, sender].set(found.receivers.astype(jnp.int32), mode="drop")
-    shifts = jnp.zeros((K, A, 3), jnp.int16).at[column, sender].set(
-        jnp.rint(found.shifts).astype(jnp.int16), mode="drop")
-    return neighbors, shifts, widest
-
-
-def _rebuild_each(neighbors: NeighborList, geometry: Geometry, lay: _Layout, systems: jax.Array,
-                  cutoffs: jax.Array) -> tuple[NeighborList, jax.Array]:
-    """Rebuild the selected systems one after another, each searched with the one-system
-    capacities and written into its own columns; returns the list and whether every system fit
-    (if not, the caller builds in full: the list is then incomplete)."""
+def _rebuild_systems(neighbors: NeighborList, geometry: Geometry, systems: jax.Array,
+                     cutoffs: jax.Array) -> NeighborList:
+    """Enumerate the ``(S,)`` selected systems one after another and write their columns; the
+    other columns are kept as they are. Reports what it needed (``needed``, ``overflow``)."""
     caps = neighbors.capacities
-    one = caps.one_system()
-    cells_only = one._replace(dense_candidates=64)
-    dense_only = one._replace(cell_rows=8, bins=8, cell_candidates=64)
-    S, A, K, W = geometry.n_systems, geometry.n_atom_rows, caps.neighbors, caps.block
+    S, A, K, W, I = geometry.n_systems, geometry.n_atom_rows, caps.neighbors, caps.block, caps.images
+    dtype = geometry.positions.dtype
+    lay = _layout(geometry, neighbors.cutoff + neighbors.skin)
     radius2 = (cutoffs + neighbors.skin) ** 2
-    (order,) = jnp.nonzero(systems, size=S, fill_value=S)
-    n_selected = jnp.sum(systems)
-    block_rows = jnp.arange(W, dtype=jnp.int32)
+    use_blocks = 0 < I and W * W * I <= MAX_BLOCK_CANDIDATES
+    Wc = max(W, 8)  # columns a system may own
+    padded = jnp.concatenate([geometry.positions, jnp.zeros((Wc, 3), dtype)])
+    whole_padded = jnp.concatenate([lay.whole, jnp.zeros((Wc, 3), lay.whole.dtype)])
+    (order,) = jnp.nonzero(systems & (geometry.n_atoms > 0), size=S, fill_value=S)
+    n_selected = jnp.sum(systems & (geometry.n_atoms > 0))
+    columns = jnp.arange(Wc, dtype=jnp.int32)
+    tiers = _block_tiers(W) if use_blocks else ()
+
+    def searched(s):
+        nbr, sh, widest, needs = _searched_columns(geometry, lay, s, radius2, caps, Wc, K)
+        return nbr, sh, widest, jnp.stack([needs[0], needs[1], needs[2], needs[3], needs[4]]).astype(jnp.int64), needs[5]
+
+    def blocked(s, tier):
+        def run():
+            nbr, sh, widest = _block_columns(geometry, lay, s, radius2, tier, I, K, padded, whole_padded)
+            pad = Wc - tier
+            nbr = jnp.pad(nbr, ((0, 0), (0, pad)), constant_values=A)
+            sh = jnp.pad(sh, ((0, 0), (0, pad), (0, 0)))
+            return nbr, sh, widest, jnp.zeros(5, jnp.int64), jnp.asarray(False)
+        return run
 
     def body(carry):
-        i, matrix, shifts, reference, fits = carry
+        i, matrix, shifts, reference, needed, short = carry
         s = order[i]
         first, n = geometry.first_atom[s], geometry.n_atoms[s]
-        selected = jnp.arange(S) == s
-        # a system is enumerated one way: search with that way's capacities only
-        found = jax.lax.cond(
-            lay.use_cells[s],
-            lambda: _search(geometry, lay, radius2, cells_only, selected, W * K),
-            lambda: _search(geometry, lay, radius2, dense_only, selected, W * K))
-        local, rank, widest = _ranks(found, first, W)
-        column = jnp.where(found.real & (rank < K), rank, K)
-        block = jnp.full((K, W), A, jnp.int32).at[column, local].set(found.receivers.astype(jnp.int32), mode="drop")
-        block_shifts = jnp.zeros((K, W, 3), jnp.int16).at[column, local].set(
-            jnp.rint(found.shifts).astype(jnp.int16), mode="drop")
-        # the system's own columns only (a slot's padding rows keep theirs; past the end: dropped)
-        cols = jnp.where(block_rows < n, first + block_rows, A)
-        matrix = matrix.at[:, cols].set(block, mode="drop")
-        shifts = shifts.at[:, cols].set(block_shifts, mode="drop")
+        if tiers:
+            # every periodic spacing at least the radius, and the images the block tests
+            fits = jnp.all(lay.k_dense[s] <= 1) & (2 ** jnp.sum(geometry.pbc[s]) <= I) & (n <= W)
+            tier = jnp.sum(jnp.asarray(tiers) < n)  # the smallest tier that holds the system
+            branch = jnp.where(fits, tier, len(tiers))
+            out = jax.lax.switch(branch, [blocked(s, t) for t in tiers] + [lambda: searched(s)])
+        else:
+            out = searched(s)
+        nbr, sh, widest, search_needs, pairs_short = out
+        cols = jnp.where(columns < n, first + columns, A)  # the system's own columns; past the end: dropped
+        matrix = matrix.at[:, cols].set(nbr, mode="drop")
+        shifts = shifts.at[:, cols].set(sh, mode="drop")
         reference = reference.at[cols].set(jnp.take(geometry.positions, cols, axis=0, mode="clip"), mode="drop")
-        n_rows, n_bins, cell_total, _, _ = found.cell_needs
-        fits = fits & (found.dense_total <= one.dense_candidates) & (n_rows <= one.cell_rows) & (
-            n_bins <= one.bins) & (cell_total <= one.cell_candidates) & (found.n_found <= W * K) & (widest <= K) & (n <= W)
-        return i + 1, matrix, shifts, reference, fits
+        images = (2 ** jnp.sum(geometry.pbc[s])).astype(jnp.int64)
+        these = jnp.concatenate([jnp.stack([widest.astype(jnp.int64), n.astype(jnp.int64), images]), search_needs])
+        return i + 1, matrix, shifts, reference, jnp.maximum(needed, these), short | pairs_short
 
-    _, matrix, shifts, reference, fits = jax.lax.while_loop(
+    _, matrix, shifts, reference, needed, short = jax.lax.while_loop(
         lambda c: c[0] < n_selected, body,
-        (jnp.asarray(0), neighbors.neighbors, neighbors.shifts, neighbors.reference_positions, jnp.asarray(True)))
-    rebuilt = dataclasses.replace(neighbors, neighbors=matrix, shifts=shifts, reference_positions=reference,
-                                  cutoffs=cutoffs, n_pairs=jnp.sum(matrix < A), n_builds=neighbors.n_builds + 1)
-    return rebuilt, fits
+        (jnp.asarray(0), neighbors.neighbors, neighbors.shifts, neighbors.reference_positions,
+         jnp.zeros(len(NEEDED_FIELDS), jnp.int64), jnp.asarray(False)))
+    limits = jnp.asarray(caps, dtype=jnp.int64)
+    # a system beyond the dense blocks' images goes through the search: images are not a limit
+    overflow = jnp.any((needed > limits).at[NEEDED_FIELDS.index("images")].set(False)) | short
+    return dataclasses.replace(
+        neighbors, neighbors=matrix, shifts=shifts, reference_positions=reference, cutoffs=cutoffs,
+        needed=jnp.maximum(neighbors.needed, needed), overflow=overflow,
+        n_builds=neighbors.n_builds + 1)
 
 
 class _Found(NamedTuple):
@@ -590,46 +672,24 @@ def matvec_rows(vectors: jax.Array, matrices: jax.Array) -> jax.Array:
     return vectors[:, 0, None] * matrices[:, 0] + vectors[:, 1, None] * matrices[:, 1] + vectors[:, 2, None] * matrices[:, 2]
 
 
-#: A rebuild of more than this fraction of the systems is done as one full build.
-FULL_REBUILD_FRACTION = 0.5
-
-
 def rebuild(neighbors: NeighborList, geometry: Geometry, systems: jax.Array | None = None,
             cutoffs: jax.Array | None = None) -> NeighborList:
-    """Build again with the same cutoff, skin and capacities (jit-compatible).
-
-    With ``systems`` (an ``(S,)`` mask), only those systems are rebuilt (:func:`rebuild_tracked`).
-    ``cutoffs`` replaces the systems' interaction ranges (default: the list's).
+    """Build again with the same cutoff, skin and capacities (jit-compatible): every system, or
+    only those in the ``(S,)`` mask ``systems`` (their cost is theirs; the others keep their
+    columns). ``cutoffs`` replaces the systems' interaction ranges (default: the list's).
     """
+    cutoffs = neighbors.cutoffs if cutoffs is None else cutoffs
     if systems is None:
         return build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds,
-                     cutoffs=neighbors.cutoffs if cutoffs is None else cutoffs)
-    return rebuild_tracked(neighbors, geometry, systems, cutoffs)[0]
+                     cutoffs=cutoffs)
+    return _rebuild_systems(neighbors, geometry, systems, cutoffs)
 
 
 def rebuild_tracked(neighbors: NeighborList, geometry: Geometry, systems: jax.Array,
                     cutoffs: jax.Array | None = None) -> tuple[NeighborList, jax.Array]:
-    """Rebuild the ``(S,)`` selected systems; return the list and the systems actually built anew.
-
-    Up to :data:`FULL_REBUILD_FRACTION` of the systems are rebuilt one after another, each at
-    the cost of its own size (the other columns are kept as they are); more, or a system that
-    does not fit the one-system capacities, take one full build (then every system is rebuilt).
-    The variable-cell loop uses the mask to know at which cell each system's pairs were found.
-    """
-    cutoffs = neighbors.cutoffs if cutoffs is None else cutoffs
-    S = geometry.n_systems
-
-    def full():
-        return (build(geometry, neighbors.cutoff, neighbors.skin, neighbors.capacities, neighbors.n_builds,
-                      cutoffs=cutoffs), jnp.ones_like(systems))
-
-    def each():
-        lay = _layout(geometry, neighbors.cutoff + neighbors.skin)
-        return _rebuild_each(neighbors, geometry, lay, systems, cutoffs)
-
-    few = jnp.sum(systems) <= max(1, int(S * FULL_REBUILD_FRACTION))
-    out, fits = jax.lax.cond(few, each, lambda: (neighbors, jnp.asarray(False)))
-    return jax.lax.cond(fits, lambda: (out, systems), full)
+    """:func:`rebuild` of ``systems``, and the ``(S,)`` systems built anew (the selection). The
+    variable-cell loop uses it to know at which cell each system's pairs were found."""
+    return rebuild(neighbors, geometry, systems, cutoffs), systems
 
 
 def clear_padding(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
@@ -727,17 +787,16 @@ def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
     widest = min(widest, max(int(2 * sphere_dense), int(1.25 * per_atom.max(initial=0)) + 1))
     grow = lambda x: bucket(int(x * 1.25) + 1, minimum=8)  # noqa: E731
     return Capacities(
-        pairs=bucket(int(pairs * 1.25) + 1, minimum=64), dense_candidates=bucket(dense, minimum=64),
-        cell_rows=grow(rows), bins=grow(bins), cell_candidates=grow(candidates), offsets=max(offsets, 1),
         neighbors=matrix_width(widest), block=aligned_block(int(n.max(initial=1))),
-        system_dense=bucket(int(np.max(np.where(use_cells, 0, n * n * images), initial=0)), minimum=64),
-        system_rows=grow(np.max(np.where(use_cells, n, 0), initial=0)), system_bins=grow(largest_bins),
-        system_cell_candidates=grow(largest_candidates))
+        images=_block_images(pbc[n > 0]),
+        dense_candidates=bucket(int(np.max(np.where(use_cells, 0, n * n * images), initial=0)), minimum=64),
+        cell_rows=grow(np.max(np.where(use_cells, n, 0), initial=0)), bins=grow(largest_bins),
+        cell_candidates=grow(largest_candidates), offsets=max(offsets, 1))
 
 
 def aligned_block(rows: int) -> int:
-    """Matrix block width for systems of up to ``rows`` atoms (whole row blocks)."""
-    return max(8, -(-int(rows) // 8) * 8)
+    """Columns a system of up to ``rows`` atoms may own, and its dense block: a multiple of 32."""
+    return max(32, -(-int(rows) // 32) * 32)
 
 
 def matrix_width(widest: int) -> int:
@@ -747,39 +806,42 @@ def matrix_width(widest: int) -> int:
     return max(8, -(-(int(widest * 1.1) + 2) // 8) * 8)
 
 
-def allocate(geometry: Geometry, cutoff: float, skin: float, capacity: int | None = None,
-             capacities: Capacities | None = None, cutoffs: jax.Array | None = None,
-             block: int | None = None) -> NeighborList:
+def allocate(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities | None = None,
+             cutoffs: jax.Array | None = None, block: int | None = None) -> NeighborList:
     """Build a list on the host, choosing capacities large enough (jax-md's ``allocate``).
 
-    ``capacity`` (pairs) and ``capacities`` are lower bounds; ``cutoffs`` (``(S,)`` Å) every
-    system's interaction range (default ``cutoff``); ``block`` the most atom rows a system may
-    have (a batch's largest slot; default: its largest system). The first build uses
-    :func:`estimate_capacities`; builds are repeated with grown capacities until nothing
-    overflows (every build reports what it needed). The pair buffer is at least 25 % above the
-    pairs found, and the matrix keeps only the columns its fullest atom needs
-    (:func:`matrix_width`), without a second build.
+    ``capacities`` are lower bounds; ``cutoffs`` (``(S,)`` Å) every system's interaction range
+    (default ``cutoff``); ``block`` the most atom rows a system may have (a batch's largest
+    slot; default: its largest system). The first build uses :func:`estimate_capacities`; builds
+    are repeated with grown capacities until nothing overflows (every build reports what it
+    needed), and the matrix keeps only the columns its fullest atom needs (:func:`matrix_width`),
+    without another build.
     """
     estimate = estimate_capacities(geometry, cutoff + skin)
     caps = Capacities(*(max(a, b) for a, b in zip(capacities, estimate))) if capacities else estimate
-    caps = caps._replace(pairs=max(caps.pairs, capacity or 0), block=max(caps.block, aligned_block(block or 0)))
+    caps = caps._replace(block=max(caps.block, aligned_block(block or 0)))
     if cutoffs is None:
         cutoffs = jnp.full(geometry.n_systems, cutoff, geometry.positions.dtype)
     for _ in range(8):
         nl = _build_jit(geometry, cutoff=float(cutoff), skin=float(skin), capacities=caps, cutoffs=cutoffs)
-        needed = dict(zip(NEEDED_FIELDS, (int(x) for x in np.asarray(nl.needed))), pairs=int(nl.n_pairs))
-        tight_pairs = bucket(int(needed["pairs"] * 1.25) + 1, minimum=64)
-        if not bool(nl.overflow) and tight_pairs <= caps.pairs:
-            width = max(matrix_width(needed["neighbors"]), capacities.neighbors if capacities else 0)
-            if width < caps.neighbors:
-                nl = _narrowed(nl, width)
-            return nl
-        caps = caps._replace(**{name: max(getattr(caps, name), bucket(int(n * 1.25) + 1, minimum=8))
-                                for name, n in needed.items() if name not in ("offsets", "neighbors")})
-        caps = caps._replace(offsets=max(caps.offsets, needed["offsets"], 1),
-                             neighbors=max(caps.neighbors, matrix_width(needed["neighbors"])),
-                             block=max(caps.block, aligned_block(int(np.max(np.asarray(geometry.n_atoms))))))
+        if not bool(nl.overflow):
+            needed = int(nl.needed[NEEDED_FIELDS.index("neighbors")])
+            width = max(matrix_width(needed), capacities.neighbors if capacities else 0)
+            return _narrowed(nl, width) if width < caps.neighbors else nl
+        caps = _grown(caps, nl)
     raise RuntimeError(f"neighbor list capacities did not settle: {caps}")
+
+
+def _grown(caps: Capacities, neighbors: NeighborList) -> Capacities:
+    """``caps`` with every capacity the list needed more of at least doubled (matrix width and
+    neighbouring bins: what is needed, the width with its margin; block: the largest system)."""
+    needed = dict(zip(NEEDED_FIELDS, (int(x) for x in np.asarray(neighbors.needed))))
+    larger = {name: (getattr(caps, name) if needed[name] <= getattr(caps, name)
+                     else max(2 * getattr(caps, name), bucket(needed[name], minimum=8)))
+              for name in ("dense_candidates", "cell_rows", "bins", "cell_candidates")}
+    return caps._replace(**larger, offsets=max(caps.offsets, needed["offsets"]),
+                         neighbors=max(caps.neighbors, matrix_width(needed["neighbors"])),
+                         block=max(caps.block, aligned_block(needed["block"])))
 
 
 def _narrowed(neighbors: NeighborList, width: int) -> NeighborList:
@@ -797,20 +859,9 @@ def _narrow_jit(neighbors: NeighborList, width: int) -> NeighborList:
 def grow(neighbors: NeighborList, geometry: Geometry) -> NeighborList:
     """A list with capacities large enough for ``geometry`` (after an overflow).
 
-    Every capacity that overflowed at least doubles (pairs: at least the next bucket; bins
-    visited per atom and matrix width: what is needed, the width with its margin), so a
-    stream whose structures keep asking for a little more grows a capacity a few times, not
-    once per structure: each growth is a compilation of every program of the batch.
+    Every capacity that overflowed at least doubles (see :func:`_grown`), so a stream whose
+    structures keep asking for a little more grows a capacity a few times, not once per
+    structure: each growth is a compilation of every program of the batch.
     """
-    caps = neighbors.capacities
-    needed = dict(zip(NEEDED_FIELDS, (int(x) for x in np.asarray(neighbors.needed))))
-    n_pairs = int(neighbors.n_pairs)
-    larger = dict(pairs=caps.pairs if n_pairs <= caps.pairs else max(bucket(caps.pairs + 1), n_pairs))
-    for name in ("dense_candidates", "cell_rows", "bins", "cell_candidates", "system_dense", "system_rows",
-                 "system_bins", "system_cell_candidates"):
-        c = getattr(caps, name)
-        larger[name] = c if needed[name] <= c else max(2 * c, needed[name])
-    larger["offsets"] = max(caps.offsets, needed["offsets"])  # neighbouring bins: exactly what a thin cell needs
-    larger["neighbors"] = max(caps.neighbors, matrix_width(needed["neighbors"]))
-    floor = caps._replace(**larger)
+    floor = _grown(neighbors.capacities, neighbors)
     return allocate(geometry, neighbors.cutoff, neighbors.skin, capacities=floor, cutoffs=neighbors.cutoffs)

@@ -77,48 +77,56 @@ def packed():
     return structures, batch.geometry, first, system
 
 
-def test_pairs_equal_ase_for_every_system(packed):
+@pytest.mark.parametrize("way", ["blocks", "searched"])
+def test_pairs_equal_ase_for_every_system(packed, way):
+    """Every system's pairs equal ASE's, through dense blocks (with a search for the cells needing
+    more than 27 images) or through cell lists and all-pairs lists alone."""
+    import dataclasses
+
     structures, geometry, first, system = packed
     neighbors = nl.allocate(geometry, CUTOFF, SKIN)
     assert not bool(neighbors.overflow)
-    layout = nl._layout(geometry, RADIUS)
-    use_cells = np.asarray(layout.use_cells)[: len(structures)]
-    assert use_cells.any() and (~use_cells).any(), "both enumerations are exercised"
+    if way == "searched":  # no dense blocks: every system through _search
+        neighbors = nl.rebuild(dataclasses.replace(neighbors, capacities=neighbors.capacities._replace(images=0)),
+                               geometry)
+        layout = nl._layout(geometry, RADIUS)
+        use_cells = np.asarray(layout.use_cells)[: len(structures)]
+        assert use_cells.any() and (~use_cells).any(), "both enumerations are exercised"
+    assert not bool(neighbors.overflow)
     ours = our_pairs(neighbors, first, system, len(structures))
     for k, atoms in enumerate(structures):
         assert ours[k] == ase_pairs(atoms, RADIUS), f"structure {k} ({atoms.get_chemical_formula()})"
 
 
-@pytest.mark.parametrize("chosen, one_by_one, capacities", [((0, 3, 4), True, "estimated"), ((1, 5, 6), False, "tiny"),
-                                                            ((0, 1, 4, 5, 6, 7, 8, 9), False, "estimated")])
-def test_rebuild_of_some_systems_keeps_the_others(packed, chosen, one_by_one, capacities):
-    """A few selected systems are rebuilt one by one (the others keep their pairs, even where
-    stale); a selection of more than half the systems, or a system beyond the one-system
-    capacities (``tiny``), takes a full build."""
+@pytest.mark.parametrize("chosen, capacities", [((0, 3, 4), "estimated"), ((1, 3, 6), "tiny"),
+                                                ((0, 1, 4, 5, 6, 7, 8, 9), "estimated")])
+def test_rebuild_of_some_systems_keeps_the_others(packed, chosen, capacities):
+    """The selected systems are rebuilt, each on its own; the others keep their pairs (even where
+    stale). With search capacities too small for a system that needs the search (the 1-atom cell
+    needs more than 27 images), the rebuild says so (overflow) and the host grows them."""
     import dataclasses
 
     structures, geometry, first, system = packed
     neighbors = nl.allocate(geometry, CUTOFF, SKIN)
     if capacities == "tiny":
         neighbors = dataclasses.replace(neighbors, capacities=neighbors.capacities._replace(
-            system_dense=64, system_rows=8, system_cell_candidates=64))
+            dense_candidates=64, cell_rows=8, cell_candidates=64))
     moved = [a.copy() for a in structures]
     for k in chosen:
         moved[k].rattle(0.4, seed=100 + k)
     moved_geometry = Batch.from_atoms(moved).geometry
     selected = jnp.zeros(geometry.n_systems, bool).at[jnp.array(chosen)].set(True)
-    # one compiled program (run op by op, the conds' branches compile piecemeal: ~3x slower)
     after, rebuilt = jax.jit(nl.rebuild_tracked)(neighbors, moved_geometry, selected)
-    rebuilt = np.asarray(rebuilt)[: len(structures)]
-    if one_by_one:
-        assert set(np.flatnonzero(rebuilt)) == set(chosen)
-    else:
-        assert rebuilt.all()
-    assert bool(after.overflow) == (capacities == "tiny")  # a full build reports the short capacities
+    assert set(np.flatnonzero(np.asarray(rebuilt))) == set(chosen)
+    assert bool(after.overflow) == (capacities == "tiny")
+    if capacities == "tiny":
+        after = nl.grow(after, moved_geometry)
+        assert not bool(after.overflow)
+        structures = moved  # grow builds every system anew
     ours = our_pairs(after, first, system, len(structures))
     for k in range(len(structures)):
         # a system that was not rebuilt keeps the pairs of its old positions
-        expected = ase_pairs(moved[k] if rebuilt[k] else structures[k], RADIUS)
+        expected = ase_pairs(moved[k] if k in chosen else structures[k], RADIUS)
         assert ours[k] == expected, f"structure {k}"
 
 

@@ -128,10 +128,10 @@ def _evaluate(potential, geometry, neighbors):
 def ours(potential: SevenNet, structures: list[Atoms], dtype: str):
     """Energies (eV), per-structure forces (eV/Å) and stresses (eV/Å³) of one batch evaluation."""
     batch = Batch.from_atoms(structures, dtype=dtype)
-    # pairs found in float64 (one neighbour-list program for both dtypes), stored in ``dtype``
-    neighbors = nbl.allocate(Batch.from_atoms(structures).geometry, potential.cutoff, 0.0)
-    neighbors = dataclasses.replace(neighbors, shifts=neighbors.shifts.astype(dtype),
-                                    reference_positions=batch.geometry.positions)
+    # pairs found in float64 (one neighbour-list program for both dtypes; the lattice shifts
+    # are integers), with a skin: entries beyond the cutoff must not change anything
+    neighbors = nbl.allocate(Batch.from_atoms(structures).geometry, potential.cutoff, 0.5)
+    neighbors = dataclasses.replace(neighbors, reference_positions=batch.geometry.positions)
     result = jax.device_get(_evaluate(potential, batch.geometry, neighbors))
     first = np.asarray(batch.geometry.first_atom)
     forces = [np.asarray(result.forces[f:f + len(a)], np.float64) for f, a in zip(first, structures)]
