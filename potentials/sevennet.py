@@ -21,6 +21,15 @@ Architecture (every piece in :mod:`potentials.sevennet_layers`, e3nn's conventio
 Forces and stress come from :func:`kups_relax.evaluate.evaluate` by autodiff, as for every
 potential. The dtype of the positions decides the precision (float32 or float64; the
 weights are float32 values either way, as in the reference).
+
+How it runs on the neighbor matrix (:mod:`potentials.neighbor_graph`): per evaluation, the
+entries of the ``(K, A)`` matrix within 5 Å are moved to the front of their columns and the
+atoms are put in order of decreasing neighbour count; every convolution then visits only
+the tiles of the matrix that hold such entries (:func:`potentials.sevennet_layers.convolution`),
+so the Verlet skin, the width the densest structure of a batch needs and the padding rows
+cost (almost) nothing. Sums over neighbours are sums over the matrix rows; the backward pass
+of the convolution is written out, and the transpose of the neighbour gather reads the
+cotangents at each entry's reverse entry instead of scattering them.
 """
 
 from __future__ import annotations
@@ -36,10 +45,10 @@ import numpy as np
 
 from kups_relax.batch import Geometry
 from kups_relax.neighbors import NeighborList
-from kups_relax.pairs import pair_vectors
 from kups_relax.segments import segment_sum
 
 from . import sevennet_layers as layers
+from .neighbor_graph import edge_vectors, graph, permute
 
 #: SevenNet-0's converted weights, shipped with the package.
 SEVENNET_0_FILE = Path(__file__).parent / "data" / "sevennet_0.npz"
@@ -151,25 +160,24 @@ class SevenNet:
         """Per-system energies ``(S,)`` in eV (jit-compatible)."""
         cfg, dtype = self.config, geometry.positions.dtype
         p = {k: v.astype(dtype) for k, v in self.params.arrays.items()}
-        n_rows, S = geometry.n_atom_rows, geometry.n_systems
+        S = geometry.n_systems
 
-        # edges: i = sender receives the message of j = receiver, along r_j - r_i
-        vec = pair_vectors(neighbors, geometry.positions, geometry.cell, geometry.system).reshape(-1, 3)
-        senders = jnp.broadcast_to(jnp.arange(n_rows, dtype=jnp.int32)[None, :], neighbors.neighbors.shape).reshape(-1)
-        receivers = jnp.clip(neighbors.neighbors, 0, n_rows - 1).reshape(-1)
-        r2 = jnp.sum(vec * vec, axis=-1)
-        inside = neighbors.mask.reshape(-1) & (r2 < cfg.cutoff ** 2)
-        safe = jnp.where(inside[:, None], vec, jnp.asarray([0.0, 0.0, 0.5 * cfg.cutoff], dtype))
+        g = graph(neighbors, geometry.positions, geometry.cell, geometry.system, cfg.cutoff)
+        # the model runs on the atoms in the graph's column order (decreasing neighbour count)
+        positions = permute(geometry.positions, g.order, g.rank)
+        system = jnp.take(geometry.system, g.order)
+        vec = edge_vectors(g, positions, geometry.cell, system)  # (W, A, 3), i -> j
+        safe = jnp.where(g.inside[..., None], vec, jnp.asarray([0.0, 0.0, 0.5 * cfg.cutoff], dtype))
         r = jnp.sqrt(jnp.sum(safe * safe, axis=-1))
-        sh = layers.spherical_harmonics(safe / r[:, None], cfg.lmax_filter)
+        sh = layers.spherical_harmonics(safe / r[..., None], cfg.lmax_filter)
         radial = layers.bessel_basis(r, p["bessel_coeffs"], cfg.cutoff) * layers.xplor_cutoff(
-            r, cfg.cutoff_on, cfg.cutoff)[:, None]
-        radial = jnp.where(inside[:, None], radial, 0.0)
+            r, cfg.cutoff_on, cfg.cutoff)[..., None]
+        radial = jnp.where(g.inside[..., None], radial, 0.0)
+        edges = (sh, radial, g)
 
-        species = jnp.clip(jnp.take(self.species_index, geometry.numbers, mode="clip"), 0, None)
+        species = jnp.clip(jnp.take(self.species_index, jnp.take(geometry.numbers, g.order), mode="clip"), 0, None)
         embedding = p["embedding.l0"]
-        x = {0: (embedding[species] / math.sqrt(embedding.shape[0]))[:, :, None]}
-        edges = (sh, radial, senders, receivers)
+        x = {0: (embedding[species] / math.sqrt(embedding.shape[0]))[:, None, :]}
         t = 0
         while t < cfg.n_layers:
             # blocks with the same irreps in and out share one traced body (lax.scan): less to compile
@@ -177,21 +185,21 @@ class SevenNet:
             while t + run < cfg.n_layers and cfg.irreps[t] == cfg.irreps[t + run + 1] == cfg.irreps[t + run]:
                 run += 1
             if run == 1:
-                x = self._interaction(t, x, self._layer_params(p, t), edges, n_rows)
+                x = self._interaction(t, x, self._layer_params(p, t), edges)
             else:
                 stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[self._layer_params(p, k)
                                                                             for k in range(t, t + run)])
 
                 def body(x, layer_params, t=t):
-                    return self._interaction(t, x, layer_params, edges, n_rows), None
+                    return self._interaction(t, x, layer_params, edges), None
 
                 x, _ = jax.lax.scan(body, x, stacked)
             t += run
-        scalars = x[0][:, :, 0]
+        scalars = x[0][:, 0, :]
         hidden = scalars @ p["readout.0.l0"] / math.sqrt(p["readout.0.l0"].shape[0])
         atomic = (hidden @ p["readout.1.l0"])[:, 0] / math.sqrt(p["readout.1.l0"].shape[0])
         atomic = atomic * p["scale"][species] + p["shift"][species]
-        return segment_sum(atomic, geometry.system, S)
+        return segment_sum(permute(atomic, g.rank, g.order), geometry.system, S)
 
     def _layer_params(self, p: dict, t: int) -> dict:
         """Block ``t``'s weights: ``{"self_connection"|"linear_1"|"linear_2": {l: W}, "radial": [W, ...],
@@ -205,17 +213,22 @@ class SevenNet:
                     linear_2=blocks("linear_2"), radial=[p[f"layer{t}.radial.{k}"] for k in range(n_radial)],
                     denominator=jnp.asarray(self.config.denominators[t], p["shift"].dtype))
 
-    def _interaction(self, t: int, x: dict, w: dict, edges, n_rows: int) -> dict:
-        """Interaction block ``t``: features ``l -> (A, mul, 2l+1)`` -> the next block's."""
+    def _interaction(self, t: int, x: dict, w: dict, edges) -> dict:
+        """Interaction block ``t``: features ``l -> (A, 2l+1, mul)`` -> the next block's."""
         cfg = self.config
-        sh, radial, senders, receivers = edges
+        sh, radial, g = edges
         out_ls = [l for _, l in cfg.irreps[t + 1]]
         self_connection = layers.linear(x, w["self_connection"])
         x = layers.linear(x, w["linear_1"])
-        weights = layers.radial_mlp(radial, w["radial"], cfg.act_scale)
-        messages = layers.tensor_product({l: v[receivers] for l, v in x.items()}, sh, weights, cfg.paths(t))
-        x = {l: jax.ops.segment_sum(m, senders, num_segments=n_rows) / w["denominator"]
-             for l, m in messages.items()}
+        layout, off = [], 0
+        for l in sorted(x):
+            layout.append((l, x[l].shape[-1], off))
+            off += x[l].shape[-1] * (2 * l + 1)
+        conv = layers.Convolution(paths=cfg.paths(t), layout=tuple(layout), lmax_filter=cfg.lmax_filter,
+                                  act_scale=cfg.act_scale, rows=g.rows, cols=g.cols)
+        x = layers.convolution(conv, layers.flatten(x), sh, radial, w["radial"], g.neighbors, g.reverse, g.tiles,
+                               g.n_tiles)
+        x = {l: v / w["denominator"] for l, v in x.items()}
         x = layers.add(layers.linear(x, w["linear_2"]), self_connection)
         n_scalars = cfg.irreps[t + 1][0][0]
         return layers.gate({l: x[l] for l in sorted(x) if l == 0 or l in out_ls}, n_scalars, cfg.act_scale)
