@@ -447,19 +447,21 @@ def plan(run: Run, items) -> list:
     return [it for it in relaxable if it.name not in done_names]
 
 
-def relax_and_write(run: Run, todo, progress_enabled: bool) -> dict[str, Any]:
-    """Relax ``todo`` in one batch; write every result as it arrives. Returns the results of invalid ones by name."""
+def relax_and_write(run: Run, todo, progress_enabled: bool) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """Relax ``todo`` in one batch; write every result as it arrives. Returns the results of invalid
+    ones by name, and for the others what :func:`collect_outputs` needs (so it need not read back
+    the files this run wrote)."""
     from .engine import relax
     from .report import Progress
 
     if not todo:
-        return {}
+        return {}, {}
     chunk_steps = run.settings["chunk_steps"]
     logger.info("relaxing %d systems: potential %s, optimizer %s, fmax %g eV/Å, max %d steps, %s",
                 len(todo), run.settings["potential"], run.settings["optimizer"], run.settings["fmax"],
                 run.settings["max_steps"], run.settings["dtype"])
     t0 = time.perf_counter()
-    invalid = {}
+    invalid, written = {}, {}
 
     def write_as_it_finishes(index: int, result) -> None:
         # each system's outputs are complete on disk the moment it stops, so a killed run loses
@@ -468,6 +470,7 @@ def relax_and_write(run: Run, todo, progress_enabled: bool) -> dict[str, Any]:
             invalid[todo[index].name] = result
         else:
             write_system(run, result, todo[index].source)
+            written[todo[index].name] = _outputs(result)
             # the frames are on disk now: drop them, so that memory does not grow with the
             # number of systems times their steps (relax() keeps every result until it returns)
             result.trajectory = None
@@ -484,11 +487,23 @@ def relax_and_write(run: Run, todo, progress_enabled: bool) -> dict[str, Any]:
     compiled = compile_stats().since(compiled_before)
     logger.info("relaxed %d systems in %.1f s; compiled %d programs, %d more from the compilation cache (%.1f s)",
                 len(todo), time.perf_counter() - t0, compiled.programs, compiled.cached, compiled.seconds)
-    return invalid
+    return invalid, written
 
 
-def collect_outputs(run: Run, items, invalid: Mapping[str, Any]) -> tuple[list[dict], list, dict[str, np.ndarray]]:
-    """Summary rows (input order), final structures and fmax series, from every complete ``.h5``."""
+def _outputs(result) -> tuple[dict[str, Any], Any, np.ndarray]:
+    """A finished system's summary fields, relaxed structure and fmax series, as
+    :func:`collect_outputs` would read them back from its ``.h5``."""
+    fields = dict(converged=bool(result.converged), steps=int(result.steps), initial_energy=float(result.initial_energy),
+                  final_energy=float(result.energy), final_fmax=float(result.fmax), status=result.status,
+                  reason=result.reason)
+    return fields, result.atoms, np.asarray(result.fmaxes, np.float64)
+
+
+def collect_outputs(run: Run, items, invalid: Mapping[str, Any], written: Mapping[str, tuple] | None = None
+                    ) -> tuple[list[dict], list, dict[str, np.ndarray]]:
+    """Summary rows (input order), final structures and fmax series: of the systems this run
+    relaxed from ``written`` (:func:`relax_and_write`), of the others (kept by ``--resume``) from
+    their complete ``.h5``."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     from .io import read_observable, read_parameters, read_trajectory
@@ -498,7 +513,21 @@ def collect_outputs(run: Run, items, invalid: Mapping[str, Any]) -> tuple[list[d
         row: dict[str, Any] = dict(name=it.name, source=it.source,
                                    atoms=len(it.atoms) if it.atoms is not None else None)
         path = run.h5_path(it.name)
-        if it.ok and it.name not in invalid and path.exists():
+        if it.ok and written and it.name in written:
+            fields, relaxed, fmaxes = written[it.name]
+            row.update(fields)
+            final = it.atoms.copy()
+            final.cell = relaxed.cell
+            final.positions = relaxed.positions
+            final.calc = SinglePointCalculator(final, **relaxed.calc.results)
+            for key in ("energy", "free_energy", "forces", "stress"):  # would clash with the results
+                final.info.pop(key, None)
+                final.arrays.pop(key, None)
+            final.info.update(name=it.name, converged=fields["converged"], steps=fields["steps"],
+                              status=fields["status"])
+            finals.append(final)
+            series[it.name] = fmaxes
+        elif it.ok and it.name not in invalid and path.exists():
             p = read_parameters(path)
             row.update(converged=p["converged"], steps=p["steps"], initial_energy=p["initial_energy"],
                        final_energy=p["final_energy"], final_fmax=p["final_fmax"], status=p["status"],
@@ -564,9 +593,9 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     for stale in remove_stale_temporaries(run.out):
         logger.info("removed %s (left by an interrupted run)", stale)
     todo = plan(run, items)
-    invalid = relax_and_write(run, todo, progress_enabled=not settings["quiet"])
+    invalid, written = relax_and_write(run, todo, progress_enabled=not settings["quiet"])
 
-    rows, finals, series = collect_outputs(run, items, invalid)
+    rows, finals, series = collect_outputs(run, items, invalid, written)
     write_extxyz(run.out / "relaxed.extxyz", finals)
     write_summary_csv(run.out / "summary.csv", rows)
     if settings["plot"]:
