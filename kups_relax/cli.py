@@ -25,7 +25,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -447,6 +449,50 @@ def plan(run: Run, items) -> list:
     return [it for it in relaxable if it.name not in done_names]
 
 
+class BackgroundWriter:
+    """Writes finished systems' files on one thread while the main thread waits for the device.
+
+    Writing a system's ``.h5`` is ~10 ms of Python and HDF5 calls; on the main thread that time
+    would sit between device calls. Here it overlaps them. ``submit`` blocks when ``backlog``
+    writes wait (so memory holds at most that many trajectories); leaving the ``with`` block
+    finishes every submitted write — also when the block raises — and then re-raises the first
+    error a write raised.
+    """
+
+    def __init__(self, backlog: int = 64):
+        self._queue: queue.Queue = queue.Queue(maxsize=backlog)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="kups-relax-writer", daemon=True)
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            result, write = job
+            if self._error is None:  # after a failure, skip the rest: the run is going to stop
+                try:
+                    write()
+                except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                    self._error = err
+            # the frames are on disk now: drop them, so that memory does not grow with the
+            # number of systems times their steps (relax() keeps every result until it returns)
+            result.trajectory = None
+
+    def submit(self, result, write: Callable[[], Any]) -> None:
+        """Call ``write()`` on the writer thread, then drop ``result``'s trajectory."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((result, write))
+
+    def __enter__(self) -> BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc_info[0] is None:
+            raise self._error
+
+
 def relax_and_write(run: Run, todo, progress_enabled: bool) -> tuple[dict[str, Any], dict[str, tuple]]:
     """Relax ``todo`` in one batch; write every result as it arrives. Returns the results of invalid
     ones by name, and for the others what :func:`collect_outputs` needs (so it need not read back
@@ -464,21 +510,19 @@ def relax_and_write(run: Run, todo, progress_enabled: bool) -> tuple[dict[str, A
     invalid, written = {}, {}
 
     def write_as_it_finishes(index: int, result) -> None:
-        # each system's outputs are complete on disk the moment it stops, so a killed run loses
-        # only the systems still in flight
+        # each system's outputs are complete on disk soon after it stops (the writer thread is at
+        # most a few files behind), so a killed run loses only the systems still in flight
         if result.status == "invalid":
             invalid[todo[index].name] = result
         else:
-            write_system(run, result, todo[index].source)
             written[todo[index].name] = _outputs(result)
-            # the frames are on disk now: drop them, so that memory does not grow with the
-            # number of systems times their steps (relax() keeps every result until it returns)
-            result.trajectory = None
+            source = todo[index].source
+            writer.submit(result, lambda: write_system(run, result, source))
 
     from .compile_stats import compile_stats
 
     compiled_before = compile_stats()
-    with Progress(len(todo), chunk_steps, enabled=progress_enabled):
+    with BackgroundWriter() as writer, Progress(len(todo), chunk_steps, enabled=progress_enabled):
         relax([it.atoms for it in todo], run.potential, fmax=run.settings["fmax"],
               max_steps=run.settings["max_steps"], optimizer=run.optimizer,
               names=[it.name for it in todo], dtype=run.settings["dtype"], chunk_steps=chunk_steps,

@@ -449,3 +449,31 @@ def test_existing_outputs_need_resume_or_overwrite(lj_inputs, full, capsys, monk
     assert cli.main(["in", "--out", "full", "--resume", *LJ_FLAGS[:-2], "--fmax", "0.02"]) == 2
     assert "fmax: 0.01 there, 0.02 now" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in full["out"].iterdir()} == before
+
+
+def test_background_writer_finishes_every_write_and_reraises_the_first_error():
+    from types import SimpleNamespace
+
+    from kups_relax.cli import BackgroundWriter
+
+    done = []
+    results = [SimpleNamespace(trajectory=object()) for _ in range(5)]
+    with BackgroundWriter(backlog=2) as writer:
+        for i, r in enumerate(results):
+            writer.submit(r, lambda i=i: done.append(i))
+    assert done == [0, 1, 2, 3, 4] and all(r.trajectory is None for r in results)
+
+    def fail():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with BackgroundWriter() as writer:
+            writer.submit(results[0], fail)
+            writer.submit(results[1], lambda: done.append("after the failure"))
+    assert "after the failure" not in done
+    # an error in the block itself wins, and the writes already submitted still finish
+    with pytest.raises(KeyboardInterrupt):
+        with BackgroundWriter() as writer:
+            writer.submit(results[2], lambda: done.append("before the interrupt"))
+            raise KeyboardInterrupt
+    assert done[-1] == "before the interrupt"
