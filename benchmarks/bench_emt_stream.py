@@ -1,6 +1,7 @@
 """End to end: ``relax-batch`` (cold and warm compilation cache) vs ASE's LBFGS one structure at a time, with EMT.
 
-    python benchmarks/bench_emt_stream.py [--n 64] [--fmax 0.05] [--skip-ase] [--skip-asap] [--ase-limit K] [--keep DIR]
+    python benchmarks/bench_emt_stream.py [--n 64] [--fmax 0.05] [--dtype float32] [--skip-ase] [--skip-asap]
+                                          [--ase-limit K] [--keep DIR]
 
 The structures (benchmarks/metal_structures.py: bulk, vacancies, slabs, clusters, alloys;
 13 to 256 atoms) are written to one extxyz file first (not timed). Every timed run is a
@@ -18,7 +19,8 @@ separate process, clocked from its start to its exit, i.e. to the last output fi
 Reported: wall times, ratios (reference time / engine time; > 1: the engine is faster),
 microseconds per atom-step (wall time / sum over structures of atoms x steps),
 total steps, on how many structures the step counts are equal, the largest difference of
-the final energy per atom, and the programs each engine run compiled (from its log).
+the final energy per atom, the programs each engine run compiled and its useful fraction of
+atom-steps (Σ atoms x steps of running systems / rows x loop iterations executed; from its log).
 The cache runs use the package's own cache settings (every program cached, however quick to
 compile), so the warm run shows what a user's second run of the same command costs.
 """
@@ -46,6 +48,7 @@ sys.path.insert(0, str(HERE))
 from metal_structures import metal_structures  # noqa: E402
 
 COMPILED = re.compile(r"compiled (\d+) programs, (\d+) more from the compilation cache")
+USEFUL = re.compile(r"useful atom-steps: \d+ of \d+ executed \(([\d.]+) %")
 
 
 def timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
@@ -86,6 +89,12 @@ def compiled_programs(log: Path) -> str:
     return f"{m[-1][0]} (+{m[-1][1]} cached)" if m else "?"
 
 
+def useful_fraction(log: Path) -> str:
+    """The engine's useful atom-steps / executed atom-steps (padding rows and stopped slots are not useful)."""
+    m = USEFUL.findall(log.read_text(errors="replace"))
+    return f"{m[-1]} %" if m else "?"
+
+
 def _revision(package: Path) -> str:
     """``git describe`` of the package's checkout (``-dirty`` with uncommitted changes), or why not.
 
@@ -112,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ase-limit", type=int, metavar="K",
                         help="run the ASE loops on the first K structures only and extrapolate their time x n/K "
                              "(structure k depends only on k, so the first K are the engine's first K)")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                        help="the engine's precision (the ASE loops are float64 always)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     args = parser.parse_args(argv)
 
@@ -133,7 +144,7 @@ def main(argv=None) -> int:
     base_env = dict(os.environ)
     base_env.pop("KUPS_RELAX_COMPILATION_CACHE", None)
     relax_batch = [sys.executable, "-m", "kups_relax.cli"]
-    common = [str(source), "--fmax", str(args.fmax), "--max-steps", str(args.max_steps)]
+    common = [str(source), "--fmax", str(args.fmax), "--max-steps", str(args.max_steps), "--dtype", args.dtype]
     k_ref = min(args.ase_limit or args.n, args.n)
     ref_source = source
     if k_ref < args.n:
@@ -158,7 +169,7 @@ def main(argv=None) -> int:
             log = work / f"engine-{mode}-{label}.log"
             wall = timed(cmd, env, log)
             runs[label] = (wall, out, log)
-            print(f"engine {mode} {label}: {wall:.2f} s   {shlex.join(cmd)}", flush=True)
+            print(f"engine {mode} {label} ({args.dtype}): {wall:.2f} s   {shlex.join(cmd)}", flush=True)
         steps_e, energy_e, atoms_e, status_e = engine_results(runs["warm"][1])
         steps_c, energy_c, _, _ = engine_results(runs["cold"][1])
         if not np.array_equal(steps_c, steps_e):
@@ -177,8 +188,8 @@ def main(argv=None) -> int:
 
     print()
     print("| EMT mode | run | wall s | ratio (reference s / this) | µs per atom-step | programs compiled | steps total |"
-          " converged | same step count as reference | max abs dE per atom (eV) |")
-    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+          " converged | same step count as reference | max abs dE per atom (eV) | useful atom-steps |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for mode, runs, steps_e, energy_e, atoms_e, status_e, ref_name, ref in rows:
         n_conv = sum(s == "converged" for s in status_e)
         for label in ("cold", "warm"):
@@ -189,14 +200,14 @@ def main(argv=None) -> int:
             de = f"{np.max(np.abs(energy_e[:k] - ref[2]) / atoms_e[:k]):.1e}" if ref else ""
             per = 1e6 * wall / np.sum(atoms_e * steps_e)
             print(f"| {mode} | relax-batch, {label} cache | {wall:.2f} | {ratio} | {per:.2f} | {compiled_programs(log)} | "
-                  f"{int(steps_e.sum())} | {n_conv}/{len(steps_e)} | {same} | {de} |")
+                  f"{int(steps_e.sum())} | {n_conv}/{len(steps_e)} | {same} | {de} | {useful_fraction(log)} |")
         if ref:
             k = len(ref[1])
             label = f"{ref_name}, one at a time" + ("" if k == len(steps_e) else
                                                    f", first {k} timed, x{len(steps_e) / k:g} extrapolated")
             per = 1e6 * ref[0] / (np.sum(atoms_e[:k] * ref[1]) * len(steps_e) / k)
             print(f"| {mode} | {label} | {ref[0]:.2f} | 1x | {per:.2f} | | {int(ref[1].sum())} (engine: "
-                  f"{int(steps_e[:k].sum())}) | {int(ref[3].sum())}/{k} | | |")
+                  f"{int(steps_e[:k].sum())}) | {int(ref[3].sum())}/{k} | | | |")
     if not args.keep:
         import shutil
 

@@ -349,6 +349,7 @@ def _stream(jobs: Iterator[Job], potential, transform, dtype, skin, chunk_steps,
     batches: dict[object, SlotBatch] = {}
     exhausted = False
     finished = 0
+    usage = [0, 0]  # useful and executed atom-steps of the batches done so far
     read_ahead = max(64, atoms_per_batch // 8)
     shared_known = None
     if known_sizes is not None:
@@ -409,6 +410,8 @@ def _stream(jobs: Iterator[Job], potential, transform, dtype, skin, chunk_steps,
                 finished += 1
                 yield job, result
             if batch.idle:
+                usage[0] += batch.useful_atom_steps
+                usage[1] += batch.executed_atom_steps
                 del batches[key]
                 continue
             more_coming = bool(queue) or not exhausted
@@ -428,6 +431,9 @@ def _stream(jobs: Iterator[Job], potential, transform, dtype, skin, chunk_steps,
     compiled = compile_stats().since(compiled_before)
     logger.info("relaxed %d structures in %.2f s; compiled %d programs, %d from the compilation cache (%.1f s)",
                 finished, time.perf_counter() - t0, compiled.programs, compiled.cached, compiled.seconds)
+    if usage[1]:
+        logger.info("useful atom-steps: %d of %d executed (%.1f %%; the rest padding rows and stopped slots)",
+                    usage[0], usage[1], 100 * usage[0] / usage[1])
 
 
 #: The key of the batch that structures of mixed sizes share.
@@ -462,6 +468,10 @@ class SlotBatch:
         self.state = None
         self.geometry = None
         self.chunks = 0
+        # atom rows x loop iterations the device ran, and atoms x steps of running systems within
+        # them: their ratio is the batch's useful fraction (padding rows and stopped slots waste the rest)
+        self.executed_atom_steps = 0
+        self.useful_atom_steps = 0
         sizes = collections.Counter(int(n) for n in self.slot_atoms if n)
         logger.debug("new batch: %d atom rows, slots %s", A, dict(sorted(sizes.items())))
 
@@ -672,6 +682,9 @@ class SlotBatch:
         self.state = state
         self.chunks += 1
         taken = np.asarray(chunk.taken)
+        self.executed_atom_steps += int(taken.any(axis=1).sum()) * int(self.state.positions.shape[0])
+        self.useful_atom_steps += sum(int(taken[:, slot].sum()) * len(job.atoms)
+                                      for slot, job in enumerate(self.jobs) if job is not None)
         if taken.any():
             e, f = np.asarray(chunk.energy), np.asarray(chunk.fmax)
             if self.trajectory:
