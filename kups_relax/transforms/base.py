@@ -14,6 +14,14 @@ says which system every row belongs to) to an update, keeping its own state:
   (out-of-range entries: new empty rows and systems). The engine compacts the running
   systems of a batch this way when nothing waits for their slots.
 
+A rejected step (the neighbor list overflowed, so the engine keeps the old state and redoes the
+step after growing it) hands ``update`` the same state, parameters and gradients again. A state
+type may list in ``REWRITTEN_BY_REDO`` (a class attribute of its ``NamedTuple``) the fields that
+such a redo writes identically wherever the rejected step wrote them (a ring-buffer slot at an
+unchanged clock): the engine keeps those fields from the rejected step instead of copying the
+old ones back (for L-BFGS that copy was the whole ``2 x memory x N x 3`` history, a third of an
+EMT evaluation per step on 11k atoms). See :func:`partition_rewritten`.
+
 The index is passed in, not kept in the state: it describes the batch, which the engine owns
 (after a ``take`` the batch has a new one). Every reduction inside a transform is per system
 (:mod:`kups_relax.segments`); nothing ever mixes systems. Transforms are frozen dataclasses of
@@ -116,6 +124,38 @@ class Scale:
 
     def take(self, state, rows, systems):
         return state
+
+
+def _is_namedtuple(x) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def partition_rewritten(state: Any) -> tuple[Any, Any]:
+    """Split a transform state into ``(rest, rewritten)``: the fields its ``NamedTuple`` types
+    list in ``REWRITTEN_BY_REDO`` (see the module docstring) are ``None`` in ``rest`` and the
+    only non-``None`` fields of ``rewritten``; nested states (tuples, :class:`ChainState`) are
+    split field by field. :func:`merge_rewritten` puts them together again."""
+    if _is_namedtuple(state):
+        names = getattr(type(state), "REWRITTEN_BY_REDO", ())
+        parts = [(None, v) if n in names else partition_rewritten(v) for n, v in zip(state._fields, state)]
+        return type(state)(*[p[0] for p in parts]), type(state)(*[p[1] for p in parts])
+    if isinstance(state, tuple):
+        parts = [partition_rewritten(v) for v in state]
+        return tuple(p[0] for p in parts), tuple(p[1] for p in parts)
+    return state, None
+
+
+def merge_rewritten(rest: Any, rewritten: Any) -> Any:
+    """The inverse of :func:`partition_rewritten`."""
+    if rewritten is None:
+        return rest
+    if rest is None:
+        return rewritten
+    if _is_namedtuple(rest):
+        return type(rest)(*[merge_rewritten(a, b) for a, b in zip(rest, rewritten)])
+    if isinstance(rest, tuple):
+        return tuple(merge_rewritten(a, b) for a, b in zip(rest, rewritten))
+    return rest
 
 
 class ChainState(NamedTuple):

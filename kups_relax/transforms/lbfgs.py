@@ -53,6 +53,11 @@ class ScaleByAseLbfgsState(NamedTuple):
     y_memory: jax.Array
     rho: jax.Array
 
+    # update() writes the newest pair into slot clock % M from (params, grads) - (self.params,
+    # self.grads) before it reads the history: a redo of a rejected step (same clock, params and
+    # grads) overwrites that slot with the same pair, so a rejected step may leave it written
+    REWRITTEN_BY_REDO = ("s_memory", "y_memory", "rho")
+
 
 @dataclasses.dataclass(frozen=True)
 class ScaleByAseLbfgs:
