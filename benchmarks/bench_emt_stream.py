@@ -19,8 +19,8 @@ separate process, clocked from its start to its exit, i.e. to the last output fi
 Reported: wall times, ratios (reference time / engine time; > 1: the engine is faster),
 microseconds per atom-step (wall time / sum over structures of atoms x steps),
 total steps, on how many structures the step counts are equal, the largest difference of
-the final energy per atom, the programs each engine run compiled and its useful fraction of
-atom-steps (Σ atoms x steps of running systems / rows x loop iterations executed; from its log).
+the final energy per atom, and the programs each engine run compiled (from its log). The
+useful fraction of the engine's atom-steps is measured by bench_useful_steps.py.
 The cache runs use the package's own cache settings (every program cached, however quick to
 compile), so the warm run shows what a user's second run of the same command costs.
 """
@@ -48,7 +48,6 @@ sys.path.insert(0, str(HERE))
 from metal_structures import metal_structures  # noqa: E402
 
 COMPILED = re.compile(r"compiled (\d+) programs, (\d+) more from the compilation cache")
-USEFUL = re.compile(r"useful atom-steps: \d+ of \d+ executed \(([\d.]+) %")
 
 
 def timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
@@ -87,12 +86,6 @@ def ase_results(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 def compiled_programs(log: Path) -> str:
     m = COMPILED.findall(log.read_text(errors="replace"))
     return f"{m[-1][0]} (+{m[-1][1]} cached)" if m else "?"
-
-
-def useful_fraction(log: Path) -> str:
-    """The engine's useful atom-steps / executed atom-steps (padding rows and stopped slots are not useful)."""
-    m = USEFUL.findall(log.read_text(errors="replace"))
-    return f"{m[-1]} %" if m else "?"
 
 
 def _revision(package: Path) -> str:
@@ -188,8 +181,8 @@ def main(argv=None) -> int:
 
     print()
     print("| EMT mode | run | wall s | ratio (reference s / this) | µs per atom-step | programs compiled | steps total |"
-          " converged | same step count as reference | max abs dE per atom (eV) | useful atom-steps |")
-    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+          " converged | same step count as reference | max abs dE per atom (eV) |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for mode, runs, steps_e, energy_e, atoms_e, status_e, ref_name, ref in rows:
         n_conv = sum(s == "converged" for s in status_e)
         for label in ("cold", "warm"):
@@ -200,14 +193,14 @@ def main(argv=None) -> int:
             de = f"{np.max(np.abs(energy_e[:k] - ref[2]) / atoms_e[:k]):.1e}" if ref else ""
             per = 1e6 * wall / np.sum(atoms_e * steps_e)
             print(f"| {mode} | relax-batch, {label} cache | {wall:.2f} | {ratio} | {per:.2f} | {compiled_programs(log)} | "
-                  f"{int(steps_e.sum())} | {n_conv}/{len(steps_e)} | {same} | {de} | {useful_fraction(log)} |")
+                  f"{int(steps_e.sum())} | {n_conv}/{len(steps_e)} | {same} | {de} |")
         if ref:
             k = len(ref[1])
             label = f"{ref_name}, one at a time" + ("" if k == len(steps_e) else
                                                    f", first {k} timed, x{len(steps_e) / k:g} extrapolated")
             per = 1e6 * ref[0] / (np.sum(atoms_e[:k] * ref[1]) * len(steps_e) / k)
             print(f"| {mode} | {label} | {ref[0]:.2f} | 1x | {per:.2f} | | {int(ref[1].sum())} (engine: "
-                  f"{int(steps_e[:k].sum())}) | {int(ref[3].sum())}/{k} | | | |")
+                  f"{int(steps_e[:k].sum())}) | {int(ref[3].sum())}/{k} | | |")
     if not args.keep:
         import shutil
 
