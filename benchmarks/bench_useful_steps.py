@@ -6,8 +6,8 @@ For each ``--n``, ``kups_relax.relax`` relaxes the first n structures of
 benchmarks/metal_structures.py with EMT (as ``bench_emt_stream.py`` does, in process) and the
 engine's closing log line is read: useful atom-steps (Σ over running systems of atoms x steps
 taken) over executed atom-steps (Σ over the batch's device loop iterations of its atom rows,
-padding and stopped slots included). Also printed: Σ atoms x steps, the loop iterations and
-the batch shapes the stream ran (its debug log). The fraction depends on the step counts and
+padding and stopped slots included). Also printed: Σ atoms x steps of the results (which the
+useful count must equal) and the batch shapes the stream ran (its debug log). The fraction depends on the step counts and
 the slot plan only, not on the machine's speed.
 """
 

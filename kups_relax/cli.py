@@ -543,6 +543,17 @@ def _outputs(result) -> tuple[dict[str, Any], Any, np.ndarray]:
     return fields, result.atoms, np.asarray(result.fmaxes, np.float64)
 
 
+def _read_outputs(path: Path) -> tuple[dict[str, Any], Any, np.ndarray]:
+    """:func:`_outputs` of a system from the complete ``.h5`` an earlier run wrote."""
+    from .io import read_observable, read_parameters, read_trajectory
+
+    p = read_parameters(path)
+    fields = dict(converged=bool(p["converged"]), steps=int(p["steps"]), initial_energy=p["initial_energy"],
+                  final_energy=p["final_energy"], final_fmax=p["final_fmax"], status=p["status"],
+                  reason=p.get("reason", ""))
+    return fields, read_trajectory(path, -1), read_observable(path, "max_force")[1]
+
+
 def collect_outputs(run: Run, items, invalid: Mapping[str, Any], written: Mapping[str, tuple] | None = None
                     ) -> tuple[list[dict], list, dict[str, np.ndarray]]:
     """Summary rows (input order), final structures and fmax series: of the systems this run
@@ -550,18 +561,21 @@ def collect_outputs(run: Run, items, invalid: Mapping[str, Any], written: Mappin
     their complete ``.h5``."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    from .io import read_observable, read_parameters, read_trajectory
-
     rows, finals, series = [], [], {}
     for it in items:
         row: dict[str, Any] = dict(name=it.name, source=it.source,
                                    atoms=len(it.atoms) if it.atoms is not None else None)
         path = run.h5_path(it.name)
+        outputs = None
         if it.ok and written and it.name in written:
-            fields, relaxed, fmaxes = written[it.name]
+            outputs = written[it.name]
+        elif it.ok and it.name not in invalid and path.exists():
+            outputs = _read_outputs(path)
+        if outputs is not None:
+            fields, relaxed, fmaxes = outputs
             row.update(fields)
             final = it.atoms.copy()
-            final.cell = relaxed.cell
+            final.cell = relaxed.cell  # a variable-cell run (--cell) ends in another cell
             final.positions = relaxed.positions
             final.calc = SinglePointCalculator(final, **relaxed.calc.results)
             for key in ("energy", "free_energy", "forces", "stress"):  # would clash with the results
@@ -571,22 +585,6 @@ def collect_outputs(run: Run, items, invalid: Mapping[str, Any], written: Mappin
                               status=fields["status"])
             finals.append(final)
             series[it.name] = fmaxes
-        elif it.ok and it.name not in invalid and path.exists():
-            p = read_parameters(path)
-            row.update(converged=p["converged"], steps=p["steps"], initial_energy=p["initial_energy"],
-                       final_energy=p["final_energy"], final_fmax=p["final_fmax"], status=p["status"],
-                       reason=p.get("reason", ""))
-            last = read_trajectory(path, -1)
-            final = it.atoms.copy()
-            final.cell = last.cell  # a variable-cell run (--cell) ends in another cell
-            final.positions = last.positions
-            final.calc = SinglePointCalculator(final, **last.calc.results)
-            for key in ("energy", "free_energy", "forces", "stress"):  # would clash with the results
-                final.info.pop(key, None)
-                final.arrays.pop(key, None)
-            final.info.update(name=it.name, converged=bool(p["converged"]), steps=int(p["steps"]), status=p["status"])
-            finals.append(final)
-            series[it.name] = read_observable(path, "max_force")[1]
         elif it.name in invalid:
             row.update(converged=False, status="invalid", reason=invalid[it.name].reason)
         else:
