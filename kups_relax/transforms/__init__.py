@@ -4,7 +4,8 @@ from .base import Chain, EmptyState, Scale, SystemIndex, Transform, chain
 from .fire import Fire, FireState
 from .lbfgs import ScaleByAseLbfgs, ScaleByAseLbfgsState
 from .max_step import MaxStepSize
-from .optax_adapter import OptaxState, OptaxTransform, is_optax_spec, optax_optimizer
+from .optax_adapter import OptaxState, OptaxTransform, optax_optimizer
+from .optax_spec import is_optax_spec
 
 
 def ase_lbfgs(maxstep: float = 0.2, memory: int = 100, damping: float = 1.0, alpha: float = 70.0) -> Chain:
