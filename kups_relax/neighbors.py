@@ -85,7 +85,7 @@ class Capacities(NamedTuple):
 NEEDED_FIELDS = Capacities._fields
 
 #: Largest dense block, ``block**2 * images`` candidate pairs; batches of larger systems go
-#: through cell lists (a 256-row block with 8 images, 0.5M pairs, takes ~1-2 ms).
+#: through cell lists (a 256-row block with 8 images is 0.5M candidate pairs).
 MAX_BLOCK_CANDIDATES = 2_000_000
 
 
@@ -217,8 +217,8 @@ def _mixed_radix(index: jax.Array, k: jax.Array) -> jax.Array:
 def _divmod(x: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(x // d, x % d)`` for int32 ``0 <= x < 2**31``, ``d >= 1``, exactly.
 
-    x86 has no vector integer division, so XLA divides integers one element at a time (~100
-    cycles for int64): this was most of the cost of the all-pairs enumeration. A float64
+    x86 has no vector integer division, so XLA divides integers one element at a time (slow,
+    above all for int64): this was most of the cost of the all-pairs enumeration. A float64
     quotient is vectorised and off by at most one, which one integer multiply corrects.
     """
     q = jnp.floor(x.astype(jnp.float64) / d.astype(jnp.float64)).astype(jnp.int32)
@@ -252,8 +252,8 @@ def _dense_decode(geometry: Geometry, lay: _Layout, dense: _Dense, c: jax.Array,
 
     ``sorted_ids``: ``c`` is ``arange(len(c))``, so each candidate's system comes from one
     cumulative sum instead of a binary search. Every per-system quantity is read with a single
-    1-D gather (XLA fuses those into the arithmetic; gathering rows of a table costs ~25 ns
-    per candidate on a CPU).
+    1-D gather (XLA fuses those into the arithmetic; gathering rows of a table is not fused
+    and costs far more per candidate on a CPU).
     """
     S = geometry.n_systems
     if sorted_ids:
@@ -417,7 +417,7 @@ def _block_columns(geometry: Geometry, lay: "_Layout", s, radius2, W: int, I: in
     # Hits are packed 32 to a word as they are computed: word (i, jw) holds, at bit jg * I + c, the
     # test of j = jw * G + jg under corner c (G = 32 / I), i.e. the flat order j * I + c. The
     # arrays are laid out (jg, c, i, jw), so the packing sums over leading axes, which XLA
-    # vectorizes (with the bits innermost: 5x slower).
+    # vectorizes (with the bits innermost the packing ran several times slower).
     G = 32 // I
     uj = u.reshape(W // G, G, 3).transpose(1, 0, 2)[:, None, None, :, :]  # (G, 1, 1, W/G, 3)
     ui = u[None, None, :, None, :]  # (1, 1, W, 1, 3)
@@ -453,9 +453,9 @@ def _first_hits(words: jax.Array, K: int) -> tuple[jax.Array, jax.Array]:
     ``b`` of word ``w`` is entry ``32 w + b`` of the row): ``(where (W, K), total (W,))``
     (``where`` is undefined past a row's ``total``).
 
-    A running count over every entry costs ~8 ns per entry on XLA's CPU backend; the count runs
-    over words instead, and the ``k``-th hit is found by a binary search over words and then
-    over the bits of its word.
+    A running count over every entry is slow on XLA's CPU backend; the count runs over words
+    instead, and the ``k``-th hit is found by a binary search over words and then over the
+    bits of its word.
     """
     n_words = words.shape[1]
     counts = jax.lax.population_count(words).astype(jnp.int32)
@@ -655,8 +655,8 @@ def _compact(found: jax.Array, size: int):
     ``pick`` is ``len(found)`` (clipped to the last index) where ``real`` is False.
     """
     total = found.shape[0]
-    # (lax.associative_scan runs ~2x faster on a CPU but doubled the compile time of every
-    # program holding a rebuild)
+    # (lax.associative_scan runs faster on a CPU but made every program holding a rebuild
+    # much slower to compile)
     slot = jnp.cumsum(found.astype(jnp.int32)) - 1
     target = jnp.where(found & (slot < size), slot, size)  # out of range -> dropped
     pick = jnp.full(size, total, jnp.int32).at[target].set(jnp.arange(total, dtype=jnp.int32), mode="drop")
@@ -729,7 +729,7 @@ def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
     Everything but the pair count is what :func:`build` will need, recomputed the same way
     (a last-bit difference only costs a second build); the pair capacity is an upper
     estimate from each system's density. Each build with new capacities is a compilation,
-    so a good first guess saves seconds per new batch shape.
+    so a good first guess saves a compilation per new batch shape.
     """
     g = jax.device_get(geometry)
     S = g.cell.shape[0]

@@ -65,8 +65,8 @@ def materialized(values: jax.Array) -> jax.Array:
     """``values``, written out to memory: what produces them is not fused into what reads them.
 
     XLA's CPU backend fuses the arithmetic that produces a per-atom column into a gather of it,
-    redoing it for every neighbour (measured: EAM's ``F'(rho)``, a spline lookup, redone per
-    pair cost 2 ms of a 4000-atom cell), and it removes optimization barriers before fusing. A
+    redoing it for every neighbour (measured on EAM's ``F'(rho)``, a spline lookup redone per
+    pair), and it removes optimization barriers before fusing. A
     reduction is never fused into a gather, and ``x + 0`` is ``x``.
     """
     return jnp.sum(jnp.stack([values, jnp.zeros_like(values)]), axis=0)

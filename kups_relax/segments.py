@@ -10,8 +10,9 @@ and own whole blocks of :data:`ROW_BLOCK` rows (the packing in :mod:`kups_relax.
 the slot layouts of :mod:`kups_relax.layout` guarantee it, and
 :func:`kups_relax.batch.device_geometry` checks it). A per-system reduction then first
 reduces every block (a reshape and a fused sum: no scatter) and scatters only one value per
-block: on XLA's CPU backend a scatter costs ~5-10 ns per element where a fused reduction
-costs well under one, so a per-system dot over 8192 rows fell from ~45 to ~8 µs. Rows
+block: on XLA's CPU backend a scatter costs an order of magnitude more per element than a
+fused reduction, so scattering one value per block instead of per row makes a per-system
+dot several times faster. Rows
 beyond the aligned ones (the 3 cell rows per system of a variable-cell optimizer) are
 reduced row by row.
 

@@ -84,8 +84,8 @@ def _close_pairs(atoms: Atoms, radius: float) -> tuple[np.ndarray, np.ndarray, n
     """Atom pairs (and atom-image pairs) closer than ``radius``: ``(i, j, distance)``.
 
     A k-d tree over the atoms wrapped into the cell and their images one cell away along each
-    periodic direction: ~50x faster than ``ase.neighborlist`` on a 200-atom structure, which
-    mattered when every structure of a stream is checked. Exact while ``radius`` is under half
+    periodic direction: much faster than ``ase.neighborlist``, which matters when every
+    structure of a stream is checked. Exact while ``radius`` is under half
     of every lattice-plane spacing (else ASE's list is used).
     """
     from scipy.spatial import cKDTree

@@ -19,8 +19,8 @@ step after growing it) hands ``update`` the same state, parameters and gradients
 type may list in ``REWRITTEN_BY_REDO`` (a class attribute of its ``NamedTuple``) the fields that
 such a redo writes identically wherever the rejected step wrote them (a ring-buffer slot at an
 unchanged clock): the engine keeps those fields from the rejected step instead of copying the
-old ones back (for L-BFGS that copy was the whole ``2 x memory x N x 3`` history, a third of an
-EMT evaluation per step on 11k atoms). See :func:`partition_rewritten`.
+old ones back (for L-BFGS that copy was the whole ``2 x memory x N x 3`` history every step,
+a large part of a step's time). See :func:`partition_rewritten`.
 
 The index is passed in, not kept in the state: it describes the batch, which the engine owns
 (after a ``take`` the batch has a new one). Every reduction inside a transform is per system
