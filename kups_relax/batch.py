@@ -18,7 +18,7 @@ Readers build :class:`Batch` on the host; the jitted loop only ever sees its
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from .buckets import bucket
 from .constraints import constraint_arrays
-from .segments import ROW_BLOCK
+from .precision import x64
+from .segments import ROW_BLOCK, row_mask
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 
@@ -82,6 +83,10 @@ class Geometry:
     def atom_mask(self) -> jax.Array:
         """``(A,)`` True for real atoms."""
         return self.system < self.n_systems
+
+    def rows_of(self, systems: jax.Array) -> jax.Array:
+        """``(A,)`` bool: the atom rows of the systems selected in the ``(S,)`` mask (padding: False)."""
+        return row_mask(systems, self.system, self.n_systems)
 
     def replace(self, **changes) -> "Geometry":
         return dataclasses.replace(self, **changes)
@@ -146,6 +151,7 @@ class Batch:
         return len(self.atoms)
 
     @classmethod
+    @x64
     def from_atoms(
         cls,
         structures: Sequence[Atoms],
@@ -244,48 +250,106 @@ def check_row_blocks(system: np.ndarray, n_systems: int) -> None:
                          f"{sorted(set(blocks[bad].tolist()))}: systems must start on {ROW_BLOCK}-row blocks")
 
 
-#: Host arrays of a :class:`Geometry` with one row per atom, and with one row per system.
-PER_ATOM_FIELDS = ("positions", "numbers", "system", "projection", "masses")
-PER_SYSTEM_FIELDS = ("cell", "wrap_cell", "pbc", "n_atoms", "first_atom", "fix_com")
+class GeometryField(NamedTuple):
+    """One array of a :class:`Geometry`: how it is laid out, typed and padded on the host.
+
+    Attributes:
+        name: the :class:`Geometry` attribute.
+        per_atom: one row per atom row (``A``), else one per system slot (``S``).
+        shape: trailing shape of one row.
+        dtype: a numpy dtype, or ``FLOAT`` for the run's float type (``"float64"``/``"float32"``).
+        fill: what padding rows and empty slots hold: a scalar, ``"eye"`` (the identity cell),
+            ``"n_systems"`` (the padding system index ``S``) or ``None`` (not cleared: the
+            slot's first row, set from its layout).
+    """
+
+    name: str
+    per_atom: bool
+    shape: tuple[int, ...]
+    dtype: object
+    fill: object
+
+
+#: The run's float type, in :data:`GEOMETRY_FIELDS`.
+FLOAT = "float"
+
+#: Every array of a :class:`Geometry`, in its order: what :func:`empty_arrays`,
+#: :func:`clear_slot`, :func:`pack_structure` and :func:`device_geometry` read. A new field is a
+#: row here, an attribute of :class:`Geometry` and its value in :func:`structure_values`.
+GEOMETRY_FIELDS = (
+    GeometryField("positions", True, (3,), FLOAT, 0.0),
+    GeometryField("numbers", True, (), np.int32, 0),
+    GeometryField("system", True, (), np.int32, "n_systems"),
+    GeometryField("projection", True, (3, 3), FLOAT, 0.0),
+    GeometryField("masses", True, (), FLOAT, 0.0),
+    GeometryField("cell", False, (3, 3), FLOAT, "eye"),
+    GeometryField("wrap_cell", False, (3, 3), FLOAT, "eye"),
+    GeometryField("pbc", False, (3,), bool, False),
+    GeometryField("n_atoms", False, (), np.int32, 0),
+    GeometryField("first_atom", False, (), np.int32, None),
+    GeometryField("fix_com", False, (), bool, False),
+)
+assert tuple(f.name for f in GEOMETRY_FIELDS) == tuple(f.name for f in dataclasses.fields(Geometry))
+
+#: Names of the per-atom and the per-system fields.
+PER_ATOM_FIELDS = tuple(f.name for f in GEOMETRY_FIELDS if f.per_atom)
+PER_SYSTEM_FIELDS = tuple(f.name for f in GEOMETRY_FIELDS if not f.per_atom)
+
+
+def _fill(field: GeometryField, n_systems: int):
+    if field.fill == "eye":
+        return np.eye(3)
+    if field.fill == "n_systems":
+        return n_systems
+    return field.fill
 
 
 def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray) -> dict[str, np.ndarray]:
-    """Host (numpy) arrays of an empty :class:`Geometry`: every row padding, every system empty."""
-    A, S = n_atom_rows, n_systems
-    return dict(
-        positions=np.zeros((A, 3)), numbers=np.zeros(A, np.int32), system=np.full(A, S, np.int32),
-        projection=np.zeros((A, 3, 3)), masses=np.zeros(A), cell=np.tile(np.eye(3), (S, 1, 1)),
-        wrap_cell=np.tile(np.eye(3), (S, 1, 1)), pbc=np.zeros((S, 3), bool),
-        n_atoms=np.zeros(S, np.int32), first_atom=np.asarray(first_atom, np.int32),
-        fix_com=np.zeros(S, bool))
+    """Host (numpy) arrays of an empty :class:`Geometry`: every row padding, every system empty.
+
+    ``first_atom (S,)``: every slot's first row (fixed by the batch's layout)."""
+    host = {}
+    for field in GEOMETRY_FIELDS:
+        rows = n_atom_rows if field.per_atom else n_systems
+        dtype = np.float64 if field.dtype == FLOAT else field.dtype
+        if field.fill is None:
+            host[field.name] = np.asarray(first_atom, dtype)
+        else:
+            host[field.name] = np.empty((rows,) + field.shape, dtype)
+            host[field.name][...] = _fill(field, n_systems)
+    return host
+
+
+def clear_slot(host: dict[str, np.ndarray], slot: int, rows: slice) -> None:
+    """Empty system ``slot`` of the host arrays and make its atom ``rows`` padding (its first row stays)."""
+    n_systems = host["cell"].shape[0]
+    for field in GEOMETRY_FIELDS:
+        if field.fill is not None:
+            host[field.name][rows if field.per_atom else slot] = _fill(field, n_systems)
+
+
+def structure_values(atoms: Atoms, name: str, slot: int, start: int) -> dict[str, object]:
+    """Every :data:`GEOMETRY_FIELDS` value of ``atoms`` in system ``slot``, atoms from row ``start``
+    (per-atom values ``(N, ...)``, per-system values one row)."""
+    projection, fix_com = constraint_arrays(atoms, name)
+    return dict(positions=atoms.positions, numbers=atoms.numbers, system=slot, projection=projection,
+                masses=atoms.get_masses(), cell=atoms.cell.array, wrap_cell=complete_cell(atoms.cell.array, atoms.pbc),
+                pbc=atoms.pbc, n_atoms=len(atoms), first_atom=start, fix_com=fix_com)
 
 
 def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: Atoms, name: str) -> None:
     """Write ``atoms`` into system ``slot`` of the host arrays, its atoms at rows ``start:start + n``."""
     rows = slice(start, start + len(atoms))
-    host["positions"][rows] = atoms.positions
-    host["numbers"][rows] = atoms.numbers
-    host["system"][rows] = slot
-    host["projection"][rows], host["fix_com"][slot] = constraint_arrays(atoms, name)
-    host["masses"][rows] = atoms.get_masses()
-    host["cell"][slot] = atoms.cell.array
-    host["wrap_cell"][slot] = complete_cell(atoms.cell.array, atoms.pbc)
-    host["pbc"][slot] = atoms.pbc
-    host["n_atoms"][slot] = len(atoms)
-    host["first_atom"][slot] = start
+    values = structure_values(atoms, name, slot, start)
+    for field in GEOMETRY_FIELDS:
+        host[field.name][rows if field.per_atom else slot] = values[field.name]
 
 
 def device_geometry(host: dict[str, np.ndarray], dtype: str = "float64") -> Geometry:
     """The :class:`Geometry` of host arrays, floats in ``dtype``."""
-    f = DTYPES[dtype]
     check_row_blocks(host["system"], host["cell"].shape[0])
-    return Geometry(
-        positions=jnp.asarray(host["positions"], f), numbers=jnp.asarray(host["numbers"]),
-        system=jnp.asarray(host["system"]), projection=jnp.asarray(host["projection"], f),
-        masses=jnp.asarray(host["masses"], f),
-        cell=jnp.asarray(host["cell"], f), wrap_cell=jnp.asarray(host["wrap_cell"], f),
-        pbc=jnp.asarray(host["pbc"]), n_atoms=jnp.asarray(host["n_atoms"]),
-        first_atom=jnp.asarray(host["first_atom"]), fix_com=jnp.asarray(host["fix_com"]))
+    return Geometry(**{f.name: jnp.asarray(host[f.name], DTYPES[dtype] if f.dtype == FLOAT else None)
+                       for f in GEOMETRY_FIELDS})
 
 
 def with_results(atoms: Atoms, positions: np.ndarray, energy=None, forces=None, stress=None,

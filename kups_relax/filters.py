@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
 
-from .segments import per_atom
+from .segments import per_atom, select_rows
 
 KINDS = ("frechet", "unit")
 
@@ -222,22 +222,18 @@ def _trace(m: jax.Array) -> jax.Array:
     return jnp.trace(m, axis1=-2, axis2=-1)
 
 
-def _sel(flag: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.where(flag[:, None, None], a, b)
-
-
 def deformation_gradient(cell: jax.Array, params: CellParams) -> jax.Array:
     """``(S, 3, 3)`` ``F`` with ``cell = C0 F^T`` (ASE's ``deform_grad``); ``I`` without cell DOF."""
-    ref = _sel(params.variable, params.reference_cell, _eye_like(cell))
+    ref = select_rows(params.variable, params.reference_cell, _eye_like(cell))
     F = jnp.swapaxes(jnp.linalg.solve(ref, cell), -1, -2)
-    return _sel(params.variable, F, _eye_like(cell))
+    return select_rows(params.variable, F, _eye_like(cell))
 
 
 def initial_dof(params: CellParams) -> jax.Array:
     """``(S, 3, 3)`` cell rows of the input geometry (``F = I``): 0 (Fréchet) or ``cell_factor * I``."""
     eye = _eye_like(params.reference_cell)
-    dof = _sel(params.frechet, jnp.zeros_like(eye), params.factor[:, None, None] * eye)
-    return _sel(params.variable, dof, jnp.zeros_like(eye))
+    dof = select_rows(params.frechet, jnp.zeros_like(eye), params.factor[:, None, None] * eye)
+    return select_rows(params.variable, dof, jnp.zeros_like(eye))
 
 
 def _expm(A: jax.Array, terms: int = 14, max_squarings: int = 24) -> jax.Array:
@@ -318,16 +314,16 @@ def cell_forces(stress: jax.Array, cell: jax.Array, dof: jax.Array, params: Cell
     hydro = lambda v: _trace(v)[:, None, None] / 3.0 * eye  # noqa: E731
     traceless = lambda v: v - _trace(v)[:, None, None] / 3.0 * eye  # noqa: E731
     # FrechetCellFilter: hydrostatic and mask on the virial, then W = virial F^-T
-    W = (_sel(params.hydrostatic, hydro(virial), virial) * params.mask) @ F_inv_T
+    W = (select_rows(params.hydrostatic, hydro(virial), virial) * params.mask) @ F_inv_T
     U = dof / params.factor[:, None, None]
     # <L(U, E_mn), W> for every direction E_mn is the adjoint Fréchet derivative L(U^T, W)
     G_frechet = _expm_frechet(jnp.swapaxes(U, -1, -2), jnp.where(params.frechet[:, None, None], W, 0.0))
     # UnitCellFilter: W = virial F^-T first, then hydrostatic, mask and constant volume
     W = virial @ F_inv_T
-    G_unit = _sel(params.hydrostatic, hydro(W), W) * params.mask
-    G = _sel(params.frechet, G_frechet, G_unit)
-    rows = _sel(params.constant_volume, traceless(G), G) / params.factor[:, None, None]
-    return _sel(params.variable, rows, jnp.zeros_like(rows))
+    G_unit = select_rows(params.hydrostatic, hydro(W), W) * params.mask
+    G = select_rows(params.frechet, G_frechet, G_unit)
+    rows = select_rows(params.constant_volume, traceless(G), G) / params.factor[:, None, None]
+    return select_rows(params.variable, rows, jnp.zeros_like(rows))
 
 
 def row_matmul(vectors: jax.Array, matrices: jax.Array, system: jax.Array) -> jax.Array:
@@ -354,16 +350,16 @@ def new_cell(dof: jax.Array, params: CellParams) -> tuple[jax.Array, jax.Array, 
     """
     eye = _eye_like(dof)
     scaled = dof / params.factor[:, None, None]
-    F_new = _sel(params.frechet, _expm(jnp.where(params.frechet[:, None, None], scaled, 0.0)), scaled)
+    F_new = select_rows(params.frechet, _expm(jnp.where(params.frechet[:, None, None], scaled, 0.0)), scaled)
     deform = jnp.swapaxes(F_new - eye, -1, -2) * params.mask
-    deform = _sel(params.variable, deform, jnp.zeros_like(deform))
+    deform = select_rows(params.variable, deform, jnp.zeros_like(deform))
     stretch = eye + deform
     cell = params.reference_cell @ stretch
     F_read = jnp.swapaxes(stretch, -1, -2)
     relog = params.frechet & ~params.full_mask
-    logm = params.factor[:, None, None] * _logm_near_identity(_sel(relog, F_read, eye))
-    read = _sel(params.frechet, _sel(params.full_mask, dof, logm), params.factor[:, None, None] * F_read)
-    read = _sel(params.variable, read, jnp.zeros_like(read))
+    logm = params.factor[:, None, None] * _logm_near_identity(select_rows(relog, F_read, eye))
+    read = select_rows(params.frechet, select_rows(params.full_mask, dof, logm), params.factor[:, None, None] * F_read)
+    read = select_rows(params.variable, read, jnp.zeros_like(read))
     return cell, stretch, read
 
 
@@ -406,7 +402,7 @@ def neighbor_strain_exceeded(positions: jax.Array, reference_positions: jax.Arra
     False) this is the usual half-skin rule.
     """
     eye = _eye_like(cell)
-    M = _sel(variable, jnp.linalg.solve(_sel(variable, reference_cell, eye), _sel(variable, cell, eye)), eye)
+    M = select_rows(variable, jnp.linalg.solve(select_rows(variable, reference_cell, eye), select_rows(variable, cell, eye)), eye)
     Ma = per_atom(M, system)
     affine = (reference_positions[:, 0, None] * Ma[:, 0] + reference_positions[:, 1, None] * Ma[:, 1]
               + reference_positions[:, 2, None] * Ma[:, 2])

@@ -28,6 +28,7 @@ programs (``cell_params=None``) carry no cell state and compute no stress.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any, NamedTuple
 
 import jax
@@ -40,14 +41,29 @@ from .constraints import adjust_forces, adjust_step
 from .executables import cached_jit
 from .evaluate import evaluate
 from .filters import CellParams
-from .segments import segment_max
+from .segments import segment_max, select_rows
 from .transforms.base import merge_rewritten, partition_rewritten
 
-RUNNING, CONVERGED, UNCONVERGED, DIVERGED, EMPTY, BLEW_APART = 0, 1, 2, 3, 4, 5
-#: Both ways of failing are reported as ``"diverged"``; the code says which (non-finite
-#: energy or forces, or an atom further than ``Targets.max_displacement`` from its start).
-STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", UNCONVERGED: "unconverged",
-                DIVERGED: "diverged", EMPTY: "empty", BLEW_APART: "diverged"}
+class Status(enum.IntEnum):
+    """Where a system stands (``LoopState.status``, one per system slot).
+
+    ``RUNNING`` systems take steps; the others keep their state bit for bit. Both ways of
+    failing are reported to users as ``"diverged"`` (:attr:`label`); the code says which
+    (non-finite energy or forces, or an atom further than ``Targets.max_displacement`` from its
+    start). ``EMPTY`` is a slot without a structure.
+    """
+
+    RUNNING = 0
+    CONVERGED = 1
+    UNCONVERGED = 2
+    DIVERGED = 3
+    EMPTY = 4
+    BLEW_APART = 5
+
+    @property
+    def label(self) -> str:
+        """The name users see (``RelaxResult.status``): ``BLEW_APART`` is ``"diverged"``."""
+        return "diverged" if self is Status.BLEW_APART else self.name.lower()
 
 
 class Targets(NamedTuple):
@@ -58,7 +74,7 @@ class Targets(NamedTuple):
         max_steps: ``(S,)`` step limit.
         max_displacement: ``(S,)`` Å, or ``None``: a step that would take any atom further
             than this from where the system started is not taken and the system stops as
-            diverged (``BLEW_APART``); ``inf`` switches it off for that system.
+            diverged (:attr:`Status.BLEW_APART`); ``inf`` switches it off for that system.
     """
 
     fmax: jax.Array
@@ -80,7 +96,7 @@ class LoopState(NamedTuple):
         fmax: ``(S,)`` largest per-atom force norm after constraints, eV/Å (variable cell:
             the largest row norm of the filter's forces, cell rows included, as ASE's).
         steps: ``(S,)`` steps taken (ASE's ``nsteps``).
-        status: ``(S,)`` one of ``RUNNING, CONVERGED, UNCONVERGED, DIVERGED, EMPTY, BLEW_APART``.
+        status: ``(S,)`` int32, a :class:`Status`.
         cell: ``(S, 3, 3)`` current cells, Å (variable cell only, else ``None``).
         cell_dof: ``(S, 3, 3)`` the filter's cell rows (variable cell only).
         nl_cell: ``(S, 3, 3)`` the cell at which each system's pairs were last found
@@ -143,7 +159,7 @@ def _within_reach(positions: jax.Array, geometry: Geometry, targets: Targets,
         return jnp.ones(geometry.n_systems, bool)
     if cell is not None:
         eye = jnp.broadcast_to(jnp.eye(3, dtype=cell.dtype), cell.shape)
-        back = jnp.linalg.solve(_sel(variable, cell, eye), _sel(variable, geometry.cell, eye))
+        back = jnp.linalg.solve(select_rows(variable, cell, eye), select_rows(variable, geometry.cell, eye))
         positions = filters.row_matmul(positions, back, geometry.system)  # x @ inv(cell) @ cell0
     distance = jnp.sqrt(jnp.sum((positions - geometry.positions) ** 2, axis=-1))
     farthest = segment_max(jnp.where(geometry.atom_mask, distance, 0.0), geometry.system, geometry.n_systems)
@@ -152,12 +168,11 @@ def _within_reach(positions: jax.Array, geometry: Geometry, targets: Targets,
 
 def _status_after_step(status, active, finite, within, fmax_new, steps, targets: Targets) -> jax.Array:
     """``(S,)`` status after a step: a failed step (non-finite, or out of reach) stops the system
-    where it was; a step taken may converge or reach the step limit (the order is the precedence)."""
+    where it was; a step taken may converge or reach the step limit (the first that holds wins)."""
     moved = active & finite & within
-    return jnp.where(active & ~finite, DIVERGED,
-           jnp.where(active & ~within, BLEW_APART,
-           jnp.where(moved & (fmax_new < targets.fmax), CONVERGED,
-           jnp.where(moved & (steps >= targets.max_steps), UNCONVERGED, status))))
+    return jnp.select([active & ~finite, active & ~within, moved & (fmax_new < targets.fmax),
+                       moved & (steps >= targets.max_steps)],
+                      [Status.DIVERGED, Status.BLEW_APART, Status.CONVERGED, Status.UNCONVERGED], status)
 
 
 def system_cutoffs(potential, geometry: Geometry, cutoff: float) -> jax.Array:
@@ -170,18 +185,11 @@ def system_cutoffs(potential, geometry: Geometry, cutoff: float) -> jax.Array:
     return jnp.minimum(per_system(geometry), cutoff)
 
 
-def _rows(geometry: Geometry, systems: jax.Array) -> jax.Array:
-    padded = jnp.concatenate([systems, jnp.zeros((1,), bool)])
-    return padded[jnp.clip(geometry.system, 0, geometry.n_systems)]
-
-
 def _step_zero(fmax: jax.Array, ev, geometry: Geometry, targets: Targets) -> jax.Array:
     """Status of freshly started systems (ASE's step 0: converged, or running)."""
     finite = _finite(ev.energy, ev.forces, geometry)
-    return jnp.where(geometry.n_atoms == 0, EMPTY,
-           jnp.where(~finite, DIVERGED,
-           jnp.where(fmax < targets.fmax, CONVERGED,
-           jnp.where(targets.max_steps <= 0, UNCONVERGED, RUNNING))))
+    return jnp.select([geometry.n_atoms == 0, ~finite, fmax < targets.fmax, targets.max_steps <= 0],
+                      [Status.EMPTY, Status.DIVERGED, Status.CONVERGED, Status.UNCONVERGED], Status.RUNNING)
 
 
 def _index(geometry: Geometry, cell_params: CellParams | None):
@@ -211,13 +219,9 @@ def _filter_fmax(generalized: jax.Array, geometry: Geometry) -> jax.Array:
     return jnp.maximum(atoms, cell)
 
 
-def _sel(flag: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.where(flag.reshape(flag.shape + (1,) * (a.ndim - 1)), a, b)
-
-
 def _wrap_cells(cell: jax.Array, geometry: Geometry) -> jax.Array:
     """``wrap_cell`` for the current cells (systems without a periodic direction keep theirs)."""
-    return _sel(jnp.any(geometry.pbc, axis=-1), filters.complete_cell(cell, geometry.pbc), geometry.wrap_cell)
+    return select_rows(jnp.any(geometry.pbc, axis=-1), filters.complete_cell(cell, geometry.pbc), geometry.wrap_cell)
 
 
 @cached_jit
@@ -270,12 +274,12 @@ def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, adm
     ``neighbors.overflow``), and the new structures evaluated as at step 0.
     """
     variable = cell_params is not None
-    rows = _rows(geometry, admitted)
-    positions = jnp.where(rows[:, None], geometry.positions, state.positions)
+    rows = geometry.rows_of(admitted)
+    positions = select_rows(rows, geometry.positions, state.positions)
     if variable:
-        cell = _sel(admitted, geometry.cell, state.cell)
-        dof = _sel(admitted, filters.initial_dof(cell_params), state.cell_dof)
-        wrap = _sel(admitted, geometry.wrap_cell, _wrap_cells(cell, geometry))
+        cell = select_rows(admitted, geometry.cell, state.cell)
+        dof = select_rows(admitted, filters.initial_dof(cell_params), state.cell_dof)
+        wrap = select_rows(admitted, geometry.wrap_cell, _wrap_cells(cell, geometry))
         current = geometry.replace(positions=positions, cell=cell, wrap_cell=wrap)
     else:
         current = geometry.replace(positions=positions)
@@ -286,18 +290,18 @@ def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, adm
     if variable:
         generalized, _ = _filter_forces(ev.forces, ev.stress, cell, dof, geometry, cell_params)
         fmax = _filter_fmax(generalized, geometry)
-        extra = dict(cell=cell, cell_dof=dof, nl_cell=_sel(rebuilt, cell, state.nl_cell),
-                     stress=_sel(admitted, ev.stress, state.stress))
+        extra = dict(cell=cell, cell_dof=dof, nl_cell=select_rows(rebuilt, cell, state.nl_cell),
+                     stress=select_rows(admitted, ev.stress, state.stress))
     else:
         fmax = _max_force(adjust_forces(ev.forces, geometry), geometry)
-        extra = dict(stress=_sel(admitted, ev.stress, state.stress))
+        extra = dict(stress=select_rows(admitted, ev.stress, state.stress))
     status = _step_zero(fmax, ev, geometry, targets)
     # the new occupants start afresh (their rows are the slot's rows: the index does not change)
     opt_state = optimizer.reset(state.opt_state, admitted, _index(geometry, cell_params))
     return LoopState(
         positions=positions, opt_state=opt_state, neighbors=neighbors,
         energy=jnp.where(admitted, ev.energy, state.energy),
-        forces=jnp.where(rows[:, None], ev.forces, state.forces),
+        forces=select_rows(rows, ev.forces, state.forces),
         fmax=jnp.where(admitted, fmax, state.fmax),
         steps=jnp.where(admitted, 0, state.steps),
         status=jnp.where(admitted, status, state.status).astype(jnp.int32),
@@ -352,12 +356,12 @@ def compact(state: LoopState, rows: jax.Array, systems: jax.Array, optimizer) ->
         positions=by_row(state.positions), opt_state=optimizer.take(state.opt_state, opt_rows, systems),
         neighbors=neighbors, energy=by_system(state.energy), forces=by_row(state.forces),
         stress=by_system(state.stress), fmax=by_system(state.fmax), steps=by_system(state.steps),
-        status=by_system(state.status, EMPTY).astype(jnp.int32), **extra)
+        status=by_system(state.status, Status.EMPTY).astype(jnp.int32), **extra)
 
 
 def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, optimizer):
-    active = state.status == RUNNING
-    row_active = _rows(geometry, active)
+    active = state.status == Status.RUNNING
+    row_active = geometry.rows_of(active)
     forces_c = adjust_forces(state.forces, geometry)
     updates, opt_state = optimizer.update(-forces_c, state.opt_state, state.positions, active,
                                           _index(geometry, None))
@@ -366,23 +370,43 @@ def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, opt
 
     neighbors = nl.update(state.neighbors, trial)
     ev = evaluate(potential, trial, neighbors, compute_stress=False)
-    finite = _finite(ev.energy, ev.forces, geometry)
     within = _within_reach(trial.positions, geometry, targets)
-    moved = active & finite & within
-    row_moved = _rows(geometry, moved)
     fmax_new = _max_force(adjust_forces(ev.forces, geometry), geometry)
+    return _accept(state, geometry, targets, active, trial.positions, ev, fmax_new, within, opt_state, neighbors)
+
+
+def _accept(state: LoopState, geometry: Geometry, targets: Targets, active: jax.Array, positions: jax.Array, ev,
+            fmax_new: jax.Array, within: jax.Array, opt_state, neighbors: nl.NeighborList,
+            cell: dict[str, jax.Array] | None = None) -> tuple[LoopState, jax.Array]:
+    """The state after the ``active (S,)`` systems stepped to ``positions (A, 3)``.
+
+    ``ev`` holds the energy, forces and stress there, ``fmax_new (S,)`` the largest force (after
+    constraints or through the filter), ``within (S,)`` whether every atom stayed within reach.
+    A system whose step is taken (finite and within reach) moves; the others keep their state;
+    the status follows from the step. ``cell`` (variable cell): the stepped ``cell`` and
+    ``cell_dof`` (kept like the positions) and ``nl_cell`` (already the new value). Returns the
+    state -- the old one if the neighbor list overflowed -- and ``(S,)`` which systems moved.
+    """
+    finite = _finite(ev.energy, ev.forces, geometry)
+    moved = active & finite & within
+    row_moved = geometry.rows_of(moved)
     steps = state.steps + moved.astype(jnp.int32)
     status = _status_after_step(state.status, active, finite, within, fmax_new, steps, targets)
+    extra = {}
+    if cell is not None:
+        extra = dict(cell=select_rows(moved, cell["cell"], state.cell),
+                     cell_dof=select_rows(moved, cell["cell_dof"], state.cell_dof), nl_cell=cell["nl_cell"])
     new = LoopState(
-        positions=jnp.where(row_moved[:, None], trial.positions, state.positions),
+        positions=select_rows(row_moved, positions, state.positions),
         opt_state=opt_state,
         neighbors=neighbors,
-        energy=jnp.where(moved, ev.energy, state.energy),
-        forces=jnp.where(row_moved[:, None], ev.forces, state.forces),
-        stress=jnp.where(moved[:, None, None], ev.stress, state.stress),
-        fmax=jnp.where(moved, fmax_new, state.fmax),
+        energy=select_rows(moved, ev.energy, state.energy),
+        forces=select_rows(row_moved, ev.forces, state.forces),
+        stress=select_rows(moved, ev.stress, state.stress),
+        fmax=select_rows(moved, fmax_new, state.fmax),
         steps=steps,
         status=status.astype(jnp.int32),
+        **extra,
     )
     return _keep_unless_overflow(new, state, neighbors), moved & ~neighbors.overflow
 
@@ -406,13 +430,13 @@ def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets
     """One step on ASE's filter rows: atoms in the undeformed cell and the cell rows."""
     S, A = geometry.n_systems, geometry.n_atom_rows
     cp = cell_params
-    active = state.status == RUNNING
-    row_active = _rows(geometry, active)
+    active = state.status == Status.RUNNING
+    row_active = geometry.rows_of(active)
     moving = active & cp.variable  # systems whose cell moves this step
-    row_moving = _rows(geometry, moving)
+    row_moving = geometry.rows_of(moving)
 
     generalized, F = _filter_forces(state.forces, state.stress, state.cell, state.cell_dof, geometry, cp)
-    z = jnp.where(_rows(geometry, cp.variable)[:, None],
+    z = jnp.where(geometry.rows_of(cp.variable)[:, None],
                   filters.to_reference(state.positions, F, geometry.system), state.positions)
     params = jnp.concatenate([z, state.cell_dof.reshape(-1, 3)])
     updates, opt_state = optimizer.update(-generalized, state.opt_state, params, active, _index(geometry, cp))
@@ -423,9 +447,9 @@ def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets
     # relative to that, the move adjusted by the constraints (ASE's set_cell + set_positions)
     cell_new, stretch, dof_read = filters.new_cell(state.cell_dof + updates[A:].reshape(S, 3, 3), cp)
     eye = jnp.broadcast_to(jnp.eye(3, dtype=cell_new.dtype), cell_new.shape)
-    cell_new = _sel(moving, cell_new, state.cell)
-    dof_read = _sel(moving, dof_read, state.cell_dof)
-    scale = _sel(moving, jnp.linalg.solve(_sel(moving, state.cell, eye), cell_new), eye)
+    cell_new = select_rows(moving, cell_new, state.cell)
+    dof_read = select_rows(moving, dof_read, state.cell_dof)
+    scale = select_rows(moving, jnp.linalg.solve(select_rows(moving, state.cell, eye), cell_new), eye)
     x_scaled = filters.row_matmul(state.positions, scale, geometry.system)
     x_proposed = filters.row_matmul(z + updates[:A], stretch, geometry.system)
     base = jnp.where(row_moving[:, None], x_scaled, state.positions)
@@ -441,29 +465,11 @@ def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets
         lambda: nl.rebuild_tracked(state.neighbors, trial, flagged),
         lambda: (state.neighbors, jnp.zeros_like(flagged)))
     ev = evaluate(potential, trial, neighbors, compute_stress=True)
-    finite = _finite(ev.energy, ev.forces, geometry)
     within = _within_reach(positions, geometry, targets, cell_new, cp.variable)
-    moved = active & finite & within
-    row_moved = _rows(geometry, moved)
     generalized_new, _ = _filter_forces(ev.forces, ev.stress, cell_new, dof_read, geometry, cp)
     fmax_new = _filter_fmax(generalized_new, geometry)
-    steps = state.steps + moved.astype(jnp.int32)
-    status = _status_after_step(state.status, active, finite, within, fmax_new, steps, targets)
-    new = LoopState(
-        positions=jnp.where(row_moved[:, None], positions, state.positions),
-        opt_state=opt_state,
-        neighbors=neighbors,
-        energy=jnp.where(moved, ev.energy, state.energy),
-        forces=jnp.where(row_moved[:, None], ev.forces, state.forces),
-        stress=_sel(moved, ev.stress, state.stress),
-        fmax=jnp.where(moved, fmax_new, state.fmax),
-        steps=steps,
-        status=status.astype(jnp.int32),
-        cell=_sel(moved, cell_new, state.cell),
-        cell_dof=_sel(moved, dof_read, state.cell_dof),
-        nl_cell=_sel(rebuilt, cell_new, state.nl_cell),
-    )
-    return _keep_unless_overflow(new, state, neighbors), moved & ~neighbors.overflow
+    return _accept(state, geometry, targets, active, positions, ev, fmax_new, within, opt_state, neighbors,
+                   cell=dict(cell=cell_new, cell_dof=dof_read, nl_cell=select_rows(rebuilt, cell_new, state.nl_cell)))
 
 
 @cached_jit(static_argnames=("optimizer", "n_steps", "record"))
@@ -489,12 +495,12 @@ def run_chunk(state: LoopState, geometry: Geometry, potential, targets: Targets,
         cell=None if cell_params is None else jnp.zeros((K_rec, S, 3, 3), dtype),
     )
 
-    running_at_start = state.status == RUNNING
+    running_at_start = state.status == Status.RUNNING
 
     def cond(carry):
         st, _, t = carry
-        stopped = jnp.sum(running_at_start & (st.status != RUNNING))
-        return (t < n_steps) & jnp.any(st.status == RUNNING) & ~st.neighbors.overflow & (stopped < stop_after)
+        stopped = jnp.sum(running_at_start & (st.status != Status.RUNNING))
+        return (t < n_steps) & jnp.any(st.status == Status.RUNNING) & ~st.neighbors.overflow & (stopped < stop_after)
 
     def body(carry):
         st, fr, t = carry
@@ -519,11 +525,11 @@ def run_chunk(state: LoopState, geometry: Geometry, potential, targets: Targets,
     state, frames, _ = jax.lax.while_loop(cond, body, (state, frames, jnp.asarray(0)))
     if cell_params is None:
         # positions-only steps compute no stress: evaluate it once for the systems that stopped
-        stopped = running_at_start & (state.status != RUNNING)
+        stopped = running_at_start & (state.status != Status.RUNNING)
 
         def with_stress():
             ev = evaluate(potential, geometry.replace(positions=state.positions), state.neighbors, compute_stress=True)
-            return state._replace(stress=_sel(stopped, ev.stress, state.stress))
+            return state._replace(stress=select_rows(stopped, ev.stress, state.stress))
 
         state = jax.lax.cond(jnp.any(stopped) & ~state.neighbors.overflow, with_stress, lambda: state)
     return state, frames

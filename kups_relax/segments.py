@@ -90,6 +90,19 @@ def per_atom(table: jax.Array, system: jax.Array) -> jax.Array:
     return jnp.take(table, system, axis=0, mode="clip")
 
 
+def row_mask(systems: jax.Array, system: jax.Array, n_systems: int) -> jax.Array:
+    """``(N,)`` bool: rows whose system is selected in the ``(n_systems,)`` mask (padding rows: False)."""
+    padded = jnp.concatenate([systems, jnp.zeros((1,), bool)])
+    return padded[jnp.clip(system, 0, n_systems)]
+
+
+def select_rows(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """``new`` where the leading-axis ``mask`` is set, else ``old`` (broadcast over trailing axes).
+
+    ``mask`` is ``(N,)`` over rows or ``(S,)`` over systems, matching the first axis of ``old``."""
+    return jnp.where(mask.reshape(mask.shape + (1,) * (jnp.ndim(old) - 1)), new, old)
+
+
 def per_system_dot(a: jax.Array, b: jax.Array, system: jax.Array, n_systems: int,
                    aligned: int | None = None) -> jax.Array:
     """Inner product of two ``(N, 3)`` fields taken separately for every system -> ``(n_systems,)``."""

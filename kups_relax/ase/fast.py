@@ -22,7 +22,8 @@ from ase import Atoms
 
 from kups_relax import neighbors as nl
 from kups_relax.batch import Batch
-from kups_relax.loop import RUNNING, STATUS_NAMES, Targets, initial_state, run_chunk
+from kups_relax.loop import Status, Targets, initial_state, run_chunk
+from kups_relax.precision import x64
 from kups_relax.validate import InvalidStructure, check_structure
 
 from .calculator import Calculator
@@ -73,6 +74,7 @@ class LoopRelaxation:
             one-structure :class:`~kups_relax.batch.Batch`); ``None`` starts afresh.
     """
 
+    @x64
     def __init__(self, atoms: Atoms, transform, fmax: float, steps: int, opt_state=None):
         calc: Calculator = atoms.calc
         self.potential = calc.potential
@@ -92,12 +94,13 @@ class LoopRelaxation:
         self.energy = float(np.asarray(state.energy)[0])
         self.forces = np.asarray(state.forces, dtype=np.float64)[:self.n_atoms]
 
+    @x64
     def run(self, record: bool) -> list[Frame]:
         """Run until converged or out of steps; one :class:`Frame` per step (positions/forces if ``record``)."""
         n = self.n_atoms
         frames: list[Frame] = []
         state = self.state
-        while int(np.asarray(state.status)[0]) == RUNNING:
+        while int(np.asarray(state.status)[0]) == Status.RUNNING:
             state, chunk = run_chunk(state, self.geometry, self.potential, self.targets,
                                      optimizer=self.transform, n_steps=CHUNK_STEPS, record=record)
             rows = np.flatnonzero(np.asarray(chunk.taken)[:, 0])
@@ -113,13 +116,13 @@ class LoopRelaxation:
                 state = state._replace(neighbors=grown)
         self.state = state
         status = int(np.asarray(state.status)[0])
-        if STATUS_NAMES[status] == "diverged":
+        if Status(status).label == "diverged":
             logger.warning("energy or forces became non-finite; stopped at the last finite geometry")
         return frames
 
     @property
     def status(self) -> str:
-        return STATUS_NAMES[int(np.asarray(self.state.status)[0])]
+        return Status(int(np.asarray(self.state.status)[0])).label
 
     @property
     def positions(self) -> np.ndarray:

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
-from ..segments import per_atom, per_system_dot, segment_max
+from ..segments import per_atom, per_system_dot, row_mask, segment_max, select_rows  # noqa: F401 (select_rows: re-exported)
 
 
 @jax.tree_util.register_dataclass
@@ -74,8 +74,7 @@ class SystemIndex:
 
     def row_mask(self, systems: jax.Array) -> jax.Array:
         """``(N,)`` bool: rows whose system is selected in the ``(S,)`` mask ``systems``."""
-        padded = jnp.concatenate([systems, jnp.zeros((1,), bool)])
-        return padded[jnp.clip(self.system, 0, self.n_systems)]
+        return row_mask(systems, self.system, self.n_systems)
 
 
 @runtime_checkable
@@ -94,11 +93,6 @@ class Transform(Protocol):
 
 class EmptyState(NamedTuple):
     """State of a stateless transform."""
-
-
-def select_rows(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
-    """``new`` where the ``(N,)`` row mask is set, else ``old`` (broadcast over trailing axes)."""
-    return jnp.where(mask.reshape(mask.shape + (1,) * (jnp.ndim(old) - 1)), new, old)
 
 
 def take_along(values: jax.Array, index: jax.Array, axis: int = 0) -> jax.Array:

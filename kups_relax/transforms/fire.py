@@ -23,8 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..segments import per_atom
-from .base import SystemIndex, select_rows, take_along
+from ..segments import per_atom, select_rows
+from .base import SystemIndex, take_along
 
 
 class FireState(NamedTuple):

@@ -22,7 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .base import SystemIndex, select_rows, take_along
+from ..segments import select_rows
+from .base import SystemIndex, take_along
 
 
 class ScaleByAseLbfgsState(NamedTuple):
