@@ -81,8 +81,16 @@ class Capacities(NamedTuple):
     offsets: int = 27
 
 
-#: The capacities a build reports needing (``NeighborList.needed``), in this order.
-NEEDED_FIELDS = Capacities._fields
+
+def _needs(**named) -> Capacities:
+    """What a build needed, by capacity name (``NeighborList.needed``): int64 device scalars,
+    ``0`` for the capacities not named."""
+    return Capacities(*(jnp.asarray(named.get(name, 0)).astype(jnp.int64) for name in Capacities._fields))
+
+
+def _max_needs(a: Capacities, b: Capacities) -> Capacities:
+    """Field by field the larger of two needs."""
+    return Capacities(*(jnp.maximum(x, y) for x, y in zip(a, b)))
 
 #: Largest dense block, ``block**2 * images`` candidate pairs; batches of larger systems go
 #: through cell lists (a 256-row block with 8 images is 0.5M candidate pairs).
@@ -101,8 +109,8 @@ class NeighborList:
         cutoffs: ``(S,)`` every system's interaction range, Å (at most ``cutoff``); pairs are
             listed out to ``cutoffs + skin``.
         reference_positions: ``(A, 3)`` positions at the last build, Å.
-        needed: ``(8,)`` what the last build needed of the capacities named in
-            :data:`NEEDED_FIELDS` (compared with ``capacities`` to detect overflow).
+        needed: what the builds so far needed of every capacity, by name (a :class:`Capacities`
+            of int64 device scalars; compared with ``capacities`` to detect overflow).
         overflow: ``()`` True when a capacity was too small at the last build.
         n_builds: ``()`` builds so far (diagnostics).
         cutoff: largest interaction cutoff, Å (static).
@@ -114,7 +122,7 @@ class NeighborList:
     shifts: jax.Array
     cutoffs: jax.Array
     reference_positions: jax.Array
-    needed: jax.Array
+    needed: Capacities
     overflow: jax.Array
     n_builds: jax.Array
     cutoff: float = dataclasses.field(metadata=dict(static=True))
@@ -286,7 +294,7 @@ class _Cells(NamedTuple):
     segment: jax.Array  # (K,) (row, neighbouring bin) of each candidate, flattened as r * O + o
     neighbours: jax.Array  # (K,) candidate atom j (A if none)
     translation: jax.Array  # (R * O, 3) image translation of each neighbouring bin
-    needs: tuple
+    needs: Capacities  # what the cell list needed: cell_rows, bins, cell_candidates, offsets
 
 
 def _neighbour_bins(xp, bin_coord, k, n_bins, pbc, n_offsets: int):
@@ -348,7 +356,6 @@ def _cells(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Arra
                                                 geometry.pbc[s_row], O)
     b_target = jnp.clip(_flat_bin(bin_offset[s_row][:, None], nb_row[:, None, :], target), 0, B - 1)
     count = jnp.where(row_ok[:, None] & real, occupancy[b_target], 0)  # (R, O)
-    per_system = jax.ops.segment_sum(jnp.sum(count, axis=1), jnp.where(row_ok, s_row, S), num_segments=S)
     count = count.reshape(-1)
     ends = jnp.cumsum(count)
     total = ends[-1]
@@ -361,7 +368,7 @@ def _cells(geometry: Geometry, lay: _Layout, caps: Capacities, systems: jax.Arra
     neighbours = jnp.where(c < total, sorted_atom[jnp.clip(slot, 0, R - 1)], A)
     max_offsets = jnp.max(jnp.where(selected, jnp.prod(2 * lay.k_cells + 1, axis=-1), 0))
     return _Cells(rows=rows, segment=segment, neighbours=neighbours, translation=translation.reshape(-1, 3),
-                  needs=(n_rows, jnp.sum(cell_bins), total, max_offsets, jnp.max(per_system)))
+                  needs=_needs(cell_rows=n_rows, bins=jnp.sum(cell_bins), cell_candidates=total, offsets=max_offsets))
 
 
 def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities,
@@ -379,7 +386,7 @@ def build(geometry: Geometry, cutoff: float, skin: float, capacities: Capacities
     K = capacities.neighbors
     empty = NeighborList(
         neighbors=jnp.full((K, A), A, jnp.int32), shifts=jnp.zeros((K, A, 3), jnp.int16), cutoffs=cutoffs,
-        reference_positions=geometry.positions, needed=jnp.zeros(len(NEEDED_FIELDS), jnp.int64),
+        reference_positions=geometry.positions, needed=_needs(),
         overflow=jnp.asarray(False), n_builds=jnp.asarray(n_builds), cutoff=float(cutoff), skin=float(skin),
         capacities=capacities)
     return _rebuild_systems(empty, geometry, jnp.ones(S, bool), cutoffs)
@@ -481,7 +488,8 @@ def _block_images(pbc) -> int:
 
 def _searched_columns(geometry: Geometry, lay: "_Layout", s, radius2, caps: Capacities, W: int, K: int):
     """One system's columns from a cell list or an all-pairs list (:func:`_search`), for systems a
-    dense block cannot take: ``(neighbors (K, W), shifts (K, W, 3), widest, needs)``."""
+    dense block cannot take: ``(neighbors (K, W), shifts (K, W, 3), widest, needs, short)`` (``short``:
+    more pairs found than the ``K x W`` columns hold)."""
     S, A = geometry.n_systems, geometry.n_atom_rows
     first = geometry.first_atom[s]
     selected = jnp.arange(S) == s
@@ -499,9 +507,7 @@ def _searched_columns(geometry: Geometry, lay: "_Layout", s, radius2, caps: Capa
     neighbors = jnp.full((K, W), A, jnp.int32).at[column, local].set(found.receivers.astype(jnp.int32), mode="drop")
     shifts = jnp.zeros((K, W, 3), jnp.int16).at[column, local].set(jnp.rint(found.shifts).astype(jnp.int16),
                                                                     mode="drop")
-    n_rows, n_bins, cell_total, n_offsets, _ = found.cell_needs
-    needs = (found.dense_total, n_rows, n_bins, cell_total, n_offsets, found.n_found > W * K)
-    return neighbors, shifts, widest, needs
+    return neighbors, shifts, widest, found.needs, found.n_found > W * K
 
 
 def _rebuild_systems(neighbors: NeighborList, geometry: Geometry, systems: jax.Array,
@@ -523,8 +529,7 @@ def _rebuild_systems(neighbors: NeighborList, geometry: Geometry, systems: jax.A
     tiers = _block_tiers(W) if use_blocks else ()
 
     def searched(s):
-        nbr, sh, widest, needs = _searched_columns(geometry, lay, s, radius2, caps, Wc, K)
-        return nbr, sh, widest, jnp.stack([needs[0], needs[1], needs[2], needs[3], needs[4]]).astype(jnp.int64), needs[5]
+        return _searched_columns(geometry, lay, s, radius2, caps, Wc, K)
 
     def blocked(s, tier):
         def run():
@@ -532,7 +537,7 @@ def _rebuild_systems(neighbors: NeighborList, geometry: Geometry, systems: jax.A
             pad = Wc - tier
             nbr = jnp.pad(nbr, ((0, 0), (0, pad)), constant_values=A)
             sh = jnp.pad(sh, ((0, 0), (0, pad), (0, 0)))
-            return nbr, sh, widest, jnp.zeros(5, jnp.int64), jnp.asarray(False)
+            return nbr, sh, widest, _needs(), jnp.asarray(False)
         return run
 
     def body(carry):
@@ -553,19 +558,19 @@ def _rebuild_systems(neighbors: NeighborList, geometry: Geometry, systems: jax.A
         shifts = shifts.at[:, cols].set(sh, mode="drop")
         reference = reference.at[cols].set(jnp.take(geometry.positions, cols, axis=0, mode="clip"), mode="drop")
         images = (2 ** jnp.sum(geometry.pbc[s])).astype(jnp.int64)
-        these = jnp.concatenate([jnp.stack([widest.astype(jnp.int64), n.astype(jnp.int64), images]), search_needs])
-        return i + 1, matrix, shifts, reference, jnp.maximum(needed, these), short | pairs_short
+        these = search_needs._replace(neighbors=widest.astype(jnp.int64), block=n.astype(jnp.int64), images=images)
+        return i + 1, matrix, shifts, reference, _max_needs(needed, these), short | pairs_short
 
     _, matrix, shifts, reference, needed, short = jax.lax.while_loop(
         lambda c: c[0] < n_selected, body,
         (jnp.asarray(0), neighbors.neighbors, neighbors.shifts, neighbors.reference_positions,
-         jnp.zeros(len(NEEDED_FIELDS), jnp.int64), jnp.asarray(False)))
-    limits = jnp.asarray(caps, dtype=jnp.int64)
+         _needs(), jnp.asarray(False)))
     # a system beyond the dense blocks' images goes through the search: images are not a limit
-    overflow = jnp.any((needed > limits).at[NEEDED_FIELDS.index("images")].set(False)) | short
+    short_of = [getattr(needed, name) > getattr(caps, name) for name in Capacities._fields if name != "images"]
+    overflow = jnp.any(jnp.stack(short_of)) | short
     return dataclasses.replace(
         neighbors, neighbors=matrix, shifts=shifts, reference_positions=reference, cutoffs=cutoffs,
-        needed=jnp.maximum(neighbors.needed, needed), overflow=overflow,
+        needed=_max_needs(neighbors.needed, needed), overflow=overflow,
         n_builds=neighbors.n_builds + 1)
 
 
@@ -577,8 +582,7 @@ class _Found(NamedTuple):
     shifts: jax.Array  # (P, 3)
     real: jax.Array  # (P,)
     n_found: jax.Array  # () pairs found (may exceed P)
-    dense_total: jax.Array  # () dense candidates needed
-    cell_needs: tuple  # cell-list rows, bins, cell-list candidates, neighbouring bins needed
+    needs: Capacities  # what the search needed: dense_candidates and the cell list's
 
 
 def _candidate_masks(geometry: Geometry, lay: _Layout, radius2: jax.Array, caps: Capacities, systems: jax.Array):
@@ -646,7 +650,7 @@ def _search(geometry: Geometry, lay: _Layout, radius2: jax.Array, caps: Capaciti
     t = jnp.where(is_dense[:, None], t_e, cells.translation[q]).astype(positions.dtype)
     shift = t - lay.whole[j] + lay.whole[i]
     return _Found(senders=i, receivers=j, shifts=shift, real=real, n_found=n_found,
-                  dense_total=dense.total, cell_needs=cells.needs)
+                  needs=cells.needs._replace(dense_candidates=jnp.asarray(dense.total).astype(jnp.int64)))
 
 
 def _compact(found: jax.Array, size: int):
@@ -825,7 +829,7 @@ def allocate(geometry: Geometry, cutoff: float, skin: float, capacities: Capacit
     for _ in range(8):
         nl = _build_jit(geometry, cutoff=float(cutoff), skin=float(skin), capacities=caps, cutoffs=cutoffs)
         if not bool(nl.overflow):
-            needed = int(nl.needed[NEEDED_FIELDS.index("neighbors")])
+            needed = int(nl.needed.neighbors)
             width = max(matrix_width(needed), capacities.neighbors if capacities else 0)
             return _narrowed(nl, width) if width < caps.neighbors else nl
         caps = _grown(caps, nl)
@@ -835,18 +839,18 @@ def allocate(geometry: Geometry, cutoff: float, skin: float, capacities: Capacit
 def _grown(caps: Capacities, neighbors: NeighborList) -> Capacities:
     """``caps`` with every capacity the list needed more of at least doubled (matrix width and
     neighbouring bins: what is needed, the width with its margin; block: the largest system)."""
-    needed = dict(zip(NEEDED_FIELDS, (int(x) for x in np.asarray(neighbors.needed))))
-    larger = {name: (getattr(caps, name) if needed[name] <= getattr(caps, name)
-                     else max(2 * getattr(caps, name), bucket(needed[name], minimum=8)))
+    needed = Capacities(*(int(x) for x in neighbors.needed))
+    larger = {name: (getattr(caps, name) if getattr(needed, name) <= getattr(caps, name)
+                     else max(2 * getattr(caps, name), bucket(getattr(needed, name), minimum=8)))
               for name in ("dense_candidates", "cell_rows", "bins", "cell_candidates")}
-    return caps._replace(**larger, offsets=max(caps.offsets, needed["offsets"]),
-                         neighbors=max(caps.neighbors, matrix_width(needed["neighbors"])),
-                         block=max(caps.block, aligned_block(needed["block"])))
+    return caps._replace(**larger, offsets=max(caps.offsets, needed.offsets),
+                         neighbors=max(caps.neighbors, matrix_width(needed.neighbors)),
+                         block=max(caps.block, aligned_block(needed.block)))
 
 
 def _narrowed(neighbors: NeighborList, width: int) -> NeighborList:
     """The list with only the first ``width`` matrix rows (no atom may have more neighbours)."""
-    assert int(neighbors.needed[NEEDED_FIELDS.index("neighbors")]) <= width
+    assert int(neighbors.needed.neighbors) <= width
     return _narrow_jit(neighbors, width)
 
 
