@@ -32,7 +32,7 @@ DEFAULT_MAX_STEPS = 10_000
 
 #: Default Verlet skin, Å. Every evaluation pays for the pairs out to cutoff + skin, every
 #: rebuild for the candidates: a thinner skin makes steps cheaper and rebuilds more frequent
-#: (the measured trade-off is in benchmarks/RESULTS.md, "Verlet skin").
+#: (measured trade-off: benchmarks/RESULTS.md, "Figures moved out of code comments").
 DEFAULT_SKIN = 0.5
 
 #: Default limit on how far any atom may move from its starting position, Å: a relaxation

@@ -414,8 +414,8 @@ def _accept(state: LoopState, geometry: Geometry, targets: Targets, active: jax.
 def _keep_unless_overflow(new: LoopState, state: LoopState, neighbors: nl.NeighborList) -> LoopState:
     # an overflowing neighbor list means wrong forces: keep the old state, flag it for the host.
     # Either branch of the cond copies what it returns, so the optimizer fields a redo rewrites
-    # identically (the L-BFGS history: 2 x memory x atoms x 3 floats, ~14 ms per step on 11k
-    # atoms) stay out of it and are kept from the rejected step (transforms.base docstring)
+    # identically (the L-BFGS history: 2 x memory x atoms x 3 floats, a large share of a step)
+    # stay out of it and are kept from the rejected step (transforms.base docstring)
     overflow = neighbors.overflow
     opt_rest, opt_rewritten = partition_rewritten(new.opt_state)
     old_rest, _ = partition_rewritten(state.opt_state)
