@@ -3,8 +3,6 @@
 Name one with :func:`get_potential` (``"lj"``, ``"morse"``, ``"eam:<path>"``, ``"emt"``).
 """
 
-import kups_relax  # noqa: F401  (enables float64 before any array is made)
-
 from .base import Potential
 from .eam import EAM
 from .lennard_jones import LennardJones

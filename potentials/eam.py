@@ -46,6 +46,7 @@ from kups_relax.batch import Geometry
 from kups_relax.evaluate import EnergyForces
 from kups_relax.neighbors import NeighborList
 from kups_relax.pairs import gather_neighbors, pair_forces, pair_geometry, pair_virial
+from kups_relax.precision import x64
 from kups_relax.segments import segment_sum
 
 from . import splines
@@ -105,6 +106,7 @@ class EAM:
         return cls.from_tables(read_eam(path, form))
 
     @classmethod
+    @x64
     def from_tables(cls, tables: EAMTables) -> "EAM":
         """Build the splines of ``tables`` (host work, done once)."""
         rho_grid = np.arange(tables.nrho) * tables.drho

@@ -45,6 +45,7 @@ import numpy as np
 
 from kups_relax.batch import Geometry
 from kups_relax.neighbors import NeighborList
+from kups_relax.precision import x64
 from kups_relax.segments import segment_sum
 
 from . import sevennet_layers as layers
@@ -129,6 +130,7 @@ class SevenNet:
     name: str = dataclasses.field(default="sevennet", metadata=dict(static=True))
 
     @classmethod
+    @x64
     def load(cls, path: str | Path, name: str | None = None) -> "SevenNet":
         """Read a file written by :mod:`potentials.convert_sevennet` (numpy only, no torch)."""
         path = Path(path)

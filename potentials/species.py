@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 
+from kups_relax.precision import x64
+
 Species = Union[str, int]
 ParameterValue = Union[float, Mapping[Species, float], None]
 
@@ -177,6 +179,7 @@ def pair_table(
     return out
 
 
+@x64
 def finish(tables: Mapping[str, np.ndarray | tuple[int, ...]]) -> PairTable:
     """A :class:`PairTable` from complete host tables (from :func:`pair_table` plus defaults).
 

@@ -28,6 +28,7 @@ from kups_relax import neighbors as nl
 from kups_relax.batch import Batch, full_3x3_to_voigt
 from kups_relax.engine import DEFAULT_SKIN
 from kups_relax.evaluate import Evaluation, evaluate
+from kups_relax.precision import x64
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Calculator(AseCalculator):
             for key, value in results.items():
                 self.results.setdefault(key, value)
 
+    @x64
     def evaluate(self, atoms: Atoms) -> tuple[float, np.ndarray, np.ndarray]:
         """Energy (eV), forces ``(N, 3)`` (eV/Å) and full stress ``(3, 3)`` (eV/Å³) of ``atoms``.
 

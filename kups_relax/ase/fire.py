@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from ase.optimize.fire import FIRE as _AseFIRE
 
+from kups_relax.precision import x64
 from kups_relax.transforms import Fire, FireState, SystemIndex
 
 
@@ -58,27 +59,37 @@ class FIRE(_AseFIRE):
         # The transform works on rows of 3. Every FIRE quantity is a whole-vector one (v.f, |f|, |v|,
         # |dr|), so any other number of degrees of freedom (a generic Optimizable) is padded with
         # zeros: a zero gradient keeps a zero velocity and a zero step there, and adds 0 to each sum.
-        ndofs = gradient.size
-        rows = -(-ndofs // 3)
-
-        def as_rows(x):
-            return jnp.asarray(np.pad(np.reshape(x, -1), (0, 3 * rows - ndofs)).reshape(rows, 3), jnp.float64)
-
         # dt and a live in the state (Fire's own dt/a are only initial values), so the compiled step is reused
         transform = Fire(maxstep=float(self.maxstep), dtmax=float(self.dtmax), Nmin=int(self.Nmin),
                          finc=float(self.finc), fdec=float(self.fdec), astart=float(self.astart), fa=float(self.fa))
-        state = FireState(
-            velocity=as_rows(self.vel),
-            dt=jnp.full((1,), self.dt, jnp.float64),
-            a=jnp.full((1,), self.a, jnp.float64),
-            n_positive=jnp.full((1,), self.Nsteps, jnp.int32),
-            started=jnp.full((1,), started, bool),
-        )
         r = optimizable.get_x()
-        dr, state = _fire_update(transform, as_rows(gradient), state, as_rows(r))
-        self.vel = np.array(state.velocity, dtype=np.float64).reshape(-1)[:ndofs]
-        self.dt = float(state.dt[0])
-        self.a = float(state.a[0])
-        self.Nsteps = int(state.n_positive[0])
-        optimizable.set_x(r + np.asarray(dr, dtype=np.float64).reshape(-1)[:ndofs])
+        dr, self.vel, self.dt, self.a, self.Nsteps = _engine_step(transform, gradient, r, self.vel, self.dt, self.a,
+                                                                  self.Nsteps, started)
+        optimizable.set_x(r + dr)
         self.dump((self.vel, self.dt))
+
+
+@x64
+def _engine_step(transform: Fire, gradient, r, velocity, dt: float, a: float, n_positive: int, started: bool):
+    """The engine's FIRE step on flat ``(ndofs,)`` host arrays: ``(dr, velocity, dt, a, n_positive)``, host values.
+
+    (Only this part runs with 64-bit JAX types: the calculator and callbacks of ``step`` run in
+    the caller's mode.)
+    """
+    ndofs = gradient.size
+    rows = -(-ndofs // 3)
+
+    def as_rows(x):
+        return jnp.asarray(np.pad(np.reshape(x, -1), (0, 3 * rows - ndofs)).reshape(rows, 3), jnp.float64)
+
+    state = FireState(
+        velocity=as_rows(velocity),
+        dt=jnp.full((1,), dt, jnp.float64),
+        a=jnp.full((1,), a, jnp.float64),
+        n_positive=jnp.full((1,), n_positive, jnp.int32),
+        started=jnp.full((1,), started, bool),
+    )
+    dr, state = _fire_update(transform, as_rows(gradient), state, as_rows(r))
+    return (np.asarray(dr, dtype=np.float64).reshape(-1)[:ndofs],
+            np.array(state.velocity, dtype=np.float64).reshape(-1)[:ndofs],
+            float(state.dt[0]), float(state.a[0]), int(state.n_positive[0]))

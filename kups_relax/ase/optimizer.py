@@ -44,6 +44,8 @@ import numpy as np
 from ase import Atoms
 from ase.optimize.optimize import DEFAULT_MAX_STEPS, Dynamics, OptimizableAtoms, Optimizer
 
+from kups_relax.precision import x64
+
 from .calculator import Calculator
 from .fast import LoopRelaxation, fast_path_calculator
 from .steps import HostSteps
@@ -245,5 +247,6 @@ class LBFGS(Optimizer):
         self.call_observers()
 
 
+@x64
 def _as_float64(state):
     return jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)

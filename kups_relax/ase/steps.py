@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kups_relax.buckets import bucket
+from kups_relax.precision import x64
 from kups_relax.transforms import Chain, SystemIndex, ase_lbfgs
 from kups_relax.transforms.base import ChainState, EmptyState
 from kups_relax.transforms.lbfgs import get_history, set_history
@@ -63,6 +64,7 @@ class HostSteps:
         dtype: float dtype of the state.
     """
 
+    @x64
     def __init__(self, n_rows: Sequence[int], memory: int = 100, alpha: float = 70.0, dtype=jnp.float64):
         self.n_rows = tuple(int(n) for n in n_rows)
         self.memory = int(memory)
@@ -89,6 +91,7 @@ class HostSteps:
                 out[rows] = np.asarray(a, dtype=np.float64).reshape(-1, 3)
         return out
 
+    @x64
     def step(self, positions: Sequence[np.ndarray | None], gradients: Sequence[np.ndarray | None],
              active: Sequence[bool], maxstep: float, damping: float) -> list[np.ndarray]:
         """Steps ``(n_rows[i], 3)`` (Å) of every system; zero (and state kept) where not ``active``.
@@ -106,9 +109,11 @@ class HostSteps:
         updates = np.asarray(updates, dtype=np.float64)
         return [updates[rows] for rows in self.slices]
 
+    @x64
     def iteration(self, system: int = 0) -> int:
         return int(self.state.inner[0].iteration[system])
 
+    @x64
     def history(self, system: int = 0) -> dict:
         """ASE's LBFGS memory of ``system``: ``iteration``, ``s``, ``y``, ``rho`` (oldest first), ``r0``, ``f0``.
 
@@ -123,6 +128,7 @@ class HostSteps:
             "f0": None if first else -np.asarray(h["g0"], dtype=np.float64).ravel(),
         }
 
+    @x64
     def set_history(self, iteration: int, s, y, rho, r0, f0, system: int = 0) -> None:
         """Load ASE's LBFGS memory (the inverse of :meth:`history`) into ``system``'s slot.
 
