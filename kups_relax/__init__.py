@@ -5,35 +5,26 @@
 >>> from potentials import LennardJones
 >>> results = relax([Icosahedron("Ar", 2)], LennardJones(sigma=3.4, epsilon=0.0104, rc=8.5), fmax=0.05)
 
-float64 is enabled on import (ASE parity); pass ``dtype="float32"`` for speed.
-JAX's persistent compilation cache is switched on (``~/.cache/kups-relax/jax``) unless
-``JAX_COMPILATION_CACHE_DIR`` or ``KUPS_RELAX_COMPILATION_CACHE=0`` is set.
+Importing kups-relax changes nothing in JAX's configuration. Its entry points (``relax``,
+``relax_iter``, ``Batch.from_atoms``, the ASE calculator and optimizers, the potentials'
+constructors that build arrays, ``relax-batch``) run with JAX's 64-bit types on in their own
+scope (:mod:`kups_relax.precision`): float64 by default (ASE parity), ``dtype="float32"`` for
+speed, and a float32 JAX model beside them stays float32.
+
+Compiled programs: the engine's big programs are saved on disk and reused across processes
+(:mod:`kups_relax.executables`; ``KUPS_RELAX_SAVED_EXECUTABLES=0`` turns that off). JAX's own
+persistent compilation cache is the process's: :func:`enable_compilation_cache` switches it on
+(``~/.cache/kups-relax/jax`` or ``JAX_COMPILATION_CACHE_DIR``); ``relax-batch`` does so unless
+``KUPS_RELAX_COMPILATION_CACHE=0``.
 """
 
-import os
-
-import jax
-
-jax.config.update("jax_enable_x64", True)
-
-# JAX's persistent compilation cache, on by default so that running the same job again
-# compiles nothing: every program is cached, however quick to compile (JAX's default skips
-# those under a second, and a warm run would still compile dozens of small ones). Set
-# JAX_COMPILATION_CACHE_DIR to choose the folder, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
-# to cache fewer programs, or KUPS_RELAX_COMPILATION_CACHE=0 to leave JAX's configuration alone.
-if os.environ.get("KUPS_RELAX_COMPILATION_CACHE", "1") != "0":
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir",
-                          os.path.join(os.path.expanduser("~"), ".cache", "kups-relax", "jax"))
-    if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-from .batch import Batch, Geometry  # noqa: E402
-from .engine import DEFAULT_MAX_STEPS, RelaxResult, relax, relax_iter  # noqa: E402
-from .filters import CellFilter  # noqa: E402
-from .validate import InvalidStructure, check_structure  # noqa: E402
+from .batch import Batch, Geometry
+from .engine import DEFAULT_MAX_STEPS, RelaxResult, relax, relax_iter
+from .executables import enable_compilation_cache
+from .filters import CellFilter
+from .validate import InvalidStructure, check_structure
 
 __version__ = "0.1.0"
 
 __all__ = ["Batch", "CellFilter", "DEFAULT_MAX_STEPS", "Geometry", "InvalidStructure", "RelaxResult",
-           "check_structure", "relax", "relax_iter", "__version__"]
+           "check_structure", "enable_compilation_cache", "relax", "relax_iter", "__version__"]

@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -36,6 +37,8 @@ import numpy as np
 
 from . import __version__
 from .engine import DEFAULT_MAX_DISPLACEMENT, DEFAULT_MAX_STEPS
+from .executables import enable_compilation_cache
+from .precision import x64
 
 logger = logging.getLogger("kups_relax.cli")
 
@@ -687,8 +690,16 @@ def _configure_logging(settings: Mapping[str, Any]) -> Callable[[], None]:
     return restore
 
 
+@x64
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry point (``relax-batch``)."""
+    """Console-script entry point (``relax-batch``).
+
+    A program that owns its process, so it switches on JAX's persistent compilation cache
+    (:func:`kups_relax.enable_compilation_cache`: ``JAX_COMPILATION_CACHE_DIR`` or
+    ``~/.cache/kups-relax/jax``, every program) unless ``KUPS_RELAX_COMPILATION_CACHE=0``.
+    """
+    if os.environ.get("KUPS_RELAX_COMPILATION_CACHE", "1") != "0":
+        enable_compilation_cache()
     try:
         return run_cli(argv)
     except UsageError as err:

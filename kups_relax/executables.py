@@ -16,15 +16,22 @@ A hit loads the executable (``jax.experimental.serialize_executable``); a miss c
 through ``jax.jit`` (which may still hit JAX's own cache) and saves the result atomically
 (a temporary file renamed into place, so a killed run never leaves half a file). Calls
 whose static arguments have no stable ``repr`` (a function, an object printed with its
-address) are never saved. Executables live in ``kups-executables/`` inside JAX's
-compilation cache folder; with no such folder configured (``KUPS_RELAX_COMPILATION_CACHE=0``
-and no ``JAX_COMPILATION_CACHE_DIR``), with JAX's cache disabled, or with
-``KUPS_RELAX_SAVED_EXECUTABLES=0``, they are kept in memory only.
+address) are never saved.
+
+Where they live (:func:`cache_dir`): ``kups-executables/`` inside JAX's compilation cache
+folder when one is configured (``JAX_COMPILATION_CACHE_DIR``, :func:`enable_compilation_cache`,
+``relax-batch``), else inside ``~/.cache/kups-relax/jax``. They hold only the engine's own
+programs, so they are on by default without changing JAX's configuration. They are kept in
+memory only with ``KUPS_RELAX_SAVED_EXECUTABLES=0``, with ``KUPS_RELAX_COMPILATION_CACHE=0``
+and no folder configured, or with JAX's caching disabled (``jax_enable_compilation_cache``).
+
+JAX's own persistent cache (every program of the process, however small) is the process's
+to configure: importing kups-relax leaves it alone; :func:`enable_compilation_cache` switches
+it on (``relax-batch`` does, unless ``KUPS_RELAX_COMPILATION_CACHE=0``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import inspect
@@ -36,7 +43,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.api_util import shaped_abstractify
+
+from . import _jax_private
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +91,40 @@ def _environment() -> str:
                      _source_hash()])
 
 
+def default_cache_dir() -> Path:
+    """kups-relax's compilation cache folder when none is configured: ``~/.cache/kups-relax/jax``."""
+    return Path.home() / ".cache" / "kups-relax" / "jax"
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
+    """Switch on JAX's persistent compilation cache for this process; returns its folder.
+
+    Opt-in, because it is JAX's global configuration: it then keeps *every* program the
+    process compiles (yours too), however quick to compile (JAX's default skips those under a
+    second, and a warm run would still compile dozens of small ones), so running the same job
+    again compiles nothing. ``relax-batch`` calls this unless ``KUPS_RELAX_COMPILATION_CACHE=0``.
+
+    Args:
+        path: the folder; default: the one already configured (``JAX_COMPILATION_CACHE_DIR``),
+            else :func:`default_cache_dir`. ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``,
+            when set, still chooses which programs are kept.
+    """
+    folder = path or jax.config.jax_compilation_cache_dir or default_cache_dir()
+    jax.config.update("jax_compilation_cache_dir", os.fspath(folder))
+    if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return Path(folder)
+
+
 def cache_dir() -> Path | None:
-    """Folder of the saved executables, or ``None`` when JAX's compilation cache is off."""
-    base = jax.config.jax_compilation_cache_dir
-    if not base or not jax.config.jax_enable_compilation_cache or os.environ.get("KUPS_RELAX_SAVED_EXECUTABLES") == "0":
+    """Folder of the saved executables, or ``None`` when they are kept in memory only (module docstring)."""
+    if os.environ.get("KUPS_RELAX_SAVED_EXECUTABLES") == "0" or not jax.config.jax_enable_compilation_cache:
         return None
+    base = jax.config.jax_compilation_cache_dir
+    if not base:
+        if os.environ.get("KUPS_RELAX_COMPILATION_CACHE", "1") == "0":
+            return None
+        base = default_cache_dir()
     return Path(base) / "kups-executables"
 
 
@@ -96,41 +135,16 @@ def clear() -> None:
 
 @functools.lru_cache(maxsize=1)
 def _prepare_runtime() -> None:
-    """Do what lowering does before a program may call LAPACK.
+    """Do what lowering does before a program may call LAPACK: lower one LAPACK call.
 
-    jaxlib binds its LAPACK kernels to scipy's the first time a linear-algebra operation is
-    lowered; an executable loaded without lowering anything would call unbound kernels and
-    crash the process. (No other kernel the engine uses is bound lazily.)
+    jaxlib binds its LAPACK kernels (all of them, to SciPy's) the first time a linear-algebra
+    operation is lowered; an executable loaded without lowering anything would call unbound
+    kernels and crash the process. (No other kernel the engine uses is bound lazily.)
+    Lowering a 1x1 LU factorisation binds them through public API (~20 ms once the process
+    has lowered anything; jaxlib's own ``_lapack.initialize()`` would be private). An error
+    here makes the caller compile instead of loading.
     """
-    from jax._src.lib import lapack
-
-    lapack._lapack.initialize()
-
-
-@contextlib.contextmanager
-def _fresh_compilation():
-    """Compile without JAX's persistent cache; yields whether that could be arranged.
-
-    An executable JAX's cache loaded serializes without its machine code (it fails when
-    loaded again: "Function ... not found"), so only a fresh compilation may be saved. JAX
-    decides once per process whether its cache is used; that decision is overridden for the
-    duration (private state of ``jax._src.compilation_cache``: where it is not as expected,
-    nothing is saved).
-    """
-    try:
-        from jax._src import compilation_cache as cc
-
-        lock, checked, used = cc._cache_initialized_mutex, cc._cache_checked, cc._cache_used
-    except (ImportError, AttributeError):
-        yield False
-        return
-    with lock:
-        cc._cache_checked, cc._cache_used = True, False
-    try:
-        yield True
-    finally:
-        with lock:
-            cc._cache_checked, cc._cache_used = checked, used
+    jax.jit(jax.lax.linalg.lu).lower(jax.ShapeDtypeStruct((1, 1), jnp.float32))
 
 
 def _stable(text: str) -> bool:
@@ -187,7 +201,7 @@ class CachedJit:
         lowered = self.jitted.lower(**static, **dynamic)
         if path is None:
             return lowered.compile(compiler_options=compiler_options())
-        with _fresh_compilation() as fresh:
+        with _jax_private.persistent_cache_bypassed() as fresh:
             compiled = lowered.compile(compiler_options=compiler_options())
         if fresh:
             try:
