@@ -28,9 +28,10 @@ import json, sys, time, collections
 t0 = time.perf_counter()
 sys.path.insert(0, HERE)
 from bench_compile_bound import mixed_structures
-from kups_relax import relax
+from kups_relax import enable_compilation_cache, relax
 from kups_relax.compile_stats import compile_stats
 from potentials import get_potential
+enable_compilation_cache()  # as relax-batch does
 structures = mixed_structures(N)
 results = relax(structures, get_potential("emt"), fmax=0.05, max_steps=STEPS)
 c = compile_stats()

@@ -39,13 +39,17 @@ from ase.build import bulk, fcc100, fcc111
 from ase.calculators.emt import EMT as AseEMT
 from ase.cluster import Icosahedron, Octahedron
 
-import kups_relax  # noqa: F401  (float64)
+import kups_relax
 from kups_relax import neighbors as nl
 from kups_relax.batch import Batch
 from kups_relax.evaluate import evaluate
 from kups_relax.executables import compiler_options
 from kups_relax.loop import system_cutoffs
 from potentials.emt import EMT
+
+jax.config.update("jax_enable_x64", True)  # float64: this script calls the engine's modules directly
+if os.environ.get("KUPS_RELAX_COMPILATION_CACHE", "1") != "0":
+    kups_relax.enable_compilation_cache()  # as relax-batch does
 
 try:
     import asap3

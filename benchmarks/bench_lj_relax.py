@@ -22,8 +22,11 @@ from ase.optimize import LBFGS
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from structures import LJ_PARAMS, lj_structures  # noqa: E402
 
-from kups_relax import relax  # noqa: E402
+from kups_relax import enable_compilation_cache, relax  # noqa: E402
 from potentials import LennardJones  # noqa: E402
+
+if os.environ.get("KUPS_RELAX_COMPILATION_CACHE", "1") != "0":
+    enable_compilation_cache()  # as relax-batch does
 
 
 def workload(n: int):

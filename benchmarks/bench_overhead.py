@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import kups_relax  # noqa: F401  (float64)
+import kups_relax
 from kups_relax import neighbors as nl
 from kups_relax.batch import Batch
 from kups_relax.evaluate import evaluate
@@ -50,6 +50,9 @@ from kups_relax.transforms import Scale, ase_fire, ase_lbfgs, chain
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+jax.config.update("jax_enable_x64", True)  # float64: this script calls the engine's modules directly
+if os.environ.get("KUPS_RELAX_COMPILATION_CACHE", "1") != "0":
+    kups_relax.enable_compilation_cache()  # as relax-batch does
 
 SKIN = 0.5  # Å, the engine's default
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import time
 
@@ -20,11 +21,15 @@ import jax
 import numpy as np
 from ase.build import bulk
 
-import kups_relax  # noqa: F401
+import kups_relax
 from kups_relax import neighbors as nl
 from kups_relax.batch import Batch
 from kups_relax.evaluate import evaluate
 from potentials import EMT
+
+jax.config.update("jax_enable_x64", True)  # float64: this script calls the engine's modules directly
+if os.environ.get("KUPS_RELAX_COMPILATION_CACHE", "1") != "0":
+    kups_relax.enable_compilation_cache()  # as relax-batch does
 
 _evaluate = jax.jit(evaluate, static_argnames="compute_stress")
 _rebuild = jax.jit(nl.rebuild)

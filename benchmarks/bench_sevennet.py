@@ -61,6 +61,8 @@ from kups_relax.batch import Batch  # noqa: E402
 from kups_relax.evaluate import evaluate  # noqa: E402
 from potentials import get_potential  # noqa: E402
 
+jax.config.update("jax_enable_x64", True)  # float64: this script calls the engine's modules directly
+
 HERE = Path(__file__).resolve().parent
 MAX_STEPS = 1000
 ASE_OPTIMIZERS = {"lbfgs": LBFGS, "fire": FIRE}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -43,8 +44,11 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", choices=("default", "asap"), default="asap")
     parser.add_argument("--fmax", type=float, default=0.05)
     args = parser.parse_args(argv)
-    from kups_relax import relax
+    from kups_relax import enable_compilation_cache, relax
     from potentials import get_potential
+
+    if os.environ.get("KUPS_RELAX_COMPILATION_CACHE", "1") != "0":
+        enable_compilation_cache()  # as relax-batch does
 
     records = Records()
     engine_log = logging.getLogger("kups_relax.engine")
