@@ -730,10 +730,13 @@ _build_jit = cached_jit(build, static_argnames=("cutoff", "skin", "capacities"))
 def estimate_capacities(geometry: Geometry, radius: float) -> Capacities:
     """Capacities for a first build, computed on the host (numpy) so that it usually fits.
 
-    Everything but the pair count is what :func:`build` will need, recomputed the same way
-    (a last-bit difference only costs a second build); the pair capacity is an upper
-    estimate from each system's density. Each build with new capacities is a compilation,
-    so a good first guess saves a compilation per new batch shape.
+    Everything but the matrix width is what :func:`build` will need, recomputed the same way
+    (the cell-list sizes with a quarter to spare; a last-bit difference only costs a second
+    build). The width is an upper estimate: every candidate of the fullest atom, but not
+    beyond twice the neighbours at a dense packing (0.1 atoms/Å³) or 1.25 times those at a
+    periodic system's own density; :func:`allocate` keeps only the columns the build filled.
+    Each build with new capacities is a compilation, so a good first guess saves a
+    compilation per new batch shape.
     """
     g = jax.device_get(geometry)
     S = g.cell.shape[0]
