@@ -83,7 +83,7 @@ def _text(value) -> str:
 def _optimizer(value) -> str:
     """An optimizer name; a config mapping (``{name: optax:adam, learning_rate: ...}``) becomes its one-line form."""
     if isinstance(value, Mapping):
-        from .transforms.optax_adapter import canonical_spec, is_optax_spec
+        from .transforms.optax_spec import canonical_spec, is_optax_spec
 
         if not is_optax_spec(value):
             raise ValueError(f"only optax optimizers take the mapping form (name: optax:<name>), got {dict(value)!r}")
@@ -455,8 +455,8 @@ def plan(run: Run, items) -> list:
 class BackgroundWriter:
     """Writes finished systems' files on one thread while the main thread waits for the device.
 
-    Writing a system's ``.h5`` is ~10 ms of Python and HDF5 calls; on the main thread that time
-    would sit between device calls. Here it overlaps them. ``submit`` blocks when ``backlog``
+    Writing a system's ``.h5`` is milliseconds of Python and HDF5 calls; on the main thread that
+    time would sit between device calls. Here it overlaps them. ``submit`` blocks when ``backlog``
     writes wait (so memory holds at most that many trajectories); leaving the ``with`` block
     finishes every submitted write — also when the block raises — and then re-raises the first
     error a write raised.

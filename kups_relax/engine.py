@@ -19,7 +19,7 @@ from .precision import x64
 from .results import RelaxResult, Trajectory
 from .scheduler import Job, RunSettings, Scheduler
 from .transforms import Transform, ase_fire, ase_lbfgs, is_optax_spec, optax_optimizer
-from .transforms.optax_adapter import OPTIMIZERS as OPTAX_OPTIMIZERS
+from .transforms.optax_spec import OPTIMIZERS as OPTAX_OPTIMIZERS
 
 __all__ = ["DEFAULT_MAX_DISPLACEMENT", "DEFAULT_MAX_STEPS", "DEFAULT_SKIN", "OPTIMIZERS", "RelaxResult", "Trajectory",
            "relax", "relax_iter", "resolve_optimizer"]
@@ -50,7 +50,7 @@ def resolve_optimizer(optimizer: str | Mapping | Transform | None) -> Transform:
 
     Names: ``"lbfgs"``, ``"fire"``, or an optax optimizer ``"optax:adam(learning_rate=0.01)"``
     (also as a mapping ``{"name": "optax:adam", ...}``; see
-    :mod:`kups_relax.transforms.optax_adapter`), chained with ASE's 0.2 Å max step.
+    :mod:`kups_relax.transforms.optax_spec`), chained with ASE's 0.2 Å max step.
     """
     if optimizer is None:
         return ase_lbfgs()

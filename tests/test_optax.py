@@ -23,7 +23,7 @@ from ase.optimize import LBFGS as AseLBFGS
 from kups_relax import relax
 from kups_relax.engine import resolve_optimizer
 from kups_relax.transforms import MaxStepSize, OptaxTransform, SystemIndex, optax_optimizer
-from kups_relax.transforms.optax_adapter import BUILDING_BLOCKS, OPTIMIZERS, canonical_spec
+from kups_relax.transforms.optax_spec import BUILDING_BLOCKS, OPTIMIZERS, canonical_spec
 from potentials import EMT
 
 EMT_POTENTIAL = EMT()
