@@ -110,3 +110,45 @@ def test_relax_is_float64_with_x64_off_and_leaves_it_off():
     assert out["positions_dtype"] == "float64" and out["pair_dtype"] == "float64"
     assert out["seen"] == [["generator", False], ["on_result", False], ["between items", False]]
     assert out["x64_after"] is False and out["after_dtype"] == "float32"
+
+
+def test_scope_covers_our_code_only():
+    """``precision.x64`` on a function and on a generator, called from code with 64-bit types off."""
+    import jax
+
+    from kups_relax.precision import enabled, x64
+
+    seen = []
+
+    @x64(user_code=("items", "callback"))
+    def produce(items, callback=None):
+        try:
+            for item in items:
+                seen.append(("ours", enabled()))
+                if callback is not None:
+                    callback(item)
+                yield item
+        finally:
+            seen.append(("our clean-up", enabled()))
+
+    @x64
+    def plain():
+        return enabled()
+
+    def items():
+        for k in range(3):
+            seen.append(("their iterator", enabled()))
+            yield k
+
+    with jax.enable_x64(False):
+        assert plain() is True and enabled() is False
+        stream = produce(items(), callback=lambda item: seen.append(("their callback", enabled())))
+        for item in stream:
+            seen.append(("between items", enabled()))
+            if item == 1:
+                break
+        stream.close()
+        assert enabled() is False
+    assert seen == [("their iterator", False), ("ours", True), ("their callback", False), ("between items", False),
+                    ("their iterator", False), ("ours", True), ("their callback", False), ("between items", False),
+                    ("our clean-up", True)]
