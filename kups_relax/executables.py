@@ -142,9 +142,11 @@ def _prepare_runtime() -> None:
     kernels and crash the process. (No other kernel the engine uses is bound lazily.)
     Lowering a 1x1 LU factorisation binds them through public API (~20 ms once the process
     has lowered anything; jaxlib's own ``_lapack.initialize()`` would be private). An error
-    here makes the caller compile instead of loading.
+    here makes the caller compile instead of loading. Only CPU programs call these kernels
+    (the engine's programs run on the default device).
     """
-    jax.jit(jax.lax.linalg.lu).lower(jax.ShapeDtypeStruct((1, 1), jnp.float32))
+    if jax.devices()[0].platform == "cpu":
+        jax.jit(jax.lax.linalg.lu).lower(jax.ShapeDtypeStruct((1, 1), jnp.float32))
 
 
 def _stable(text: str) -> bool:
