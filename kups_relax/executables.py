@@ -1,8 +1,8 @@
 """Compiled programs kept on disk, so that a second process skips tracing, lowering and compiling.
 
 JAX's persistent compilation cache saves only the XLA compilation: its key is the lowered
-program, so every process still traces and lowers the relaxation loop (about 4 s of a
-10 s warm run of 64 structures on 2 CPU cores). :func:`cached_jit` wraps ``jax.jit`` for
+program, so every process still traces and lowers the relaxation loop (a large part of a
+warm run). :func:`cached_jit` wraps ``jax.jit`` for
 the engine's few big entry points and keys the *compiled executable* by what determines
 it without tracing:
 
@@ -70,10 +70,9 @@ def _source_hash() -> str:
 
 
 #: XLA options for the engine's programs on a CPU. XLA hands reductions to YNNPACK by default;
-#: a YNNPACK call costs ~100 µs on 2 cores whatever its size, and the relaxation loop makes
+#: a YNNPACK call has a large fixed cost whatever its size, and the relaxation loop makes
 #: hundreds per step (per-system dots), while XLA's own fused reductions cost a few
-#: (measured: an L-BFGS-like loop of per-system dots 126 -> 56 µs per dot; a 64-structure EMT
-#: relaxation 5.1 -> 4.5 s). Passed per program, so no other program in the process is touched.
+#: microseconds. Passed per program, so no other program in the process is touched.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -140,7 +139,7 @@ def _prepare_runtime() -> None:
     jaxlib binds its LAPACK kernels (all of them, to SciPy's) the first time a linear-algebra
     operation is lowered; an executable loaded without lowering anything would call unbound
     kernels and crash the process. (No other kernel the engine uses is bound lazily.)
-    Lowering a 1x1 LU factorisation binds them through public API (~20 ms once the process
+    Lowering a 1x1 LU factorisation binds them through public API (milliseconds once the process
     has lowered anything; jaxlib's own ``_lapack.initialize()`` would be private). An error
     here makes the caller compile instead of loading. Only CPU programs call these kernels
     (the engine's programs run on the default device).
