@@ -22,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kups_relax.batch import Geometry
-from kups_relax.evaluate import EnergyForces
 from kups_relax.neighbors import NeighborList
-from kups_relax.pairs import gather_neighbors, pair_forces, pair_geometry, pair_virial
-from kups_relax.segments import segment_sum
+from kups_relax.pairs import gather_neighbors, pair_geometry
 
+from .pair import PairPotential
 from .species import ParameterValue, PairTable, Species, finish, pair_table
 
 #: Mixing rules of :meth:`MorsePotential.per_species`, per parameter.
@@ -43,7 +42,7 @@ DEFAULTS = dict(epsilon=1.0, rho0=6.0, r0=1.0, rcut1=1.9, rcut2=2.7)
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class MorsePotential:
+class MorsePotential(PairPotential):
     """Morse potential (ASE's ``MorsePotential`` parameters and defaults).
 
     Attributes:
@@ -129,23 +128,6 @@ class MorsePotential:
         dmorse = -2.0 * epsilon * rho0 / r0 * expf * (expf - 1.0)
         g_over_r = jnp.where(inside, (dmorse * cut + morse * dcut) / d, 0.0)
         return pg, pair, g_over_r
-
-    def _system_energies(self, geometry: Geometry, pair: jax.Array) -> jax.Array:
-        per_atom = jnp.where(geometry.atom_mask, 0.5 * jnp.sum(pair, axis=0), 0.0)
-        return segment_sum(per_atom, geometry.system, geometry.n_systems)
-
-    def energy(self, geometry: Geometry, neighbors: NeighborList) -> jax.Array:
-        """Per-system energies ``(S,)``, eV."""
-        _, pair, _ = self._pair_terms(geometry, neighbors)
-        return self._system_energies(geometry, pair)
-
-    def energy_forces(self, geometry: Geometry, neighbors: NeighborList, compute_virial: bool = False) -> EnergyForces:
-        """Energies ``(S,)``, forces ``(A, 3)`` and (optionally) virials ``(S, 3, 3)`` analytically,
-        from one pass over the neighbor matrix (the energies are :meth:`energy`'s)."""
-        pg, pair, g_over_r = self._pair_terms(geometry, neighbors)
-        forces = pair_forces(g_over_r, pg)
-        virial = pair_virial(g_over_r, pg, geometry.system, geometry.n_systems) if compute_virial else None
-        return EnergyForces(energy=self._system_energies(geometry, pair), forces=forces, virial=virial)
 
 
 def _smooth_step(r: jax.Array, r_on, r_off) -> tuple[jax.Array, jax.Array]:
