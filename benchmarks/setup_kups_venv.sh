@@ -8,18 +8,7 @@
 set -euo pipefail
 VENV="${1:-/tmp/kups-venv}"
 PY="${KUPS_PYTHON:-}"
-if [[ -z "$PY" ]]; then
-  for cand in $(ls -d /root/.pyenv/versions/3.12.* "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12.* 2>/dev/null | sort -V -r); do
-    if [[ -x "$cand/bin/python" ]]; then PY="$cand/bin/python"; break; fi
-  done
-fi
-if [[ -z "$PY" ]]; then
-  PY="$(command -v python3.12 || true)"
-fi
-if [[ -z "$PY" ]]; then
-  echo "no Python 3.12 found: install one (pyenv install 3.12) or set KUPS_PYTHON" >&2
-  exit 1
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/python312.sh"
 if [[ ! -x "$VENV/bin/python" ]]; then
   "$PY" -m venv "$VENV"
 fi
