@@ -3,9 +3,10 @@
 Readers never touch JAX; writers write whole files or nothing (a temporary name in
 the same folder, renamed over the final name once complete).
 
-* :func:`read_structures` -- paths (files or folders) to named structures; a file
-  that cannot be read, or a name used twice, becomes an entry with a reason
-  instead of an exception, so one bad file never stops a screening.
+* :func:`iter_structures` -- paths (files or folders) to named structures, read as they
+  are asked for (:func:`read_structures`: the same as a list); a file that cannot be read,
+  or a name used twice, becomes an entry with a reason instead of an exception, so one
+  bad file never stops a screening. :func:`read_path_list` reads a file of paths.
 * :func:`read_trajectory` -- the frames of a ``<name>.h5`` relaxation trajectory
   (:mod:`kups_relax.h5md`) as ASE ``Atoms`` with energies and forces.
 * :func:`atomic_output`, :func:`write_extxyz`, :func:`write_summary_csv`.
@@ -21,7 +22,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import ase.io
 import numpy as np
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "InputStructure", "SUMMARY_COLUMNS", "STRUCTURE_SUFFIXES", "atomic_output", "find_structure_files",
+    "iter_structure_files", "iter_structures", "read_path_list",
     "read_observable", "read_parameters", "read_structures", "read_trajectory", "remove_stale_temporaries",
     "optimizer_metadata", "potential_metadata", "write_extxyz", "write_result", "write_summary_csv",
 ]
@@ -78,14 +80,14 @@ def _is_structure_file(path: Path) -> bool:
     return path.suffix.lower() in STRUCTURE_SUFFIXES or upper.startswith(("POSCAR", "CONTCAR"))
 
 
-def find_structure_files(paths: Sequence[str | Path], format: str | None = None) -> list[Path]:
-    """Expand ``paths``: files as given, folders to their structure files (sorted, not recursive).
+def iter_structure_files(paths: Iterable[str | Path], format: str | None = None) -> Iterator[Path]:
+    """Expand ``paths`` lazily: files as given, folders to their structure files (sorted, not recursive).
 
     In a folder, hidden files are skipped, and without ``format`` only files whose
     names look like structures (:data:`STRUCTURE_SUFFIXES`, ``POSCAR*``, ``CONTCAR*``).
-    A path that does not exist is kept (reading it reports the problem).
+    A path that does not exist is kept (reading it reports the problem). ``paths`` is
+    consumed one item at a time, so it may be a generator (e.g. :func:`read_path_list`).
     """
-    files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(c for c in p.iterdir() if c.is_file() and not c.name.startswith("."))
@@ -93,10 +95,35 @@ def find_structure_files(paths: Sequence[str | Path], format: str | None = None)
             if len(taken) < len(found):
                 logger.info("%s: skipped %d file(s) that do not look like structures (name them, or pass a format)",
                             p, len(found) - len(taken))
-            files.extend(taken)
+            yield from taken
         else:
-            files.append(p)
-    return files
+            yield p
+
+
+def find_structure_files(paths: Sequence[str | Path], format: str | None = None) -> list[Path]:
+    """:func:`iter_structure_files` as a list."""
+    return list(iter_structure_files(paths, format))
+
+
+def read_path_list(path: str | Path) -> Iterator[Path]:
+    """The paths listed in a text file, one per line, read as they are needed.
+
+    Blank lines and lines starting with ``#`` are skipped, as is whitespace around a path;
+    a relative path is taken relative to the folder holding the list file (not the current
+    directory), so a list travels with the files it names.
+
+    Raises:
+        OSError: the list file cannot be opened (when the first path is asked for).
+    """
+    path = Path(path)
+    base = path.parent
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            listed = Path(text).expanduser()
+            yield listed if listed.is_absolute() else base / listed
 
 
 def _read_error(path: Path, err: Exception) -> str:
@@ -109,8 +136,78 @@ def _read_error(path: Path, err: Exception) -> str:
     return f"cannot read file ({kind}{': ' + text if text else ''})"
 
 
+def _read_file(path: Path, format: str | None) -> Iterator[InputStructure]:
+    """The systems of one file, frame by frame (``ase.io.iread``): one frame ahead is read to
+    know whether the file holds one system (named ``<stem>``) or several (``<stem>-<i>``).
+
+    A file that fails before its first frame is one ``"unreadable"`` entry named ``<stem>``;
+    one that fails at frame ``i > 0`` keeps the frames before and ends with an ``"unreadable"``
+    entry ``<stem>-<i>`` (source ``path@i``).
+    """
+    # .copy() drops the calculator results a file may carry (energies, forces of another method)
+    frames = ase.io.iread(path, index=":", format=format)
+    try:
+        first = next(frames, None)
+    except Exception as err:  # ASE raises many kinds for garbled files
+        yield InputStructure(path.stem, str(path), None, "unreadable", _read_error(path, err))
+        return
+    if first is None:
+        yield InputStructure(path.stem, str(path), None, "unreadable", "no structures in file")
+        return
+    try:
+        second = next(frames, None)
+    except Exception as err:
+        yield InputStructure(f"{path.stem}-0", f"{path}@0", first.copy())
+        yield InputStructure(f"{path.stem}-1", f"{path}@1", None, "unreadable", _read_error(path, err))
+        return
+    if second is None:
+        yield InputStructure(path.stem, str(path), first.copy())
+        return
+    yield InputStructure(f"{path.stem}-0", f"{path}@0", first.copy())
+    yield InputStructure(f"{path.stem}-1", f"{path}@1", second.copy())
+    del first, second
+    i = 2
+    while True:
+        try:
+            atoms = next(frames, None)
+        except Exception as err:
+            yield InputStructure(f"{path.stem}-{i}", f"{path}@{i}", None, "unreadable", _read_error(path, err))
+            return
+        if atoms is None:
+            return
+        yield InputStructure(f"{path.stem}-{i}", f"{path}@{i}", atoms.copy())
+        i += 1
+
+
+def iter_structures(paths: Iterable[str | Path], format: str | None = None) -> Iterator[InputStructure]:
+    """Read the structures in ``paths`` (files or folders) as they are asked for.
+
+    One file is open at a time and a multi-frame file is read frame by frame, so memory
+    holds one structure (and one read ahead), whatever the number of inputs. Names and
+    sources are those of :func:`read_structures`; an unreadable file is an entry with
+    ``status="unreadable"`` and the next file is read as usual, and a name seen before is
+    ``status="invalid"`` (the first keeps it; the set of names seen is the only thing that
+    grows with the number of inputs).
+
+    Args:
+        paths: files (any format ASE reads) and folders (see :func:`iter_structure_files`),
+            in a sequence or any iterable (read one at a time, e.g. :func:`read_path_list`).
+        format: an ASE format name to force (default: ASE guesses from the name and content).
+    """
+    first_source: dict[str, str] = {}
+    for path in iter_structure_files(paths, format):
+        for item in _read_file(path, format):
+            if item.name in first_source:
+                item.status = "invalid"
+                item.reason = (f"duplicate system name {item.name!r} (also from {first_source[item.name]}); "
+                               "outputs are named by system, so rename one of the files")
+            else:
+                first_source[item.name] = item.source
+            yield item
+
+
 def read_structures(paths: Sequence[str | Path], format: str | None = None) -> list[InputStructure]:
-    """Read every structure in ``paths`` (files or folders) with ``ase.io.read``.
+    """Read every structure in ``paths`` (files or folders) into a list (:func:`iter_structures`).
 
     Args:
         paths: files (any format ASE reads) and folders (see :func:`find_structure_files`).
@@ -121,35 +218,7 @@ def read_structures(paths: Sequence[str | Path], format: str | None = None) -> l
         unreadable file gives one entry with ``status="unreadable"``, and a name seen
         before gives ``status="invalid"`` with a reason naming both sources.
     """
-    out: list[InputStructure] = []
-    for path in find_structure_files(paths, format):
-        try:
-            frames = ase.io.read(path, index=":", format=format)
-        except Exception as err:  # ASE raises many kinds for garbled files
-            out.append(InputStructure(path.stem, str(path), None, "unreadable", _read_error(path, err)))
-            continue
-        if isinstance(frames, Atoms):
-            frames = [frames]
-        # .copy() drops the calculator results a file may carry (energies, forces of another method)
-        if not frames:
-            out.append(InputStructure(path.stem, str(path), None, "unreadable", "no structures in file"))
-        elif len(frames) == 1:
-            out.append(InputStructure(path.stem, str(path), frames[0].copy()))
-        else:
-            out.extend(InputStructure(f"{path.stem}-{i}", f"{path}@{i}", a.copy()) for i, a in enumerate(frames))
-    _mark_duplicates(out)
-    return out
-
-
-def _mark_duplicates(structures: list[InputStructure]) -> None:
-    first: dict[str, str] = {}
-    for s in structures:
-        if s.name in first:
-            s.status = "invalid"
-            s.reason = (f"duplicate system name {s.name!r} (also from {first[s.name]}); "
-                        "outputs are named by system, so rename one of the files")
-        else:
-            first[s.name] = s.source
+    return list(iter_structures(paths, format))
 
 
 # --- writing -------------------------------------------------------------------------------
