@@ -1,4 +1,4 @@
-"""One relaxation trajectory per HDF5 file, in the H5MD 1.1 layout ("HDF5 for molecular data").
+"""Relaxation trajectories in HDF5 files, in the H5MD 1.1 layout ("HDF5 for molecular data").
 
 A file written by :func:`write_relaxation` reads with plain ``h5py``::
 
@@ -23,6 +23,10 @@ A file written by :func:`write_relaxation` reads with plain ``h5py``::
                                  ``todict()`` of every constraint, when there are any)
         potential/               attrs: name and every parameter of the potential
         optimizer/               attrs: name and its settings (maxstep, ...)
+
+Several systems can share one file, a *shard* (:class:`ShardWriter`): the same groups one
+level down, ``/particles/<name>``, ``/observables/<name>``, ``/parameters/<name>``, and the
+root attribute ``layout = "shard"``; the readers take ``system=<name>``.
 
 Row ``t`` of every time series is optimizer step ``step[t]`` (``0`` = the input geometry);
 a relaxation has no physical time, so the optional H5MD ``time`` datasets are left out.
@@ -104,10 +108,119 @@ def write_relaxation(
         stress: final ``(3, 3)`` stress, eV/Å³, for 3-D periodic systems (else ``None``).
         creator_version: the package version written to ``/h5md/creator``.
     """
+    arrays = _system_arrays(trajectory, energies, fmaxes)
+    with h5py.File(path, "w", libver=("earliest", "latest")) as f:
+        _write_header(f, creator_version)
+        _write_system(f.create_group("particles/all"), f.create_group("observables"), f.create_group("parameters"),
+                      trajectory[0], arrays, parameters=parameters, potential=potential, optimizer=optimizer,
+                      stress=stress)
+
+
+class ShardWriter:
+    """Several systems' relaxations in one H5MD file: a *shard* (one file per thousand systems
+    instead of a thousand files, which a cluster file system handles much better).
+
+    Layout: the per-system file's groups, one level down, keyed by the system's name::
+
+        /particles/<name>/      species, fixed, box/edges, position, force   (as particles/all)
+        /observables/<name>/    potential_energy, max_force, stress
+        /parameters/<name>/     attrs as /parameters; potential/, optimizer/
+
+    and the root attribute ``layout = "shard"``. H5MD allows any number of particle groups;
+    plain ``h5py`` reads a system as ``f["particles"][name]``. :func:`read_trajectory`,
+    :func:`read_parameters` and :func:`read_observable` take ``system=name``;
+    :func:`system_names` lists the systems. Systems are written as they are added, so memory
+    holds one trajectory at a time; the file is complete once :meth:`close` returns (write to a
+    temporary name and rename it then, for atomicity). Use from one thread at a time.
+
+    Args:
+        path: the file to create (overwritten if it exists).
+        creator_version: the package version written to ``/h5md/creator``.
+    """
+
+    def __init__(self, path: str | Path, creator_version: str = ""):
+        self.path = Path(path)
+        self._file = h5py.File(path, "w", libver=("earliest", "latest"))
+        self._file.attrs["layout"] = SHARD_LAYOUT
+        _write_header(self._file, creator_version)
+        for group in ("particles", "observables", "parameters"):
+            self._file.create_group(group)
+        self.names: list[str] = []
+        self._shared: dict[str, tuple[Mapping[str, Any], h5py.Group]] = {}
+
+    def add(self, name: str, trajectory: Sequence[Atoms], energies: np.ndarray, fmaxes: np.ndarray, *,
+            parameters: Mapping[str, Any], potential: Mapping[str, Any], optimizer: Mapping[str, Any],
+            stress: np.ndarray | None = None) -> None:
+        """Add one system (arguments as :func:`write_relaxation`); ``name`` must be new in this file
+        and must not contain ``/``."""
+        if "/" in name or name in (".", ""):
+            raise ValueError(f"system name {name!r} cannot name an HDF5 group")
+        if name in self._file["particles"]:
+            raise ValueError(f"{self.path}: system {name!r} is already in this shard")
+        arrays = _system_arrays(trajectory, energies, fmaxes)
+        f = self._file
+        params = f["parameters"].create_group(name)
+        settings = {"potential": potential, "optimizer": optimizer}
+        linked = {}
+        for kind, values in settings.items():  # the same settings as the system before: a hard link to its group
+            previous = self._shared.get(kind)
+            if previous is not None and previous[0] == dict(values):
+                params[kind] = previous[1]
+                linked[kind] = True
+        _write_system(f["particles"].create_group(name), f["observables"].create_group(name), params,
+                      trajectory[0], arrays, parameters=parameters, stress=stress,
+                      potential=None if linked.get("potential") else potential,
+                      optimizer=None if linked.get("optimizer") else optimizer)
+        for kind, values in settings.items():
+            if not linked.get(kind):
+                self._shared[kind] = (dict(values), params[kind])
+        self.names.append(name)
+
+    def flush(self) -> None:
+        """Push what was written to the operating system (the file is still incomplete until closed)."""
+        self._file.flush()
+
+    def close(self) -> None:
+        """Record the order the systems were written in and close the file."""
+        if self._file:
+            self._file["parameters"].attrs["systems_order"] = json.dumps(self.names)
+            self._file.close()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_relaxations(path: str | Path, systems: Sequence[Mapping[str, Any]], creator_version: str = "") -> None:
+    """Write several systems' relaxations into one H5MD shard file (:class:`ShardWriter`).
+
+    Args:
+        path: the file to create.
+        systems: one mapping per system with the keyword arguments of :meth:`ShardWriter.add`
+            (``name``, ``trajectory``, ``energies``, ``fmaxes``, ``parameters``, ``potential``,
+            ``optimizer`` and optionally ``stress``).
+        creator_version: the package version written to ``/h5md/creator``.
+    """
+    with ShardWriter(path, creator_version) as shard:
+        for system in systems:
+            shard.add(**system)
+
+
+#: The root attribute ``layout`` of a file holding several systems (:class:`ShardWriter`).
+SHARD_LAYOUT = "shard"
+
+
+def _system_arrays(trajectory, energies, fmaxes) -> dict[str, np.ndarray]:
+    """Positions, forces, edges, energies and fmaxes of one relaxation as float64 arrays, checked."""
     if not trajectory:
         raise ValueError("a trajectory needs at least one frame (the input geometry)")
     first = trajectory[0]
-    T, N = len(trajectory), len(first)
+    T = len(trajectory)
     energies = np.asarray(energies, dtype=np.float64)
     fmaxes = np.asarray(fmaxes, dtype=np.float64)
     if energies.shape != (T,) or fmaxes.shape != (T,):
@@ -122,47 +235,55 @@ def write_relaxation(
         forces = np.stack([a.calc.get_property("forces", a, allow_calculation=False)
                            for a in trajectory]).astype(np.float64)
         edges = np.stack([a.cell.array for a in trajectory]).astype(np.float64)
+    return dict(positions=positions, forces=forces, edges=edges, energies=energies, fmaxes=fmaxes)
+
+
+def _write_header(f: h5py.File, creator_version: str) -> None:
+    h5md = f.create_group("h5md")
+    h5md.attrs["version"] = np.asarray(H5MD_VERSION, dtype=np.int32)
+    try:
+        author = getpass.getuser()
+    except Exception:  # no user name in this environment (containers)
+        author = "unknown"
+    f.create_group("h5md/author").attrs["name"] = author
+    creator = f.create_group("h5md/creator")
+    creator.attrs["name"] = "kups-relax"
+    creator.attrs["version"] = creator_version
+
+
+def _write_system(particles: h5py.Group, observables: h5py.Group, params: h5py.Group, first: Atoms,
+                  arrays: Mapping[str, np.ndarray], *, parameters: Mapping[str, Any],
+                  potential: Mapping[str, Any] | None, optimizer: Mapping[str, Any] | None,
+                  stress: np.ndarray | None) -> None:
+    """One system's groups (``potential``/``optimizer`` ``None``: already linked into ``params``)."""
+    T = len(arrays["energies"])
     steps = np.arange(T, dtype=np.int64)
+    particles.create_dataset("species", data=first.numbers.astype(np.int32))
+    particles["species"].attrs["description"] = "atomic numbers Z"
+    fixed = _fixed_components(first)
+    if fixed.any():
+        particles.create_dataset("fixed", data=fixed)
+        particles["fixed"].attrs["description"] = "True where a Cartesian component is held fixed"
+    box = particles.create_group("box")
+    box.attrs["dimension"] = np.int32(3)
+    box.attrs["boundary"] = np.array([b"periodic" if p else b"none" for p in first.pbc])
+    step = _time_series(particles, "position", steps, arrays["positions"], "atom positions, row t = after step t")
+    _time_series(particles, "force", step, arrays["forces"], "forces on atoms (before constraints)")
+    _time_series(box, "edges", step, arrays["edges"], "lattice vectors as rows (ASE cell)")
 
-    with h5py.File(path, "w", libver=("earliest", "latest")) as f:
-        h5md = f.create_group("h5md")
-        h5md.attrs["version"] = np.asarray(H5MD_VERSION, dtype=np.int32)
-        try:
-            author = getpass.getuser()
-        except Exception:  # no user name in this environment (containers)
-            author = "unknown"
-        f.create_group("h5md/author").attrs["name"] = author
-        creator = f.create_group("h5md/creator")
-        creator.attrs["name"] = "kups-relax"
-        creator.attrs["version"] = creator_version
+    _time_series(observables, "potential_energy", step, arrays["energies"], "potential energy")
+    _time_series(observables, "max_force", step, arrays["fmaxes"],
+                 "largest per-atom force norm after constraints (the fmax criterion)")
+    if stress is not None:
+        _time_series(observables, "stress", [T - 1], np.asarray(stress, np.float64)[None],
+                     "stress of the final geometry (3x3, ASE sign convention)")
 
-        particles = f.create_group("particles/all")
-        particles.create_dataset("species", data=first.numbers.astype(np.int32))
-        particles["species"].attrs["description"] = "atomic numbers Z"
-        fixed = _fixed_components(first)
-        if fixed.any():
-            particles.create_dataset("fixed", data=fixed)
-            particles["fixed"].attrs["description"] = "True where a Cartesian component is held fixed"
-        box = particles.create_group("box")
-        box.attrs["dimension"] = np.int32(3)
-        box.attrs["boundary"] = np.array([b"periodic" if p else b"none" for p in first.pbc])
-        step = _time_series(particles, "position", steps, positions, "atom positions, row t = after step t")
-        _time_series(particles, "force", step, forces, "forces on atoms (before constraints)")
-        _time_series(box, "edges", step, edges, "lattice vectors as rows (ASE cell)")
-
-        observables = f.create_group("observables")
-        _time_series(observables, "potential_energy", step, energies, "potential energy")
-        _time_series(observables, "max_force", step, fmaxes,
-                     "largest per-atom force norm after constraints (the fmax criterion)")
-        if stress is not None:
-            _time_series(observables, "stress", [T - 1], np.asarray(stress, np.float64)[None],
-                         "stress of the final geometry (3x3, ASE sign convention)")
-
-        params = f.create_group("parameters")
-        _attrs(params.attrs, parameters)
-        if first.constraints:  # every constraint, exactly (``fixed`` above covers only the fixed components)
-            params.attrs["constraints"] = json.dumps([c.todict() for c in first.constraints], default=_plain)
+    _attrs(params.attrs, parameters)
+    if first.constraints:  # every constraint, exactly (``fixed`` above covers only the fixed components)
+        params.attrs["constraints"] = json.dumps([c.todict() for c in first.constraints], default=_plain)
+    if potential is not None:
         _attrs(params.create_group("potential").attrs, potential)
+    if optimizer is not None:
         _attrs(params.create_group("optimizer").attrs, optimizer)
 
 
@@ -186,8 +307,48 @@ def _constraints(fixed: np.ndarray) -> list:
     return out
 
 
-def read_trajectory(path: str | Path, index: int | slice = slice(None)) -> list[Atoms] | Atoms:
-    """The frames of a relaxation written by :func:`write_relaxation`, as ASE ``Atoms``.
+def system_names(path: str | Path) -> list[str]:
+    """The systems a file holds: a shard's (:class:`ShardWriter`, in the order written), or the
+    one of a per-system file (its ``/parameters`` ``name``, else the file's stem)."""
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("layout") == SHARD_LAYOUT:
+            return _shard_names(f)
+        name = f["parameters"].attrs.get("name") if "parameters" in f else None
+        return [_plain(name) if name is not None else Path(path).stem]
+
+
+def _shard_names(f: h5py.File) -> list[str]:
+    """A shard's system names in the order written (HDF5 lists groups alphabetically)."""
+    order = f["parameters"].attrs.get("systems_order")
+    names = list(f["particles"])
+    if order is None:
+        return names
+    return [n for n in json.loads(_plain(order)) if n in f["particles"]]
+
+
+def _system_groups(f: h5py.File, system: str | None) -> tuple[h5py.Group, h5py.Group, h5py.Group | None]:
+    """``(particles, observables, parameters)`` of one system of a per-system file or a shard."""
+    if f.attrs.get("layout") != SHARD_LAYOUT:
+        params = f["parameters"] if "parameters" in f else None
+        if system is not None and params is not None and "name" in params.attrs \
+                and _plain(params.attrs["name"]) != system:
+            raise KeyError(f"{f.filename}: holds system {_plain(params.attrs['name'])!r}, not {system!r}")
+        return f["particles/all"], f["observables"], params
+    if system is None:
+        names = list(f["particles"])
+        if len(names) != 1:
+            listing = ", ".join(map(repr, names[:5])) + (" ..." if len(names) > 5 else "")
+            raise ValueError(f"{f.filename} holds {len(names)} systems ({listing}); pass system=<name>")
+        system = names[0]
+    if system not in f["particles"]:
+        raise KeyError(f"{f.filename}: no system {system!r} in this file")
+    return f["particles"][system], f["observables"][system], f["parameters"][system]
+
+
+def read_trajectory(path: str | Path, index: int | slice = slice(None), system: str | None = None
+                    ) -> list[Atoms] | Atoms:
+    """The frames of a relaxation written by :func:`write_relaxation` or in a :class:`ShardWriter`
+    file, as ASE ``Atoms``.
 
     Every frame carries a ``SinglePointCalculator`` with its energy (eV) and forces
     (eV/Å, before constraints; ``get_forces()`` applies the constraints as usual), the
@@ -198,9 +359,15 @@ def read_trajectory(path: str | Path, index: int | slice = slice(None)) -> list[
         path: an ``.h5`` file.
         index: which frames: a slice (default all) gives a list, an int (``-1`` = the
             relaxed structure) gives one ``Atoms``, as with ``ase.io.read``.
+        system: the system's name, needed for a shard holding several systems
+            (:func:`system_names` lists them); for a per-system file it may be left out.
+
+    Raises:
+        KeyError: no system of that name in the file.
+        ValueError: a shard of several systems and no ``system``.
     """
     with h5py.File(path, "r") as f:
-        particles = f["particles/all"]
+        particles, observables, params = _system_groups(f, system)
         numbers = particles["species"][()]
         fixed = particles["fixed"][()] if "fixed" in particles else np.zeros((len(numbers), 3), bool)
         pbc = [b == "periodic" for b in _strings(particles["box"].attrs["boundary"])]
@@ -211,12 +378,12 @@ def read_trajectory(path: str | Path, index: int | slice = slice(None)) -> list[
         positions = particles["position/value"][()][rows]
         forces = particles["force/value"][()][rows]
         edges = particles["box/edges/value"][()][rows]
-        energies = f["observables/potential_energy/value"][()][rows]
-        constraints_json = f["parameters"].attrs.get("constraints") if "parameters" in f else None
+        energies = observables["potential_energy/value"][()][rows]
+        constraints_json = params.attrs.get("constraints") if params is not None else None
         stress_at, stress = None, None
-        if "observables/stress" in f:
-            stress_at = int(f["observables/stress/step"][-1])
-            stress = f["observables/stress/value"][-1]
+        if "stress" in observables:
+            stress_at = int(observables["stress/step"][-1])
+            stress = observables["stress/value"][-1]
     frames = []
     for k, t in enumerate(rows):
         atoms = Atoms(numbers=numbers, positions=positions[k], cell=edges[k], pbc=pbc)
@@ -237,17 +404,19 @@ def read_trajectory(path: str | Path, index: int | slice = slice(None)) -> list[
     return frames[0] if single else frames
 
 
-def read_observable(path: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(step, value)`` of ``/observables/<name>`` (``potential_energy`` eV, ``max_force`` eV/Å, ``stress``)."""
+def read_observable(path: str | Path, name: str, system: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(step, value)`` of ``/observables/<name>`` (``potential_energy`` eV, ``max_force`` eV/Å, ``stress``);
+    ``system`` as in :func:`read_trajectory`."""
     with h5py.File(path, "r") as f:
-        element = f["observables"][name]
+        element = _system_groups(f, system)[1][name]
         return element["step"][()], element["value"][()]
 
 
-def read_parameters(path: str | Path) -> dict[str, Any]:
-    """``/parameters`` of a file as a dict, with ``"potential"`` and ``"optimizer"`` sub-dicts."""
+def read_parameters(path: str | Path, system: str | None = None) -> dict[str, Any]:
+    """``/parameters`` of a file (of one of its systems, ``system`` as in :func:`read_trajectory`)
+    as a dict, with ``"potential"`` and ``"optimizer"`` sub-dicts."""
     with h5py.File(path, "r") as f:
-        params = f["parameters"]
+        params = _system_groups(f, system)[2]
         out = {k: _plain(v) for k, v in params.attrs.items()}
         for group in ("potential", "optimizer"):
             out[group] = {k: _plain(v) for k, v in params[group].attrs.items()}

@@ -29,14 +29,14 @@ import numpy as np
 from ase import Atoms
 from ase.stress import voigt_6_to_full_3x3_stress
 
-from .h5md import read_observable, read_parameters, read_trajectory, write_relaxation
+from .h5md import read_observable, read_parameters, read_trajectory, system_names, write_relaxation
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "InputStructure", "SUMMARY_COLUMNS", "STRUCTURE_SUFFIXES", "atomic_output", "find_structure_files",
     "iter_structure_files", "iter_structures", "read_path_list",
-    "read_observable", "read_parameters", "read_structures", "read_trajectory", "remove_stale_temporaries",
+    "read_observable", "read_parameters", "read_structures", "system_names", "read_trajectory", "remove_stale_temporaries",
     "optimizer_metadata", "potential_metadata", "write_extxyz", "write_result", "write_summary_csv",
 ]
 
