@@ -28,15 +28,18 @@ class Progress(logging.Handler):
     job) a plain log line is written every ``interval`` seconds. Use as a context
     manager around the ``relax`` call: it listens to the engine's per-chunk records.
 
+    With ``total=None`` (a stream whose length is unknown until it ends) the count comes from
+    :meth:`finished` calls and no bar is drawn.
+
     Args:
-        total: systems handed to the engine.
+        total: systems handed to the engine, or ``None`` when unknown.
         chunk_steps: steps per device call (a chunk), for the steps-per-second rate.
         stream: where the bar goes (default ``sys.stderr``).
         enabled: ``False`` shows nothing (``--quiet``).
         interval: seconds between log lines when not on a terminal.
     """
 
-    def __init__(self, total: int, chunk_steps: int, stream: TextIO | None = None, enabled: bool = True,
+    def __init__(self, total: int | None, chunk_steps: int, stream: TextIO | None = None, enabled: bool = True,
                  interval: float = 10.0):
         super().__init__(level=logging.DEBUG)
         self.total, self.chunk_steps = total, chunk_steps
@@ -64,7 +67,7 @@ class Progress(logging.Handler):
     def __exit__(self, *exc) -> None:
         self._engine.removeHandler(self)
         self._engine.setLevel(self._saved_level)
-        if exc[0] is None:
+        if exc[0] is None and self.total is not None:
             self.done = self.total
         self._draw(final=True)
 
@@ -76,8 +79,15 @@ class Progress(logging.Handler):
         self._latest = time.perf_counter()
         if self._first is None:
             self._first = (self.chunks, self._latest)
-        self.done = max(self.total - int(running), 0)
+        if self.total is not None:
+            self.done = max(self.total - int(running), 0)
         self._draw()
+
+    def finished(self, n: int = 1) -> None:
+        """Count ``n`` more systems done (a stream of unknown length, ``total=None``)."""
+        if self.total is None:
+            self.done += n
+            self._draw()
 
     def rate(self) -> float | None:
         """Loop steps per second since the first chunk finished (compilation excluded); ``None`` before.
@@ -94,7 +104,8 @@ class Progress(logging.Handler):
             return
         now = time.perf_counter()
         rate = self.rate()
-        parts = [f"{self.done}/{self.total} systems relaxed"]
+        parts = [f"{self.done}/{self.total} systems relaxed" if self.total is not None
+                 else f"{self.done} systems done"]
         if self._first is None and not final:
             parts.append("compiling")
         elif rate is not None:
@@ -104,9 +115,12 @@ class Progress(logging.Handler):
             if not final and now - self._drawn < 0.1:
                 return
             self._drawn = now
-            width = 24
-            filled = int(round(width * self.done / max(self.total, 1)))
-            self.stream.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {text}")
+            if self.total is None:
+                self.stream.write(f"\r\033[K{text}")
+            else:
+                width = 24
+                filled = int(round(width * self.done / max(self.total, 1)))
+                self.stream.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {text}")
             if final:
                 self.stream.write("\n")
             self.stream.flush()
@@ -115,41 +129,78 @@ class Progress(logging.Handler):
             logger.info("progress: %s", text)
 
 
+class SummaryTally:
+    """The summary table of a stream of rows, in memory that does not grow with the stream.
+
+    Counts every row by status and keeps at most ``limit`` converged rows and ``limit`` others
+    (problems: unconverged, diverged, invalid, unreadable, ...): :meth:`table` shows every row
+    when there are at most ``limit``, else the problems first, cut to ``limit`` lines, then a
+    line saying how many more are in ``summary.csv`` and one with the counts by status.
+
+    Args:
+        limit: most rows shown.
+    """
+
+    def __init__(self, limit: int = 40):
+        self.limit = limit
+        self.total = 0
+        self.counts: dict[str, int] = {}
+        self._converged: list[tuple[float, int, Mapping[str, object]]] = []
+        self._problems: list[tuple[float, int, Mapping[str, object]]] = []
+
+    def add(self, row: Mapping[str, object], order: float | None = None) -> None:
+        """Count one row; ``order`` (default: arrival) sorts the rows shown."""
+        status = str(row.get("status"))
+        self.counts[status] = self.counts.get(status, 0) + 1
+        kept = self._converged if status == "converged" else self._problems
+        if len(kept) < self.limit:
+            kept.append((self.total if order is None else order, self.total, row))
+        self.total += 1
+
+    def table(self) -> str:
+        """The fixed-width table, a ``... N more rows`` line when cut, and the counts by status."""
+        columns = [("name", "name", "{}"), ("atoms", "atoms", "{}"), ("status", "status", "{}"),
+                   ("steps", "steps", "{}"), ("final_energy", "energy/eV", "{:.6f}"),
+                   ("final_fmax", "fmax/(eV/Å)", "{:.4g}"), ("reason", "reason", "{}")]
+        if self.total <= self.limit:
+            shown = [r for *_, r in sorted(self._problems + self._converged, key=lambda k: k[:2])]
+        else:
+            shown = [r for *_, r in sorted(self._problems, key=lambda k: k[:2])]
+            shown += [r for *_, r in sorted(self._converged, key=lambda k: k[:2])]
+            shown = shown[:self.limit]
+
+        def cell(row, key, fmt):
+            value = row.get(key)
+            if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
+                return ""
+            text = fmt.format(value)
+            return text if len(text) <= 60 else text[:57] + "..."
+
+        body = [[cell(r, key, fmt) for key, _, fmt in columns] for r in shown]
+        header = [title for _, title, _ in columns]
+        widths = [max(len(x) for x in col) for col in zip(header, *body)]
+        lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header] + body]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if self.total > len(shown):
+            lines.append(f"... {self.total - len(shown)} more rows in summary.csv")
+        lines.append(f"{self.total} systems: " + ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items())))
+        return "\n".join(lines)
+
+
 def summary_table(rows: Sequence[Mapping[str, object]], limit: int = 40) -> str:
-    """A fixed-width table of the summary rows (at most ``limit`` rows, problems first when cut)."""
-    columns = [("name", "name", "{}"), ("atoms", "atoms", "{}"), ("status", "status", "{}"),
-               ("steps", "steps", "{}"), ("final_energy", "energy/eV", "{:.6f}"),
-               ("final_fmax", "fmax/(eV/Å)", "{:.4g}"), ("reason", "reason", "{}")]
-    shown = list(rows)
-    if len(shown) > limit:
-        problems = [r for r in shown if r.get("status") != "converged"]
-        shown = (problems + [r for r in shown if r.get("status") == "converged"])[:limit]
-
-    def cell(row, key, fmt):
-        value = row.get(key)
-        if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
-            return ""
-        text = fmt.format(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    body = [[cell(r, key, fmt) for key, _, fmt in columns] for r in shown]
-    header = [title for _, title, _ in columns]
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header] + body]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
-    if len(rows) > len(shown):
-        lines.append(f"... {len(rows) - len(shown)} more rows in summary.csv")
-    lines.append(f"{len(rows)} systems: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    return "\n".join(lines)
+    """A fixed-width table of the summary rows (at most ``limit`` rows, problems first when cut;
+    :class:`SummaryTally` for a stream)."""
+    tally = SummaryTally(limit)
+    for row in rows:
+        tally.add(row)
+    return tally.table()
 
 
-def plot_max_force(path: Path, series: Mapping[str, np.ndarray], fmax: float) -> None:
+def plot_max_force(path: Path, series: Mapping[str, np.ndarray], fmax: float, total: int | None = None) -> None:
     """PNG of the largest force (eV/Å, log scale) against step for every system, with the ``fmax`` line.
 
-    Needs matplotlib (``pip install kups-relax[plot]``).
+    ``total``: the systems of the run when ``series`` holds only some of them (the title says
+    "N of total"). Needs matplotlib (``pip install kups-relax[plot]``).
     """
     import matplotlib
 
@@ -166,7 +217,8 @@ def plot_max_force(path: Path, series: Mapping[str, np.ndarray], fmax: float) ->
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("largest force / (eV/Å)")
-    ax.set_title(f"{len(series)} systems")
+    shown = len(series)
+    ax.set_title(f"{shown} of {total} systems" if total is not None and total > shown else f"{shown} systems")
     if len(series) <= 12:
         ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
