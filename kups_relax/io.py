@@ -37,7 +37,8 @@ __all__ = [
     "InputStructure", "SUMMARY_COLUMNS", "STRUCTURE_SUFFIXES", "atomic_output", "find_structure_files",
     "iter_structure_files", "iter_structures", "read_path_list",
     "read_observable", "read_parameters", "read_structures", "system_names", "read_trajectory", "remove_stale_temporaries",
-    "optimizer_metadata", "potential_metadata", "write_extxyz", "write_result", "write_summary_csv",
+    "optimizer_metadata", "potential_metadata", "result_record", "write_extxyz", "write_result",
+    "write_summary_csv",
 ]
 
 #: File endings taken from a folder (case-insensitive); files named ``POSCAR*``/``CONTCAR*``
@@ -343,20 +344,11 @@ def optimizer_metadata(transform, name: str | None = None) -> dict[str, Any]:
     return out
 
 
-def write_result(path: str | Path, result, *, potential=None, optimizer=None,
-                 metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write a :class:`~kups_relax.RelaxResult` (relaxed with ``trajectory=True``) to one H5MD file, atomically.
-
-    Args:
-        path: the ``.h5`` file.
-        result: the result; its trajectory, energies, forces and largest forces are written.
-        potential: the potential object (described by :func:`potential_metadata`) or a mapping.
-        optimizer: an optimizer name (``"lbfgs"``), a transform, or a mapping.
-        metadata: more attributes for ``/parameters`` (e.g. ``fmax``, ``source``).
-
-    Returns:
-        ``path``. Read it back with :func:`read_trajectory` or plain ``h5py``.
-    """
+def result_record(result, *, potential=None, optimizer=None, metadata: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """What one system's trajectory file holds, as the keyword arguments of
+    :func:`kups_relax.h5md.write_relaxation` (``trajectory``, ``energies``, ``fmaxes``, ``parameters``,
+    ``potential``, ``optimizer``, ``stress``); arguments as :func:`write_result`."""
     from . import __version__
     from .engine import resolve_optimizer
 
@@ -376,7 +368,27 @@ def write_result(path: str | Path, result, *, potential=None, optimizer=None,
         steps=int(result.steps), n_atoms=len(result.atoms), initial_energy=float(result.initial_energy),
         final_energy=float(result.energy), final_fmax=float(result.fmax), package="kups-relax",
         version=__version__, **(metadata or {}))
+    return dict(trajectory=result.trajectory, energies=result.energies, fmaxes=result.fmaxes, parameters=parameters,
+                potential=potential or {}, optimizer=optimizer, stress=stress)
+
+
+def write_result(path: str | Path, result, *, potential=None, optimizer=None,
+                 metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write a :class:`~kups_relax.RelaxResult` (relaxed with ``trajectory=True``) to one H5MD file, atomically.
+
+    Args:
+        path: the ``.h5`` file.
+        result: the result; its trajectory, energies, forces and largest forces are written.
+        potential: the potential object (described by :func:`potential_metadata`) or a mapping.
+        optimizer: an optimizer name (``"lbfgs"``), a transform, or a mapping.
+        metadata: more attributes for ``/parameters`` (e.g. ``fmax``, ``source``).
+
+    Returns:
+        ``path``. Read it back with :func:`read_trajectory` or plain ``h5py``.
+    """
+    from . import __version__
+
+    record = result_record(result, potential=potential, optimizer=optimizer, metadata=metadata)
     with atomic_output(path) as tmp:
-        write_relaxation(tmp, result.trajectory, result.energies, result.fmaxes, parameters=parameters,
-                         potential=potential or {}, optimizer=optimizer, stress=stress, creator_version=__version__)
+        write_relaxation(tmp, **record, creator_version=__version__)
     return Path(path)

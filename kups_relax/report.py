@@ -196,11 +196,12 @@ def summary_table(rows: Sequence[Mapping[str, object]], limit: int = 40) -> str:
     return tally.table()
 
 
-def plot_max_force(path: Path, series: Mapping[str, np.ndarray], fmax: float, total: int | None = None) -> None:
+def plot_max_force(path: Path, series: Mapping[str, np.ndarray], fmax: float | None,
+                   total: int | None = None) -> None:
     """PNG of the largest force (eV/Å, log scale) against step for every system, with the ``fmax`` line.
 
-    ``total``: the systems of the run when ``series`` holds only some of them (the title says
-    "N of total"). Needs matplotlib (``pip install kups-relax[plot]``).
+    ``fmax``: eV/Å, ``None`` for no line. ``total``: the systems of the run when ``series``
+    holds only some of them (the title says "N of total"). Needs matplotlib (``pip install kups-relax[plot]``).
     """
     import matplotlib
 
@@ -212,7 +213,8 @@ def plot_max_force(path: Path, series: Mapping[str, np.ndarray], fmax: float, to
     for name, values in series.items():
         values = np.asarray(values, dtype=float)
         ax.plot(np.arange(len(values)), np.where(values > 0, values, np.nan), lw=1, label=name)
-    ax.axhline(fmax, color="k", ls="--", lw=1, label=f"fmax = {fmax:g} eV/Å")
+    if fmax is not None:
+        ax.axhline(fmax, color="k", ls="--", lw=1, label=f"fmax = {fmax:g} eV/Å")
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
