@@ -1,15 +1,23 @@
 """``relax-batch PATHS...``: relax every structure in files or folders, write trajectories and a summary.
 
+Inputs are read as the relaxation goes (one file at a time, a multi-frame file frame by
+frame), so memory does not grow with their number; ``--from-list FILE`` names them in a file.
+
 Outputs in ``--out DIR``:
 
-* ``<name>.h5`` -- one H5MD trajectory per relaxed system (:mod:`kups_relax.h5md`);
+* ``<name>.h5`` -- one H5MD trajectory per relaxed system (:mod:`kups_relax.h5md`); with
+  ``--trajectories per-shard`` instead ``shard-NNNNNN.h5`` files of ``--shard-size`` systems
+  each, with ``none`` no trajectories;
 * ``relaxed.extxyz`` -- every final structure with energy, forces, ``converged``, ``steps``;
-* ``summary.csv`` -- one row per system, including the ones that could not be relaxed;
-* ``fmax.png`` -- with ``--plot``: largest force against step for every system.
+* ``summary.csv`` -- one row per system, including the ones that could not be relaxed, in
+  input order;
+* ``fmax.png`` -- with ``--plot``: largest force against step (of the first 1000 systems).
 
-Every file is written under a temporary name and renamed when complete, so after an
-interruption (Ctrl-C, ``kill -9``) ``--resume`` relaxes only the systems without a
-``.h5`` and rebuilds ``relaxed.extxyz`` and ``summary.csv`` from all of them.
+Every file is written under a temporary name and renamed when complete (``summary.csv`` and
+``relaxed.extxyz`` grow as temporaries while systems finish), so after an interruption
+(Ctrl-C, ``kill -9``) ``--resume`` relaxes only the systems without a complete trajectory
+(a ``.h5``, or a group in a complete shard) and rebuilds ``relaxed.extxyz`` and ``summary.csv``
+from all of them. A run into a folder holding outputs needs ``--resume`` or ``--overwrite``.
 
 Settings come from built-in defaults, then ``--config FILE.yaml`` (keys = long flag
 names, ``-`` or ``_``), then the flags given on the command line.
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -189,6 +198,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("resume", _flag, False, "keep complete outputs in --out and relax only the systems without one"),
     Option("overwrite", _flag, False, "relax everything again, replacing outputs already in --out"),
     Option("plot", _flag, False, "also write fmax.png (largest force against step; needs matplotlib)"),
+    Option("trajectories", _text, "per-system",
+           "where each system's trajectory goes: per-system (<name>.h5, the default), per-shard (shard-NNNNNN.h5 "
+           "files of --shard-size systems each, one H5MD particles group per system: far fewer files for a "
+           "cluster file system) or none (only relaxed.extxyz and summary.csv; such a run cannot be resumed)",
+           choices=("per-system", "per-shard", "none")),
+    Option("shard_size", _number(int), 1000,
+           "systems per shard file with --trajectories per-shard; a killed run relaxes the systems of the "
+           "unfinished shard again on --resume (default: %(default)s)", positive=True),
     Option("quiet", _flag, False, "print only warnings and errors", aliases=("-q",)),
     Option("verbose", _flag, False, "print debug messages", aliases=("-v",)),
 )
@@ -203,9 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 all converged, 1 some did not (see summary.csv), 2 bad usage or no readable "
                "input. Config keys are the long flag names; flags given here override the config.",
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH",
+    parser.add_argument("paths", nargs="*", metavar="PATH",
                         help="structure files (any format ASE reads; every frame of a multi-frame file is "
-                             "one system) or folders of them")
+                             "one system) or folders of them; read as the relaxation goes")
+    parser.add_argument("--from-list", action="append", metavar="FILE",
+                        help="also read the paths listed in FILE, one per line (blank lines and lines starting "
+                             "with # are skipped; relative paths are relative to FILE's folder); repeatable")
     parser.add_argument("--config", metavar="FILE.yaml", help="settings file, e.g. configs/tight.yaml")
     for option in OPTIONS:
         names = [option.flag, *option.aliases]
@@ -364,15 +384,45 @@ class Run:
     def h5_path(self, name: str) -> Path:
         return self.out / f"{name}.h5"
 
+    @property
+    def trajectory_metadata(self) -> dict[str, Any]:
+        """The ``/parameters`` every system's trajectory records besides its result and source."""
+        s = self.settings
+        return dict(fmax=float(s["fmax"]), max_steps=int(s["max_steps"]), dtype=s["dtype"], settings=self.fingerprint)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`kups_relax.relax_iter` (after the structures and the
+        potential) that these settings ask for: the one place settings become an engine call."""
+        s = self.settings
+        return dict(fmax=s["fmax"], max_steps=s["max_steps"], optimizer=self.optimizer, dtype=s["dtype"],
+                    chunk_steps=s["chunk_steps"], trajectory=s["trajectories"] != "none",
+                    cell_filter=make_cell_filter(s), max_displacement=s["max_displacement"],
+                    atoms_per_batch=s["atoms_per_batch"])
+
+    def trajectory_writer(self):
+        """The :class:`~kups_relax.outputs.TrajectoryWriter` of ``--trajectories``/``--shard-size``."""
+        from .outputs import TrajectoryWriter
+
+        return TrajectoryWriter(self.out, self.settings["trajectories"], potential=self.potential_info,
+                                optimizer=self.optimizer_info, metadata=self.trajectory_metadata,
+                                shard_size=self.settings["shard_size"])
+
+
+def relax_stream(run: Run, structures):
+    """:func:`kups_relax.relax_iter` of ``(name, Atoms)`` pairs with the run's settings:
+    ``(index in the stream, RelaxResult)`` as each finishes."""
+    from .engine import relax_iter
+
+    return relax_iter(structures, run.potential, **run.engine_kwargs())
+
 
 def write_system(run: Run, result, source: str) -> Path:
     """Write one finished system's trajectory (atomically) to ``<out>/<name>.h5``."""
     from .io import write_result
 
     path = run.h5_path(result.name)
-    metadata = dict(source=source, fmax=float(run.settings["fmax"]), max_steps=int(run.settings["max_steps"]),
-                    dtype=run.settings["dtype"], settings=run.fingerprint)
-    write_result(path, result, potential=run.potential_info, optimizer=run.optimizer_info, metadata=metadata)
+    write_result(path, result, potential=run.potential_info, optimizer=run.optimizer_info,
+                 metadata=dict(source=source, **run.trajectory_metadata))
     return path
 
 
@@ -397,20 +447,21 @@ def _settings_difference(old: str, new: str) -> str:
     return "same settings"
 
 
-def existing_output(run: Run, item) -> tuple[bool | None, str]:
-    """Is ``<name>.h5`` this system relaxed with this run's settings?
+def existing_output(run: Run, item, path: Path | None = None, system: str | None = None) -> tuple[bool | None, str]:
+    """Is the trajectory at ``path`` (default ``<out>/<name>.h5``; ``system``: its group in a
+    shard) this system relaxed with this run's settings?
 
     Returns ``(True, "")``; ``(False, why)`` when it holds other settings or another
     input structure; ``(None, why)`` when it is absent or not a file we can read.
     """
     from .io import read_parameters, read_trajectory
 
-    path = run.h5_path(item.name)
+    path = run.h5_path(item.name) if path is None else path
     if not path.exists():
         return None, "absent"
     try:
-        params = read_parameters(path)
-        first = read_trajectory(path, 0)
+        params = read_parameters(path, system=system)
+        first = read_trajectory(path, 0, system=system)
     except Exception as err:  # not an HDF5 file we wrote
         return None, f"unreadable ({type(err).__name__}: {err})"
     if params.get("settings") != run.fingerprint:
@@ -423,33 +474,79 @@ def existing_output(run: Run, item) -> tuple[bool | None, str]:
     return (True, "") if same_input else (False, f"input structure {item.source} changed")
 
 
-def plan(run: Run, items) -> list:
-    """The inputs still to relax; raises UsageError when ``--out`` holds outputs this run may not keep or replace."""
-    relaxable = [it for it in items if it.ok]
-    existing = [it for it in relaxable if run.h5_path(it.name).exists()]
-    if not existing or run.settings["overwrite"]:
-        return relaxable
-    if not run.settings["resume"]:
-        names = ", ".join(f"{it.name}.h5" for it in existing[:3]) + (" ..." if len(existing) > 3 else "")
-        raise UsageError(f"{run.out} already holds outputs for {len(existing)} of these systems ({names}); "
-                         "pass --resume to keep them and relax the rest, or --overwrite to relax all again")
-    done, differ = [], []
-    for it in existing:
-        state, why = existing_output(run, it)
-        if state:
-            done.append(it)
-        elif state is False:
-            differ.append(f"{it.name} ({why})")
-        else:
-            logger.warning("%s: %s; relaxing %s again", run.h5_path(it.name), why, it.name)
-    if differ:
-        listing = "; ".join(differ[:3]) + (" ..." if len(differ) > 3 else "")
-        raise UsageError(f"--resume: {len(differ)} output(s) in {run.out} do not match this run: {listing}. "
-                         "Use another --out, or --overwrite to relax them again")
-    done_names = {it.name for it in done}
-    logger.info("resume: %d of %d systems already complete, relaxing %d", len(done), len(relaxable),
-                len(relaxable) - len(done))
-    return [it for it in relaxable if it.name not in done_names]
+#: Files in ``--out`` that a run would replace: summary, relaxed structures, trajectories (and shards).
+def _existing_outputs(out: Path, limit: int = 3) -> list[str]:
+    """Up to ``limit`` names of outputs already in ``out`` (a cheap scan that stops early)."""
+    found: list[str] = []
+    if not out.is_dir():
+        return found
+    with os.scandir(out) as entries:
+        for entry in entries:
+            name = entry.name
+            if not name.startswith(".") and (name.endswith(".h5") or name in ("summary.csv", "relaxed.extxyz")):
+                found.append(name)
+                if len(found) >= limit:
+                    break
+    return sorted(found)
+
+
+class ResumeIndex:
+    """What ``--resume`` keeps: systems whose complete trajectory (``<name>.h5``, or a group in a
+    complete shard file) holds this run's settings and input structure.
+
+    :meth:`check_settings` compares one existing output with the run's settings before anything
+    runs (a changed ``--fmax`` is found at once); :meth:`kept` decides each structure as it is read.
+    """
+
+    def __init__(self, run: Run):
+        from .outputs import shard_index
+
+        self.run = run
+        self.shards = shard_index(run.out)  # {name: shard file}: the names, not the trajectories
+        self.kept_count = 0
+
+    def check_settings(self) -> None:
+        """UsageError when the first readable output in ``--out`` was relaxed with other settings."""
+        from .io import read_parameters
+
+        samples = [(next(iter(self.shards.items()))[1], next(iter(self.shards)))] if self.shards else []
+        with os.scandir(self.run.out) as entries:
+            for entry in entries:
+                if entry.name.endswith(".h5") and not entry.name.startswith(".") and len(samples) < 4:
+                    path = Path(entry.path)
+                    if path not in self.shards.values():
+                        samples.append((path, None))
+        for path, system in samples:
+            try:
+                recorded = read_parameters(path, system=system).get("settings")
+            except Exception:  # not ours, or not a per-system file: the per-structure check decides
+                continue
+            if recorded != self.run.fingerprint:
+                what = f"{path.name}" + (f" ({system})" if system else "")
+                raise UsageError(f"--resume: outputs in {self.run.out} do not match this run: {what} "
+                                 f"({_settings_difference(recorded, self.run.fingerprint)}). "
+                                 "Use another --out, or --overwrite to relax them again")
+            return
+
+    def kept(self, item) -> tuple[dict[str, Any], Any, np.ndarray] | None:
+        """The summary fields, relaxed structure and fmax series (:func:`_read_outputs`) of a system a
+        complete output already holds; ``None`` to relax it. UsageError: an output of that name holds
+        another relaxation (other settings, or the input changed)."""
+        path, system = self.run.h5_path(item.name), None
+        if not path.exists():
+            if item.name not in self.shards:
+                return None
+            path, system = self.shards[item.name], item.name
+        state, why = existing_output(self.run, item, path, system)
+        if state is None:
+            logger.warning("%s: %s; relaxing %s again", path, why, item.name)
+            return None
+        if state is False:
+            raise UsageError(f"--resume: {path.name}{f' ({system})' if system else ''} in {self.run.out} does not "
+                             f"match this run: {item.name} ({why}). Outputs written so far are complete and kept; "
+                             "use another --out, or --overwrite to relax them again")
+        self.kept_count += 1
+        return _read_outputs(path, system)
 
 
 class BackgroundWriter:
@@ -476,11 +573,12 @@ class BackgroundWriter:
                 except BaseException as err:  # noqa: BLE001 - handed to the main thread
                     self._error = err
             # the frames are on disk now: drop them, so that memory does not grow with the
-            # number of systems times their steps (relax() keeps every result until it returns)
-            result.trajectory = None
+            # number of systems times their steps
+            if result is not None:
+                result.trajectory = None
 
     def submit(self, result, write: Callable[[], Any]) -> None:
-        """Call ``write()`` on the writer thread, then drop ``result``'s trajectory."""
+        """Call ``write()`` on the writer thread, then drop ``result``'s trajectory (``result`` may be ``None``)."""
         if self._error is not None:
             raise self._error
         self._queue.put((result, write))
@@ -496,110 +594,142 @@ class BackgroundWriter:
             raise self._error
 
 
-def relax_and_write(run: Run, todo, progress_enabled: bool) -> tuple[dict[str, Any], dict[str, tuple]]:
-    """Relax ``todo`` in one batch; write every result as it arrives. Returns the results of invalid
-    ones by name, and for the others what :func:`collect_outputs` needs (so it need not read back
-    the files this run wrote)."""
-    from .engine import relax
-    from .report import Progress
-
-    if not todo:
-        return {}, {}
-    chunk_steps = run.settings["chunk_steps"]
-    logger.info("relaxing %d systems: potential %s, optimizer %s, fmax %g eV/Å, max %d steps, %s",
-                len(todo), run.settings["potential"], run.settings["optimizer"], run.settings["fmax"],
-                run.settings["max_steps"], run.settings["dtype"])
-    t0 = time.perf_counter()
-    invalid, written = {}, {}
-
-    def write_as_it_finishes(index: int, result) -> None:
-        # each system's outputs are complete on disk soon after it stops (the writer thread is at
-        # most a few files behind), so a killed run loses only the systems still in flight
-        if result.status == "invalid":
-            invalid[todo[index].name] = result
-        else:
-            written[todo[index].name] = _outputs(result)
-            source = todo[index].source
-            writer.submit(result, lambda: write_system(run, result, source))
-
-    from .compile_stats import compile_stats
-
-    compiled_before = compile_stats()
-    with BackgroundWriter() as writer, Progress(len(todo), chunk_steps, enabled=progress_enabled):
-        relax([it.atoms for it in todo], run.potential, fmax=run.settings["fmax"],
-              max_steps=run.settings["max_steps"], optimizer=run.optimizer,
-              names=[it.name for it in todo], dtype=run.settings["dtype"], chunk_steps=chunk_steps,
-              trajectory=True, on_result=write_as_it_finishes, cell_filter=make_cell_filter(run.settings),
-              max_displacement=run.settings["max_displacement"], atoms_per_batch=run.settings["atoms_per_batch"])
-    compiled = compile_stats().since(compiled_before)
-    logger.info("relaxed %d systems in %.1f s; compiled %d programs, %d more from the compilation cache (%.1f s)",
-                len(todo), time.perf_counter() - t0, compiled.programs, compiled.cached, compiled.seconds)
-    return invalid, written
-
-
 def _outputs(result) -> tuple[dict[str, Any], Any, np.ndarray]:
-    """A finished system's summary fields, relaxed structure and fmax series, as
-    :func:`collect_outputs` would read them back from its ``.h5``."""
-    fields = dict(converged=bool(result.converged), steps=int(result.steps), initial_energy=float(result.initial_energy),
-                  final_energy=float(result.energy), final_fmax=float(result.fmax), status=result.status,
-                  reason=result.reason)
-    return fields, result.atoms, np.asarray(result.fmaxes, np.float64)
+    """A finished system's summary fields, relaxed structure and fmax series."""
+    from .outputs import result_fields
+
+    return result_fields(result), result.atoms, np.asarray(result.fmaxes, np.float64)
 
 
-def _read_outputs(path: Path) -> tuple[dict[str, Any], Any, np.ndarray]:
-    """:func:`_outputs` of a system from the complete ``.h5`` an earlier run wrote."""
+def _read_outputs(path: Path, system: str | None = None) -> tuple[dict[str, Any], Any, np.ndarray]:
+    """:func:`_outputs` of a system from the complete ``.h5`` (or shard, ``system``) an earlier run wrote."""
     from .io import read_observable, read_parameters, read_trajectory
+    from .outputs import parameter_fields
 
-    p = read_parameters(path)
-    fields = dict(converged=bool(p["converged"]), steps=int(p["steps"]), initial_energy=p["initial_energy"],
-                  final_energy=p["final_energy"], final_fmax=p["final_fmax"], status=p["status"],
-                  reason=p.get("reason", ""))
-    return fields, read_trajectory(path, -1), read_observable(path, "max_force")[1]
+    fields = parameter_fields(read_parameters(path, system=system))
+    return fields, read_trajectory(path, -1, system=system), read_observable(path, "max_force", system=system)[1]
 
 
-def collect_outputs(run: Run, items, invalid: Mapping[str, Any], written: Mapping[str, tuple] | None = None
-                    ) -> tuple[list[dict], list, dict[str, np.ndarray]]:
-    """Summary rows (input order), final structures and fmax series: of the systems this run
-    relaxed from ``written`` (:func:`relax_and_write`), of the others (kept by ``--resume``) from
-    their complete ``.h5``."""
+def _relaxed_from_input(item, relaxed):
+    """The input structure (its ``info``, ``arrays``, constraints) at the relaxed cell and positions,
+    with the relaxed results: what ``relaxed.extxyz`` holds for a system kept by ``--resume``."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    rows, finals, series = [], [], {}
+    final = item.atoms.copy()
+    final.cell = relaxed.cell  # a variable-cell run (--cell) ends in another cell
+    final.positions = relaxed.positions
+    final.calc = SinglePointCalculator(final, **relaxed.calc.results)
+    return final
+
+
+def relax_and_write(run: Run, items, sink, trajectories, progress_enabled: bool) -> dict[str, int]:
+    """Relax ``items`` (:class:`~kups_relax.io.InputStructure`, read as the engine asks for them) and
+    hand every system's row to ``sink`` (:class:`~kups_relax.outputs.CampaignOutputs`, ordered by input
+    position) and its trajectory to ``trajectories`` (:class:`~kups_relax.outputs.TrajectoryWriter`) as
+    it finishes; with ``--resume``, systems with a complete output are not relaxed and their rows come
+    from it. Returns counts: ``read`` (relaxable inputs), ``kept``, ``relaxed``.
+
+    Memory holds the structures in flight and the engine's read-ahead, whatever the number of inputs;
+    files are written on a writer thread while the device runs.
+    """
+    from .compile_stats import compile_stats
+    from .report import Progress
+
+    resume = ResumeIndex(run) if run.settings["resume"] else None
+    in_flight: dict[int, tuple[int, str, str, int]] = {}  # stream index -> (input position, name, source, atoms)
+    counts = dict(read=0, kept=0, relaxed=0)
+
+    def to_relax():
+        stream_index = 0
+        for position, it in enumerate(items):
+            row = dict(name=it.name, source=it.source, atoms=len(it.atoms) if it.atoms is not None else None)
+            if not it.ok:
+                writer.submit(None, lambda row=row, it=it, position=position: sink.add(
+                    {**row, "converged": False, "status": it.status, "reason": it.reason}, order=position))
+                continue
+            counts["read"] += 1
+            kept = resume.kept(it) if resume is not None else None
+            if kept is not None:
+                fields, relaxed, fmaxes = kept
+                counts["kept"] += 1
+                frame = _relaxed_from_input(it, relaxed)
+                writer.submit(None, lambda row=row, fields=fields, frame=frame, fmaxes=fmaxes, position=position:
+                              sink.add({**row, **fields}, frame, fmaxes, order=position))
+                continue
+            in_flight[stream_index] = (position, it.name, it.source, len(it.atoms))
+            stream_index += 1
+            yield it.name, it.atoms
+
+    def write(result, position: int, row: dict, source: str) -> None:
+        trajectories.write(result, source)
+        sink.add({**row, **_outputs(result)[0]}, result.atoms, result.fmaxes, order=position)
+
+    chunk_steps = run.settings["chunk_steps"]
+    s = run.settings
+    logger.info("relaxing as inputs are read: potential %s, optimizer %s, fmax %g eV/Å, max %d steps, %s, "
+                "trajectories %s", s["potential"], s["optimizer"], s["fmax"], s["max_steps"], s["dtype"],
+                s["trajectories"])
+    t0 = time.perf_counter()
+    compiled_before = compile_stats()
+    with BackgroundWriter() as writer, Progress(None, chunk_steps, enabled=progress_enabled) as progress:
+        for index, result in relax_stream(run, to_relax()):
+            position, name, source, n_atoms = in_flight.pop(index)
+            row = dict(name=name, source=source, atoms=n_atoms)
+            if result.status == "invalid":
+                writer.submit(None, lambda row=row, result=result, position=position: sink.add(
+                    {**row, "converged": False, "status": "invalid", "reason": result.reason}, order=position))
+            else:
+                counts["relaxed"] += 1
+                writer.submit(result, lambda result=result, position=position, row=row, source=source:
+                              write(result, position, row, source))
+            progress.finished()
+    compiled = compile_stats().since(compiled_before)
+    logger.info("relaxed %d systems in %.1f s; compiled %d programs, %d more from the compilation cache (%.1f s)",
+                counts["relaxed"], time.perf_counter() - t0, compiled.programs, compiled.cached, compiled.seconds)
+    if resume is not None:
+        logger.info("resume: %d of %d systems already complete, relaxed %d", counts["kept"], counts["read"],
+                    counts["read"] - counts["kept"])
+    return counts
+
+
+def input_paths(args: argparse.Namespace):
+    """The PATHs given, then those of every ``--from-list`` file (read as they are needed)."""
+    from .io import read_path_list
+
+    lists = [Path(p) for p in (getattr(args, "from_list", None) or [])]
+    for path in lists:
+        try:
+            with open(path, encoding="utf-8"):
+                pass
+        except OSError as err:
+            raise UsageError(f"--from-list {path}: {err.strerror or err}") from None
+    return itertools.chain(args.paths, *(read_path_list(p) for p in lists)), [*args.paths, *map(str, lists)]
+
+
+def _logged(items):
+    """``items``, with a warning for each that cannot be relaxed."""
     for it in items:
-        row: dict[str, Any] = dict(name=it.name, source=it.source,
-                                   atoms=len(it.atoms) if it.atoms is not None else None)
-        path = run.h5_path(it.name)
-        outputs = None
-        if it.ok and written and it.name in written:
-            outputs = written[it.name]
-        elif it.ok and it.name not in invalid and path.exists():
-            outputs = _read_outputs(path)
-        if outputs is not None:
-            fields, relaxed, fmaxes = outputs
-            row.update(fields)
-            final = it.atoms.copy()
-            final.cell = relaxed.cell  # a variable-cell run (--cell) ends in another cell
-            final.positions = relaxed.positions
-            final.calc = SinglePointCalculator(final, **relaxed.calc.results)
-            for key in ("energy", "free_energy", "forces", "stress"):  # would clash with the results
-                final.info.pop(key, None)
-                final.arrays.pop(key, None)
-            final.info.update(name=it.name, converged=fields["converged"], steps=fields["steps"],
-                              status=fields["status"])
-            finals.append(final)
-            series[it.name] = fmaxes
-        elif it.name in invalid:
-            row.update(converged=False, status="invalid", reason=invalid[it.name].reason)
-        else:
-            row.update(converged=False, status=it.status or "missing", reason=it.reason)
-        rows.append(row)
-    return rows, finals, series
+        if not it.ok:
+            logger.warning("%s: %s", it.source, it.reason)
+        yield it
+
+
+def _first_readable(items) -> tuple[list, bool]:
+    """Read up to the first relaxable input: ``(those read, whether one was found)``."""
+    read = []
+    for it in items:
+        read.append(it)
+        if it.ok:
+            return read, True
+    return read, False
 
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, relax, write; returns the exit status (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.paths and not getattr(args, "from_list", None):
+        parser.error("give structure files or folders (PATH), or --from-list FILE")
     settings = resolve_settings(args)
     restore_logging = _configure_logging(settings)
     try:
@@ -608,51 +738,74 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         restore_logging()
 
 
-def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
-    """Read, plan (resume), relax and write every output; the exit status."""
-    from .io import (optimizer_metadata, potential_metadata, read_structures, remove_stale_temporaries,
-                     write_extxyz, write_summary_csv)
-    from .report import plot_max_force, summary_table
+def make_run(settings: dict[str, Any]) -> Run:
+    """The :class:`Run` of resolved settings: potential, optimizer and their metadata (UsageError on bad ones)."""
+    from .io import optimizer_metadata, potential_metadata
 
     if settings["plot"]:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'kups-relax[plot]'") from None
+    if settings["trajectories"] == "none" and settings["resume"]:
+        raise UsageError("--resume needs the finished systems' trajectories on disk, and --trajectories none "
+                         "keeps none (summary.csv is written only when a run ends); use --trajectories "
+                         "per-system or per-shard for a run you may want to resume")
     potential = make_potential(settings["potential"], settings["potential_params"])
     optimizer, transform = make_optimizer(settings["optimizer"], settings["maxstep"])
     make_cell_filter(settings)  # bad --cell combinations are usage errors before anything is read
-    run = Run(out=Path(settings["out"]), settings=settings, potential=potential, optimizer=optimizer,
-              potential_info=potential_metadata(potential, settings["potential"]),
-              optimizer_info=optimizer_metadata(transform, settings["optimizer"]))
+    return Run(out=Path(settings["out"]), settings=settings, potential=potential, optimizer=optimizer,
+               potential_info=potential_metadata(potential, settings["potential"]),
+               optimizer_info=optimizer_metadata(transform, settings["optimizer"]))
 
-    items = read_structures(args.paths, format=settings["format"])
-    for it in items:
-        if not it.ok:
-            logger.warning("%s: %s", it.source, it.reason)
-    if not any(it.ok for it in items):
-        raise UsageError("no readable input" + ("" if items else f" in {', '.join(args.paths)}"))
-    logger.info("read %d systems from %s", sum(it.ok for it in items), ", ".join(args.paths))
+
+def check_out(run: Run) -> list[str]:
+    """UsageError when ``--out`` holds outputs this run may neither keep (no ``--resume``) nor replace
+    (no ``--overwrite``), found before anything is read or written. Returns the few outputs seen."""
+    existing = _existing_outputs(run.out)
+    if existing and not (run.settings["resume"] or run.settings["overwrite"]):
+        raise UsageError(f"{run.out} already holds outputs ({', '.join(existing)}{' ...' if len(existing) >= 3 else ''})"
+                         "; pass --resume to keep them and relax the rest, or --overwrite to relax all again "
+                         "(or choose another --out)")
+    return existing
+
+
+def prepare_out(run: Run, existing: Sequence[str]) -> None:
+    """Create ``--out`` and remove temporaries of killed runs; with ``--resume``, UsageError when the
+    outputs there were relaxed with other settings (before anything is written)."""
+    from .io import remove_stale_temporaries
 
     run.out.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(run.out):
         logger.info("removed %s (left by an interrupted run)", stale)
-    todo = plan(run, items)
-    invalid, written = relax_and_write(run, todo, progress_enabled=not settings["quiet"])
+    if existing and run.settings["resume"]:
+        ResumeIndex(run).check_settings()
 
-    rows, finals, series = collect_outputs(run, items, invalid, written)
-    write_extxyz(run.out / "relaxed.extxyz", finals)
-    write_summary_csv(run.out / "summary.csv", rows)
-    if settings["plot"]:
-        from .io import atomic_output
 
-        with atomic_output(run.out / "fmax.png") as tmp:
-            plot_max_force(tmp, series, settings["fmax"])
+def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+    """Read as we go, relax, write every output as systems finish; the exit status."""
+    from .io import iter_structures
+    from .outputs import CampaignOutputs
+
+    run = make_run(settings)
+    existing = check_out(run)
+    paths, named = input_paths(args)
+    items = _logged(iter_structures(paths, format=settings["format"]))
+    read, found = _first_readable(items)  # "no readable input" is a usage error before anything is written
+    if not found:
+        raise UsageError("no readable input" + ("" if read else f" in {', '.join(named)}"))
+    prepare_out(run, existing)
+
+    with CampaignOutputs(run.out, plot=settings["plot"], trajectories=settings["trajectories"],
+                         fmax=settings["fmax"]) as sink, run.trajectory_writer() as trajectories:
+        counts = relax_and_write(run, itertools.chain(read, items), sink, trajectories,
+                                 progress_enabled=not settings["quiet"])
+        trajectories.close()  # the last shard is complete before summary.csv names its systems
+    logger.info("read %d systems (%d relaxable) from %s", sink.rows, counts["read"], ", ".join(named))
     if not settings["quiet"]:
-        print(summary_table(rows))
-        print(f"outputs in {run.out}/: {len(finals)} trajectories (.h5), relaxed.extxyz, summary.csv"
-              + (", fmax.png" if settings["plot"] else ""))
-    return 0 if all(r.get("status") == "converged" for r in rows) else 1
+        print(sink.table())
+        print(sink.describe())
+    return 0 if sink.all_converged else 1
 
 
 class _Filter(logging.Filter):
