@@ -436,7 +436,7 @@ def test_second_resume_has_nothing_to_do_and_touches_nothing(lj_inputs, resumed,
     summary = (out / "summary.csv").read_text()
     monkeypatch.chdir(lj_inputs)
     assert cli.main(["in", "--out", "resumed", "--resume", *LJ_FLAGS]) == 0  # in-process: no relaxation to compile
-    assert f"resume: {N_CLUSTERS} of {N_CLUSTERS} systems already complete, relaxing 0" in capsys.readouterr().err
+    assert f"resume: {N_CLUSTERS} of {N_CLUSTERS} systems already complete, relaxed 0" in capsys.readouterr().err
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.h5")} == before
     assert (out / "summary.csv").read_text() == summary
 
