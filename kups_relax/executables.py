@@ -10,7 +10,8 @@ it without tracing:
 * the values of the static arguments (their ``repr``) and the tree structure of the
   others (which holds every pytree's static fields), with the shape, dtype and weak type
   of every leaf;
-* JAX and jaxlib versions, the device kind, ``jax_enable_x64`` and ``XLA_FLAGS``.
+* JAX and jaxlib versions, the device the program runs on (its kind and id: a program is
+  compiled for one device, :func:`target_device`), ``jax_enable_x64`` and ``XLA_FLAGS``.
 
 A hit loads the executable (``jax.experimental.serialize_executable``); a miss compiles
 through ``jax.jit`` (which may still hit JAX's own cache) and saves the result atomically
@@ -81,11 +82,23 @@ def compiler_options() -> dict[str, str]:
     return dict(CPU_COMPILER_OPTIONS) if jax.devices()[0].platform == "cpu" else {}
 
 
-def _environment() -> str:
+def target_device(leaves: Sequence[Any] = ()) -> jax.Device:
+    """The device a jitted call with these arguments runs on: that of its first committed array
+    (``jax.device_put(x, device)``), else this thread's default device (``jax.default_device``,
+    which the engine sets in each device's thread), else JAX's first device."""
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array) and leaf.committed:
+            return next(iter(leaf.devices()))
+    default = jax.config.jax_default_device
+    if isinstance(default, str):
+        return jax.devices(default)[0]
+    return default or jax.devices()[0]
+
+
+def _environment(device: jax.Device) -> str:
     import jaxlib
 
-    device = jax.devices()[0]
-    return "|".join([jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
+    return "|".join([jax.__version__, jaxlib.__version__, device.platform, device.device_kind, str(device.id),
                      str(jax.config.jax_enable_x64), os.environ.get("XLA_FLAGS", ""), repr(compiler_options()),
                      _source_hash()])
 
@@ -175,15 +188,16 @@ class CachedJit:
         static_text = repr(sorted(static.items()))
         tree_text = str(treedef)
         avals = ";".join(repr(shaped_abstractify(leaf)) for leaf in leaves)
-        key_text = "\n".join([self.name, static_text, tree_text, avals, _environment()])
+        device = target_device(leaves)
+        key_text = "\n".join([self.name, static_text, tree_text, avals, _environment(device)])
         key = hashlib.sha256(key_text.encode()).hexdigest()
         compiled = _memory.get(key)
         if compiled is None:
-            compiled = self._load_or_compile(key, static, dynamic, savable=_stable(static_text + tree_text))
+            compiled = self._load_or_compile(key, static, dynamic, device, savable=_stable(static_text + tree_text))
             _memory[key] = compiled
         return compiled(**dynamic)
 
-    def _load_or_compile(self, key: str, static: dict, dynamic: dict, savable: bool):
+    def _load_or_compile(self, key: str, static: dict, dynamic: dict, device: jax.Device, savable: bool):
         global loaded_from_disk
         from jax.experimental.serialize_executable import deserialize_and_load, serialize
 
@@ -193,7 +207,8 @@ class CachedJit:
             try:
                 _prepare_runtime()
                 payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-                compiled = deserialize_and_load(payload, in_tree, out_tree)
+                # onto the device it was compiled for (by default it would expect every local device)
+                compiled = deserialize_and_load(payload, in_tree, out_tree, execution_devices=[device])
                 loaded_from_disk += 1
                 logger.debug("loaded %s from %s", self.name, path)
                 return compiled
