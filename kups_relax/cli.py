@@ -206,6 +206,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("shard_size", _number(int), 1000,
            "systems per shard file with --trajectories per-shard; a killed run relaxes the systems of the "
            "unfinished shard again on --resume (default: %(default)s)", positive=True),
+    Option("dask_scheduler", _text, None,
+           "relax on the Dask cluster whose scheduler is at ADDRESS (e.g. tcp://host:8786): structures go to its "
+           "workers in tasks of --task-size, each worker writes its systems' .h5 into --out (a folder every "
+           "worker sees) and this process writes summary.csv and relaxed.extxyz; needs kups-relax[distributed]"),
+    Option("workers", _number(int), None,
+           "relax on a new local Dask cluster of N worker processes (one thread each, sharing this machine's "
+           "cores); see --dask-scheduler", positive=True),
+    Option("task_size", _number(int), 128,
+           "structures per Dask task with --dask-scheduler/--workers: a task that dies with its worker is "
+           "rerun elsewhere, keeping the systems it had finished (default: %(default)s)", positive=True),
     Option("quiet", _flag, False, "print only warnings and errors", aliases=("-q",)),
     Option("verbose", _flag, False, "print debug messages", aliases=("-v",)),
 )
@@ -764,8 +774,8 @@ def check_out(run: Run) -> list[str]:
     (no ``--overwrite``), found before anything is read or written. Returns the few outputs seen."""
     existing = _existing_outputs(run.out)
     if existing and not (run.settings["resume"] or run.settings["overwrite"]):
-        raise UsageError(f"{run.out} already holds outputs ({', '.join(existing)}{' ...' if len(existing) >= 3 else ''})"
-                         "; pass --resume to keep them and relax the rest, or --overwrite to relax all again "
+        listing = ", ".join(existing) + (" ..." if len(existing) >= 3 else "")
+        raise UsageError(f"{run.out} already holds outputs ({listing}); pass --resume to keep them and relax the rest, or --overwrite to relax all again "
                          "(or choose another --out)")
     return existing
 
@@ -795,6 +805,15 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     if not found:
         raise UsageError("no readable input" + ("" if read else f" in {', '.join(named)}"))
     prepare_out(run, existing)
+    if settings["dask_scheduler"] or settings["workers"]:
+        from .distributed import run_on_dask
+
+        sink = run_on_dask(run, itertools.chain(read, items))
+        if not settings["quiet"]:
+            print(sink.table())
+            print(sink.report.describe())
+            print(sink.describe())
+        return 0 if sink.all_converged else 1
 
     with CampaignOutputs(run.out, plot=settings["plot"], trajectories=settings["trajectories"],
                          fmax=settings["fmax"]) as sink, run.trajectory_writer() as trajectories:
