@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "InputStructure", "SUMMARY_COLUMNS", "STRUCTURE_SUFFIXES", "atomic_output", "find_structure_files",
     "iter_structure_files", "iter_structures", "read_path_list",
-    "read_observable", "read_parameters", "read_structures", "system_names", "read_trajectory", "remove_stale_temporaries",
+    "read_observable", "read_parameters", "read_structures", "read_trajectory", "remove_stale_temporaries",
+    "system_names",
     "optimizer_metadata", "potential_metadata", "result_record", "write_extxyz", "write_result",
     "write_summary_csv",
 ]

@@ -290,7 +290,8 @@ def test_from_list_and_per_shard_outputs(campaign):
     relaxed = {a.info["name"]: a for a in read(out / "relaxed.extxyz", index=":")}
     for row in rows[:-1]:
         last = read_trajectory(index[row["name"]], -1, system=row["name"])
-        np.testing.assert_allclose(last.positions, relaxed[row["name"]].positions, rtol=0, atol=1e-7)  # extxyz: 8 digits
+        # relaxed.extxyz holds 8 decimals
+        np.testing.assert_allclose(last.positions, relaxed[row["name"]].positions, rtol=0, atol=1e-7)
         assert last.get_potential_energy() == pytest.approx(float(row["final_energy"]), abs=1e-12)
         assert read_parameters(index[row["name"]], system=row["name"])["steps"] == int(row["steps"])
 
