@@ -775,8 +775,8 @@ def check_out(run: Run) -> list[str]:
     existing = _existing_outputs(run.out)
     if existing and not (run.settings["resume"] or run.settings["overwrite"]):
         listing = ", ".join(existing) + (" ..." if len(existing) >= 3 else "")
-        raise UsageError(f"{run.out} already holds outputs ({listing}); pass --resume to keep them and relax the rest, or --overwrite to relax all again "
-                         "(or choose another --out)")
+        raise UsageError(f"{run.out} already holds outputs ({listing}); pass --resume to keep them and relax the "
+                         "rest, or --overwrite to relax all again (or choose another --out)")
     return existing
 
 
