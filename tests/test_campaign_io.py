@@ -341,3 +341,22 @@ def test_resume_without_trajectories_and_outputs_without_a_flag_are_usage_errors
     assert cli.main(["--from-list", "lists/nope.txt", *LJ_FLAGS]) == 2
     assert "--from-list lists/nope.txt" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in campaign.out.iterdir()} == before
+
+
+def test_resume_stops_at_an_output_whose_input_changed_and_writes_nothing_new(campaign, capsys, monkeypatch):
+    """A streamed --resume finds a changed input when it reads it: exit status 2, the outputs there
+    untouched, no summary written and no temporaries left."""
+    root = campaign.root
+    shutil.copytree(root / "in", root / "changed")
+    atoms = read(root / "changed" / "c3.xyz")
+    atoms.positions[0] += 0.1
+    write(root / "changed" / "c3.xyz", atoms)
+    out = root / "conflict"
+    shutil.copytree(campaign.out, out)
+    (out / "summary.csv").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    monkeypatch.chdir(root)
+    assert cli.main(["changed", "--out", "conflict", "--trajectories", "per-shard", "--resume", *LJ_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert "does not match this run: c3 (input structure" in err and "changed" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
