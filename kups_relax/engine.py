@@ -3,13 +3,17 @@
 Both turn their inputs into jobs with per-structure stopping rules and hand them to the
 :class:`~kups_relax.scheduler.Scheduler`, which streams them through batches of slots and the
 jitted loop (:mod:`kups_relax.loop`); results come back as :class:`RelaxResult` objects.
+With several devices (``devices=``, default every local device) one scheduler per device takes
+structures from one shared queue (:func:`~kups_relax.scheduler.relax_on_devices`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 from ase import Atoms
 
@@ -17,12 +21,13 @@ from .filters import CellFilter, resolve_cell_filter, resolve_cell_filters
 from .layout import atoms_budget
 from .precision import x64
 from .results import RelaxResult, Trajectory
-from .scheduler import Job, RunSettings, Scheduler
+from .executables import target_device
+from .scheduler import Job, RunSettings, Scheduler, relax_on_devices
 from .transforms import Transform, ase_fire, ase_lbfgs, is_optax_spec, optax_optimizer
 from .transforms.optax_spec import OPTIMIZERS as OPTAX_OPTIMIZERS
 
 __all__ = ["DEFAULT_MAX_DISPLACEMENT", "DEFAULT_MAX_STEPS", "DEFAULT_SKIN", "OPTIMIZERS", "RelaxResult", "Trajectory",
-           "relax", "relax_iter", "resolve_optimizer"]
+           "relax", "relax_iter", "resolve_devices", "resolve_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +78,49 @@ def resolve_optimizer(optimizer: str | Mapping | Transform | None) -> Transform:
     return optimizer
 
 
+def resolve_devices(devices: "int | jax.Device | Sequence[jax.Device] | None" = None) -> list[jax.Device]:
+    """The devices a run uses.
+
+    Args:
+        devices: ``None``: every local device of JAX's default backend (``jax.local_devices()``);
+            an int ``n``: the first ``n`` of them; a JAX device or a sequence of distinct devices
+            of this process, all of one platform.
+    """
+    local = jax.local_devices()
+    if devices is None:
+        return local
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(local):
+            raise ValueError(f"devices={devices}: this process has {len(local)} local {local[0].platform} "
+                             f"device(s); choose 1 to {len(local)}, or all of them (the default)")
+        return local[:int(devices)]
+    if isinstance(devices, jax.Device):
+        devices = [devices]
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, Iterable):
+        raise TypeError(f"devices must be None, a number of devices or a sequence of JAX devices, got {devices!r}")
+    chosen = list(devices)
+    if not chosen:
+        raise ValueError("devices is empty: give at least one device (or None for every local device)")
+    for device in chosen:
+        if not isinstance(device, jax.Device):
+            raise TypeError(f"devices must be JAX devices (e.g. jax.devices()[0]), got {device!r}")
+        if device.process_index != jax.process_index():
+            raise ValueError(f"device {device} belongs to process {device.process_index}, not to this one")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"devices lists a device more than once: {chosen}")
+    if len({device.platform for device in chosen}) > 1:
+        raise ValueError(f"devices mixes platforms: {chosen}")
+    return chosen
+
+
+def _stream(jobs, settings: RunSettings, devices: list[jax.Device], **known):
+    """``(job, result)`` pairs as they finish: in this thread on JAX's default device, else one thread per device."""
+    if len(devices) == 1 and devices[0] == target_device():
+        logger.debug("relaxing on %s", devices[0])
+        return Scheduler(jobs, settings, **known).irun()
+    return relax_on_devices(jobs, settings, devices, **known)
+
+
 def _per_system(value, n: int, name: str, dtype) -> np.ndarray:
     arr = np.asarray(value, dtype=dtype)
     if arr.ndim == 0:
@@ -99,6 +147,7 @@ def relax(
     on_result: Callable[[int, RelaxResult], None] | None = None,
     cell_filter: "str | CellFilter | Sequence[str | CellFilter | None] | None" = None,
     max_displacement: float | Sequence[float] | None = DEFAULT_MAX_DISPLACEMENT,
+    devices: "int | jax.Device | Sequence[jax.Device] | None" = None,
 ) -> list[RelaxResult]:
     """Relax many structures together, each on its own, with one jitted loop.
 
@@ -128,6 +177,11 @@ def relax(
         max_displacement: Å, scalar or one per structure: a system whose next step would take
             any atom further than this from its starting position (in the starting cell's
             frame) stops as ``"diverged"`` at its last geometry within reach; ``None``: no limit.
+        devices: where to run: ``None`` (default) every local device of JAX's default backend,
+            an int ``n`` the first ``n`` of them, or a sequence of JAX devices
+            (:func:`resolve_devices`). Each device runs its own batches (``atoms_per_batch``
+            rows each), taking the next waiting structure whenever one of its slots frees; a
+            structure's result does not depend on the device it ran on.
 
     Returns:
         One :class:`RelaxResult` per input, in input order. A structure that cannot be
@@ -146,16 +200,18 @@ def relax(
     jobs = (Job(index=i, name=names[i], atoms=structures[i], fmax=float(fmax_all[i]),
                 max_steps=int(max_steps_all[i]), cell_filter=cell_filters[i],
                 max_displacement=float(reach_all[i])) for i in range(n))
-    budget = atoms_per_batch or atoms_budget()
+    chosen = resolve_devices(devices)
+    budget = atoms_per_batch or atoms_budget(chosen[0])
     sizes = [len(a) for a in structures if isinstance(a, Atoms)]
     results: list[RelaxResult | None] = [None] * n
     settings = RunSettings(potential=potential, optimizer=resolve_optimizer(optimizer), atoms_per_batch=budget,
                            dtype=dtype, skin=skin, chunk_steps=chunk_steps, trajectory=trajectory,
                            variable_cell=any(f is not None for f in cell_filters))
-    for job, result in Scheduler(jobs, settings, total=n, known_sizes=sizes).irun():
-        results[job.index] = result
-        if on_result is not None:
-            on_result(job.index, result)
+    with contextlib.closing(_stream(jobs, settings, chosen, total=n, known_sizes=sizes)) as stream:
+        for job, result in stream:
+            results[job.index] = result
+            if on_result is not None:
+                on_result(job.index, result)
     return results  # type: ignore[return-value]
 
 
@@ -174,6 +230,7 @@ def relax_iter(
     atoms_per_batch: int | None = None,
     cell_filter: "str | CellFilter | None" = None,
     max_displacement: float | None = DEFAULT_MAX_DISPLACEMENT,
+    devices: "int | jax.Device | Sequence[jax.Device] | None" = None,
 ) -> Iterator[tuple[int, RelaxResult]]:
     """Stream structures of any number through fixed slots; yield ``(input index, result)`` as each finishes.
 
@@ -185,6 +242,10 @@ def relax_iter(
     state, without recompiling. Memory holds only the structures in flight and a short
     read-ahead, whatever the length of the stream.
     Items are ``Atoms`` (named ``structure-<i>``) or ``(name, Atoms)`` pairs.
+
+    ``devices`` as for :func:`relax` (default every local device): every device streams its own
+    batches from one shared queue of waiting structures, and results are yielded in the order
+    they finish on any device.
     """
     cell_filter = resolve_cell_filter(cell_filter)
     reach = float("inf") if max_displacement is None else float(max_displacement)
@@ -195,8 +256,10 @@ def relax_iter(
             yield Job(index=i, name=name, atoms=atoms, fmax=float(fmax), max_steps=int(max_steps),
                       cell_filter=cell_filter, max_displacement=reach)
 
+    chosen = resolve_devices(devices)
     settings = RunSettings(potential=potential, optimizer=resolve_optimizer(optimizer),
-                           atoms_per_batch=atoms_per_batch or atoms_budget(), dtype=dtype, skin=skin,
+                           atoms_per_batch=atoms_per_batch or atoms_budget(chosen[0]), dtype=dtype, skin=skin,
                            chunk_steps=chunk_steps, trajectory=trajectory, variable_cell=cell_filter is not None)
-    for job, result in Scheduler(jobs(), settings).irun():
-        yield job.index, result
+    with contextlib.closing(_stream(jobs(), settings, chosen)) as stream:
+        for job, result in stream:
+            yield job.index, result

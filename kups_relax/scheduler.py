@@ -18,16 +18,26 @@ step above is a method that returns what finished (no step does its work lazily)
 the device only between chunks: to collect the per-step records and the systems that stopped, to
 put the next structures into freed slots (no recompilation), and to grow the neighbor list after
 an overflow.
+
+Several devices (:func:`relax_on_devices`): one :class:`Scheduler` per device, each in a thread of
+its own with that device as JAX's default, all sharing one :class:`Intake` (the input, read by one
+stream at a time, and the waiting rooms), so whichever device frees a slot takes the next
+structure; finished structures are merged into one stream as they come.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
+import math
+import queue
+import threading
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
@@ -159,58 +169,72 @@ class WaitingRoom:
 Finished = list[tuple[Job, RelaxResult]]
 
 
-class Scheduler:
-    """Streams structures through slot batches; :meth:`irun` yields ``(job, result)`` as each finishes.
+class Intake:
+    """What the streams of one run share: the input, read as it goes, and the structures waiting for a slot.
 
-    Structures up to ``atoms_per_batch * SHARED_FRACTION`` atoms share one batch of mixed slot
-    sizes (:func:`~kups_relax.layout.plan_layout`, from ``known_sizes`` when the whole list is
-    known, else from the structures read ahead); larger ones get batches of their own slot size.
+    One device's :class:`Scheduler` owns one; with several devices every device's scheduler
+    shares it (:func:`relax_on_devices`): one stream at a time reads (``reading``), and the
+    waiting rooms are touched only under ``lock``, so a structure is taken by exactly one slot.
 
     Args:
         jobs: the structures, read lazily (at most a read-ahead of them are held at a time).
         settings: what every batch shares.
         total: how many structures there are, when known (for progress messages).
         known_sizes: atom counts of every structure, when the whole list is known up front.
+        streams: how many device streams share the intake: with the whole list known, each
+            stream's batches are planned for its share of it (``1/streams`` of every size).
     """
 
     def __init__(self, jobs: Iterable[Job], settings: RunSettings, *, total: int | None = None,
-                 known_sizes: Sequence[int] | None = None) -> None:
+                 known_sizes: Sequence[int] | None = None, streams: int = 1) -> None:
         self.jobs = iter(jobs)
         self.settings = settings
         self.total = total
+        self.streams = streams
         self.waiting: dict[BatchKey, WaitingRoom] = collections.defaultdict(WaitingRoom)
-        self.batches: dict[BatchKey, SlotBatch] = {}
         self.exhausted = False  # every structure has been read
         self.finished = 0
-        self.read_ahead = max(64, settings.atoms_per_batch // 8)
-        # atom-steps of the batches retired so far: of running systems, and executed in all
-        self.useful_atom_steps = 0
-        self.executed_atom_steps = 0
-        budget = settings.atoms_per_batch
-        self.known_shared = None if known_sizes is None else [n for n in known_sizes if shares_batch(n, budget)]
-        self.known_own = None if known_sizes is None else collections.Counter(
-            slot_size(n) for n in known_sizes if not shares_batch(n, budget))
+        self.read_ahead = max(64, settings.atoms_per_batch // 8) * streams  # each stream's as with one
+        self.lock = threading.Lock()  # the waiting rooms, `finished`, `opened`, `live`
+        self.reading = threading.Lock()  # one stream reads at a time
+        self.opened = 0  # batches opened so far
+        self.live: dict[BatchKey, tuple[SlotLayout, int]] = {}  # layouts of open batches, how many use each
+        self.known_shared = self.known_own = None
+        if known_sizes is not None:
+            self._know(known_sizes)
 
-    @property
-    def done(self) -> bool:
-        """Every structure read and finished."""
-        return self.exhausted and not self.batches and not any(self.waiting.values())
+    def _know(self, sizes: Sequence[int]) -> None:
+        """Plan batches from the whole list: each stream's share of every size (all of them for one stream)."""
+        budget = self.settings.atoms_per_batch
+        shared = [n for n in sizes if shares_batch(n, budget)]
+        own = collections.Counter(slot_size(n) for n in sizes if not shares_batch(n, budget))
+        if self.streams > 1:
+            share = lambda count: math.ceil(count / self.streams)  # noqa: E731
+            shared = [n for n, count in collections.Counter(shared).items() for _ in range(share(count))]
+            own = collections.Counter({size: share(count) for size, count in own.items()})
+        self.known_shared, self.known_own = shared, own
 
-    def irun(self):
-        """Relax every structure; yield ``(job, result)`` as each finishes (invalid ones at once)."""
-        t0 = time.perf_counter()
-        compiled_before = compile_stats()
-        while not self.done:
-            yield from self._hand_over(self.read_more())
-            self.open_batches()
-            for key in list(self.batches):
-                yield from self._hand_over(self.advance(key))
-        self._log_summary(time.perf_counter() - t0, compile_stats().since(compiled_before))
+    def any_waiting(self) -> bool:
+        with self.lock:
+            return any(self.waiting.values())
 
-    def read_more(self) -> Finished:
-        """Read structures until a read-ahead's worth wait; return the invalid ones, finished."""
+    def read(self, wait: bool = True) -> Finished:
+        """Read structures until a read-ahead's worth wait; return the invalid ones, finished.
+
+        Another stream reading: ``wait`` for it (a stream with nothing to run), else return at
+        once (that stream fills the rooms)."""
+        if not self.reading.acquire(blocking=wait):
+            return []
+        try:
+            return self._read()
+        finally:
+            self.reading.release()
+
+    def _read(self) -> Finished:
         invalid = []
-        waiting = sum(len(room) for room in self.waiting.values())
+        with self.lock:
+            waiting = sum(len(room) for room in self.waiting.values())
+        first_read = self.opened == 0
         while not self.exhausted and waiting < self.read_ahead:
             job = next(self.jobs, None)
             if job is None:
@@ -224,17 +248,36 @@ class Scheduler:
                 logger.warning("%s", err)
                 invalid.append((job, invalid_result(job, err.reason)))
                 continue
-            self.waiting[BatchKey.of(len(job.atoms), self.settings.atoms_per_batch)].append(job)
+            with self.lock:
+                self.waiting[BatchKey.of(len(job.atoms), self.settings.atoms_per_batch)].append(job)
             waiting += 1
+        if self.streams > 1 and self.exhausted and first_read and self.known_shared is None:
+            with self.lock:  # the first read took the whole input: share it as a known list
+                if self.opened == 0:
+                    self._know([len(job.atoms) for room in self.waiting.values() for q in room.by_size.values()
+                                for job in q])
         return invalid
 
-    def open_batches(self) -> None:
-        """Open a batch for every key with structures waiting and no batch open."""
-        for key, room in self.waiting.items():
-            if room and key not in self.batches:
-                self.batches[key] = SlotBatch(self._layout(key), self.settings)
+    def layout(self, key: BatchKey) -> SlotLayout:
+        """The slots of a new batch for ``key`` (under ``lock``). While the input is being read, a
+        batch opens with the layout of one another stream has open for the key (same programs)."""
+        layout, users = self.live.get(key, (None, 0))
+        if layout is None or self.exhausted:
+            layout = self._plan(key)
+        self.live[key] = (layout, users + 1)
+        self.opened += 1
+        return layout
 
-    def _layout(self, key: BatchKey) -> SlotLayout:
+    def closed(self, key: BatchKey) -> None:
+        """A batch of ``key`` retired."""
+        with self.lock:
+            layout, users = self.live[key]
+            if users > 1:
+                self.live[key] = (layout, users - 1)
+            else:
+                del self.live[key]
+
+    def _plan(self, key: BatchKey) -> SlotLayout:
         budget = self.settings.atoms_per_batch
         room = self.waiting[key]
         if key.shared:
@@ -248,6 +291,89 @@ class Scheduler:
             per_batch = min(per_batch, len(room))
         return SlotLayout.uniform(key.slot_atoms, per_batch)
 
+
+class Scheduler:
+    """Streams structures through slot batches; :meth:`irun` yields ``(job, result)`` as each finishes.
+
+    Structures up to ``atoms_per_batch * SHARED_FRACTION`` atoms share one batch of mixed slot
+    sizes (:func:`~kups_relax.layout.plan_layout`, from ``known_sizes`` when the whole list is
+    known, else from the structures read ahead); larger ones get batches of their own slot size.
+
+    Args:
+        jobs: the structures, read lazily (at most a read-ahead of them are held at a time).
+        settings: what every batch shares.
+        total: how many structures there are, when known (for progress messages).
+        known_sizes: atom counts of every structure, when the whole list is known up front.
+        intake: an :class:`Intake` shared with other devices' schedulers (then ``jobs``,
+            ``total`` and ``known_sizes`` are the intake's, and ignored here).
+        device: the device this scheduler's programs run on, for messages (the caller makes it
+            JAX's default device in this thread); ``None``: JAX's default.
+        stop: set by another thread to end :meth:`rounds` after the current chunk.
+    """
+
+    def __init__(self, jobs: Iterable[Job], settings: RunSettings, *, total: int | None = None,
+                 known_sizes: Sequence[int] | None = None, intake: Intake | None = None,
+                 device: jax.Device | None = None, stop: threading.Event | None = None) -> None:
+        self.intake = intake or Intake(jobs, settings, total=total, known_sizes=known_sizes)
+        self.settings = settings
+        self.device = device
+        self.stop = stop
+        self.batches: dict[BatchKey, SlotBatch] = {}
+        self.finished = 0  # structures this scheduler handed over
+        # atom-steps of the batches retired so far: of running systems, and executed in all
+        self.useful_atom_steps = 0
+        self.executed_atom_steps = 0
+
+    @property
+    def waiting(self) -> dict[BatchKey, WaitingRoom]:
+        return self.intake.waiting
+
+    @property
+    def exhausted(self) -> bool:
+        return self.intake.exhausted
+
+    @property
+    def total(self) -> int | None:
+        return self.intake.total
+
+    @property
+    def done(self) -> bool:
+        """Every structure read and finished (this scheduler's batches; another stream's may still run)."""
+        return self.intake.exhausted and not self.batches and not self.intake.any_waiting()
+
+    def irun(self):
+        """Relax every structure; yield ``(job, result)`` as each finishes (invalid ones at once)."""
+        t0 = time.perf_counter()
+        compiled_before = compile_stats()
+        yield from self.rounds()
+        self._log_summary(time.perf_counter() - t0, compile_stats().since(compiled_before))
+
+    def rounds(self):
+        """:meth:`irun` without its closing summary (several devices' schedulers share one)."""
+        while not self.done and not self._stopped():
+            yield from self._hand_over(self.read_more())
+            self.open_batches()
+            for key in list(self.batches):
+                if self._stopped():
+                    return
+                yield from self._hand_over(self.advance(key))
+
+    def _stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    def read_more(self) -> Finished:
+        """Read structures until a read-ahead's worth wait; return the invalid ones, finished
+        (:meth:`Intake.read`; while another stream reads, a scheduler with batches to run goes on)."""
+        return self.intake.read(wait=not self.batches)
+
+    def open_batches(self) -> None:
+        """Open a batch for every key with structures waiting and no batch open."""
+        with self.intake.lock:
+            layouts = {key: self.intake.layout(key) for key, room in self.intake.waiting.items()
+                       if room and key not in self.batches}
+        for key, layout in layouts.items():
+            self.batches[key] = SlotBatch(layout, self.settings)
+
     def advance(self, key: BatchKey) -> Finished:
         """Refill the batch's free slots and run one chunk of steps; return what finished.
 
@@ -256,38 +382,139 @@ class Scheduler:
         freed slots, the batch is compacted into a smaller one instead, and the chunk stops when
         enough systems have stopped for the next compaction.
         """
-        batch, room = self.batches[key], self.waiting[key]
-        finished = batch.refill(room)
+        batch, room, lock = self.batches[key], self.intake.waiting[key], self.intake.lock
+        finished = batch.refill(room, lock)
         if batch.idle:
             self.useful_atom_steps += batch.useful_atom_steps
             self.executed_atom_steps += batch.executed_atom_steps
             del self.batches[key]
+            self.intake.closed(key)
             return finished
-        if room or not self.exhausted:
+        with lock:
+            more = bool(room) or not self.intake.exhausted
+        if more:
             stop_after = max(1, batch.n_slots // 4)
         else:
             batch.compact()
             stop_after = batch.stops_before_compaction()
         finished += batch.run_chunk(stop_after)
-        if self.total is not None:
-            running = self.total - self.finished - len(finished)
-        else:
-            running = sum(b.n_running for b in self.batches.values()) + sum(len(r) for r in self.waiting.values())
-        logger.debug("chunk %d: %d systems running", batch.chunks, running)
+        if logger.isEnabledFor(logging.DEBUG):
+            with lock:
+                if self.total is not None:
+                    running = self.total - self.intake.finished - len(finished)
+                else:
+                    running = sum(b.n_running for b in self.batches.values()) + sum(
+                        len(r) for r in self.waiting.values())
+            logger.debug("%schunk %d: %d systems running", self._on, batch.chunks, running)
         return finished
+
+    @property
+    def _on(self) -> str:
+        return "" if self.device is None else f"{self.device}: "
 
     def _hand_over(self, finished: Finished):
         for item in finished:
             self.finished += 1
+            with self.intake.lock:
+                self.intake.finished += 1
             yield item
 
     def _log_summary(self, seconds: float, compiled) -> None:
         logger.info("relaxed %d structures in %.2f s; compiled %d programs, %d from the compilation cache (%.1f s)",
                     self.finished, seconds, compiled.programs, compiled.cached, compiled.seconds)
-        if self.executed_atom_steps:
-            logger.info("useful atom-steps: %d of %d executed (%.1f %%; the rest padding rows and stopped slots)",
-                        self.useful_atom_steps, self.executed_atom_steps,
-                        100 * self.useful_atom_steps / self.executed_atom_steps)
+        log_useful_fraction(self.useful_atom_steps, self.executed_atom_steps)
+
+
+def log_useful_fraction(useful: int, executed: int) -> None:
+    if executed:
+        logger.info("useful atom-steps: %d of %d executed (%.1f %%; the rest padding rows and stopped slots)",
+                    useful, executed, 100 * useful / executed)
+
+
+_STREAM_DONE = object()  # a device's scheduler finished
+_WAKE = object()  # a device's thread failed (its error is in `errors`)
+
+
+def relax_on_devices(jobs: Iterable[Job], settings: RunSettings, devices: Sequence[jax.Device], *,
+                     total: int | None = None, known_sizes: Sequence[int] | None = None,
+                     queue_size: int = 1024) -> Iterator[tuple[Job, RelaxResult]]:
+    """Relax on every device of ``devices`` at once; yield ``(job, result)`` as each finishes.
+
+    One :class:`Scheduler` per device, each in a thread of its own (XLA releases the GIL while a
+    program runs; the host work between chunks is Python) that makes its device JAX's default
+    (``jax.default_device``, thread-local: every array the scheduler makes and every program it
+    runs is on that device) and enters ``jax.enable_x64(True)`` (also thread-local). The
+    schedulers share one :class:`Intake`: whichever device frees a slot takes the next waiting
+    structure. The potential's arrays are copied to every device once.
+
+    An error in any device's thread stops the others (after their current chunk) and is
+    raised here; so is closing this generator (the threads are joined before it returns).
+    ``queue_size`` finished structures at most wait for the caller before the devices pause.
+    """
+    intake = Intake(jobs, settings, total=total, known_sizes=known_sizes, streams=len(devices))
+    results: queue.Queue = queue.Queue(maxsize=queue_size)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    summaries: list[Scheduler] = []
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work(device: jax.Device) -> None:
+        try:
+            with jax.enable_x64(True), jax.default_device(device):
+                placed = dataclasses.replace(settings, potential=on_device(settings.potential, device))
+                scheduler = Scheduler((), placed, intake=intake, device=device, stop=stop)
+                summaries.append(scheduler)
+                for item in scheduler.rounds():
+                    if not put(item):
+                        return
+            put(_STREAM_DONE)
+        except BaseException as err:  # noqa: BLE001 -- handed to the caller's thread, raised there
+            errors.append(err)
+            stop.set()  # the other devices stop before their next chunk
+            with contextlib.suppress(queue.Full):  # a full queue: the caller is reading it anyway
+                results.put_nowait(_WAKE)
+
+    logger.info("relaxing on %d devices: %s", len(devices), ", ".join(map(str, devices)))
+    t0 = time.perf_counter()
+    compiled_before = compile_stats()
+    threads = [threading.Thread(target=work, args=(device,), name=f"kups-relax-{device}", daemon=True)
+               for device in devices]
+    for thread in threads:
+        thread.start()
+    try:
+        running = len(threads)
+        while running:
+            item = results.get()
+            if errors:
+                raise errors[0]
+            if item is _STREAM_DONE:
+                running -= 1
+            else:
+                yield item
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    compiled = compile_stats().since(compiled_before)
+    logger.info("relaxed %d structures in %.2f s on %d devices (%s); compiled %d programs, %d from the compilation "
+                "cache (%.1f s)", intake.finished, time.perf_counter() - t0, len(devices),
+                ", ".join(f"{s.device}: {s.finished}" for s in summaries), compiled.programs, compiled.cached,
+                compiled.seconds)
+    log_useful_fraction(sum(s.useful_atom_steps for s in summaries), sum(s.executed_atom_steps for s in summaries))
+
+
+def on_device(tree, device: jax.Device):
+    """``tree`` with every JAX array copied to ``device`` (other leaves as they are)."""
+    return jax.tree_util.tree_map(lambda leaf: jax.device_put(leaf, device) if isinstance(leaf, jax.Array) else leaf,
+                                  tree)
 
 
 class SlotBatch:
@@ -366,34 +593,37 @@ class SlotBatch:
         pack_structure(self.host, slot, int(self.first[slot]), job.atoms, job.name)
         self.fmax[slot], self.max_steps[slot], self.max_displacement[slot] = job.fmax, job.max_steps, job.max_displacement
 
-    def _admit_waiting(self, room: WaitingRoom) -> np.ndarray:
-        """Place waiting structures into free slots; ``(S,)`` which slots took one.
+    def _claim(self, room: WaitingRoom) -> dict[int, Job]:
+        """Take waiting structures for the free slots: ``{slot: job}``.
 
         A free slot takes the first waiting structure of its own size; slots still free then take
         the earliest structure that fits (smallest slots first), so no slot idles while something fits.
         """
-        admitted = np.zeros(self.n_slots, bool)
+        claimed = {}
         free = [s for s, job in enumerate(self.jobs) if job is None and self.slot_atoms[s] > 0]
         for slot in free:
             job = room.pop_exact(int(self.slot_atoms[slot]))
             if job is not None:
-                self._place(slot, job)
-                admitted[slot] = True
-        for slot in sorted((s for s in free if not admitted[s]), key=lambda s: self.slot_atoms[s]):
+                claimed[slot] = job
+        for slot in sorted((s for s in free if s not in claimed), key=lambda s: self.slot_atoms[s]):
             job = room.pop_fitting(int(self.slot_atoms[slot]))
             if job is not None:
-                self._place(slot, job)
-                admitted[slot] = True
-        return admitted
+                claimed[slot] = job
+        return claimed
 
-    def refill(self, room: WaitingRoom) -> Finished:
+    def refill(self, room: WaitingRoom, lock: threading.Lock | None = None) -> Finished:
         """Start waiting structures in free slots (the first call starts the batch); return any
-        that stop at step 0."""
-        if self.state is not None and not room:
+        that stop at step 0. ``lock`` guards ``room`` when other devices' batches take from it too."""
+        with lock or contextlib.nullcontext():
+            if self.state is not None and not room:
+                return []
+            claimed = self._claim(room)
+        if not claimed:  # nothing fitted (or, with several devices, another batch took it first)
             return []
-        admitted = self._admit_waiting(room)
-        if self.state is not None and not admitted.any():
-            return []
+        admitted = np.zeros(self.n_slots, bool)
+        for slot, job in claimed.items():
+            self._place(slot, job)
+            admitted[slot] = True
         s = self.settings
         self.geometry = device_geometry(self.host, s.dtype)
         targets = self._targets()
