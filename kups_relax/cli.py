@@ -83,6 +83,19 @@ def _length_or_none(value) -> float:
     return value
 
 
+def _devices(value) -> int | str:
+    """``all`` (every local device) or how many of them (the first ``N``)."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    try:
+        number = _number(int)(value)
+    except ValueError:
+        number = 0
+    if not number > 0:
+        raise ValueError(f"expected a number of devices (> 0) or 'all', got {value!r}")
+    return number
+
+
 def _text(value) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected text, got {value!r}")
@@ -189,6 +202,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("atoms_per_batch", _number(int), None,
            "atom rows per batch of slots: larger batches keep the device busier and use more memory "
            "(default: 8192 on a CPU, from the memory of a GPU)", positive=True),
+    Option("devices", _devices, "all",
+           "JAX devices to relax on: all local devices of the default backend, or the first N; each runs its "
+           "own batches, fed from one queue (default: %(default)s)"),
     Option("dtype", _text, "float64", "floating point precision (default: %(default)s)",
            choices=("float64", "float32")),
     Option("chunk_steps", _number(int), 64, "steps per device call between progress updates (default: %(default)s)",
@@ -407,7 +423,7 @@ class Run:
         return dict(fmax=s["fmax"], max_steps=s["max_steps"], optimizer=self.optimizer, dtype=s["dtype"],
                     chunk_steps=s["chunk_steps"], trajectory=s["trajectories"] != "none",
                     cell_filter=make_cell_filter(s), max_displacement=s["max_displacement"],
-                    atoms_per_batch=s["atoms_per_batch"])
+                    atoms_per_batch=s["atoms_per_batch"], devices=None if s["devices"] == "all" else s["devices"])
 
     def trajectory_writer(self):
         """The :class:`~kups_relax.outputs.TrajectoryWriter` of ``--trajectories``/``--shard-size``."""
@@ -764,6 +780,13 @@ def make_run(settings: dict[str, Any]) -> Run:
     potential = make_potential(settings["potential"], settings["potential_params"])
     optimizer, transform = make_optimizer(settings["optimizer"], settings["maxstep"])
     make_cell_filter(settings)  # bad --cell combinations are usage errors before anything is read
+    if settings["devices"] != "all":
+        from .engine import resolve_devices
+
+        try:
+            resolve_devices(settings["devices"])
+        except ValueError as err:
+            raise UsageError(f"--devices: {err}") from None
     return Run(out=Path(settings["out"]), settings=settings, potential=potential, optimizer=optimizer,
                potential_info=potential_metadata(potential, settings["potential"]),
                optimizer_info=optimizer_metadata(transform, settings["optimizer"]))
