@@ -692,9 +692,12 @@ def relax_and_write(run: Run, items, sink, trajectories, progress_enabled: bool)
 
     chunk_steps = run.settings["chunk_steps"]
     s = run.settings
+    from .engine import resolve_devices
+
+    devices = resolve_devices(None if s["devices"] == "all" else s["devices"])
     logger.info("relaxing as inputs are read: potential %s, optimizer %s, fmax %g eV/Å, max %d steps, %s, "
-                "trajectories %s", s["potential"], s["optimizer"], s["fmax"], s["max_steps"], s["dtype"],
-                s["trajectories"])
+                "trajectories %s, on %s", s["potential"], s["optimizer"], s["fmax"], s["max_steps"], s["dtype"],
+                s["trajectories"], ", ".join(map(str, devices)))
     t0 = time.perf_counter()
     compiled_before = compile_stats()
     with BackgroundWriter() as writer, Progress(None, chunk_steps, enabled=progress_enabled) as progress:
