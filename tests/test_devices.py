@@ -70,6 +70,8 @@ messages.clear()
 two = relax(structures, potential, names=names, devices=None, **options)
 out["two"] = [fingerprint(r) for r in two]
 out["two_log"] = [m for m in messages if "devices" in m]
+alone = relax(structures, potential, names=names, devices=[jax.devices()[1]], **options)
+out["second_alone"] = [fingerprint(r) for r in alone]
 seen = []
 for index, result in relax_iter(zip(names, structures), potential, devices=2, **options):
     seen.append([index, fingerprint(result)])
@@ -125,6 +127,11 @@ def test_two_devices_bit_identical_to_one(two_devices):
     """Same batch shapes on every device (module docstring), so every bit of every result matches."""
     for one, two in zip(two_devices["one"], two_devices["two"], strict=True):
         assert one == two, one["name"]
+
+
+def test_second_device_alone_bit_identical(two_devices):
+    """One device that is not JAX's default runs in a thread of its own, with the same results."""
+    assert two_devices["second_alone"] == two_devices["one"]
 
 
 def test_relax_iter_yields_every_index_once_with_the_same_results(two_devices):
