@@ -445,7 +445,9 @@ def relax_on_devices(jobs: Iterable[Job], settings: RunSettings, devices: Sequen
     (``jax.default_device``, thread-local: every array the scheduler makes and every program it
     runs is on that device) and enters ``jax.enable_x64(True)`` (also thread-local). The
     schedulers share one :class:`Intake`: whichever device frees a slot takes the next waiting
-    structure. The potential's arrays are copied to every device once.
+    structure. The potential's arrays are copied to every device once. The input is read in
+    these threads too, one at a time: a caller's iterator runs there (in the caller's x64 mode
+    when the entry point says so, :mod:`kups_relax.precision`, but with that device as default).
 
     An error in any device's thread stops the others (after their current chunk) and is
     raised here; so is closing this generator (the threads are joined before it returns).
