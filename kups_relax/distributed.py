@@ -4,7 +4,7 @@
     relax-batch inputs/ --dask-scheduler tcp://host:8786   # a running cluster (SLURM, PBS, ...)
 
 The client (the ``relax-batch`` process, or :func:`relax_campaign` in a program) reads the
-inputs as it goes and cuts them into *shards* of ``shard_size`` structures, each one Dask task
+inputs as it goes and cuts them into *shards* of ``--task-size`` structures, each one Dask task
 (:func:`relax_shard`). Every worker process keeps one warm engine per run setting
 (:func:`worker_run`: the potential built and the compiled programs loaded once, then reused by
 every shard it runs) and writes each finished system's ``<name>.h5`` atomically into the shared
@@ -47,8 +47,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = ["Campaign", "CampaignReport", "DEFAULT_SHARD_SIZE", "SetupError", "ShardReport", "SystemRow",
-           "WorkerSetup", "check_workers", "connect", "relax_campaign", "relax_shard", "worker_environment",
-           "worker_run"]
+           "WorkerSetup", "check_workers", "connect", "relax_campaign", "relax_shard", "run_on_dask",
+           "worker_environment", "worker_run"]
 
 #: Structures per task. Large enough that Dask's per-task cost (~ms) and the shard's tail (its
 #: last, slowest systems running in a batch that no longer fills) stay small; small enough
@@ -386,10 +386,10 @@ class CampaignReport:
     def describe(self) -> str:
         """One line: systems, workers, relaxed and kept, tasks, and the share of wall time outside tasks."""
         busy = self.task_seconds / (len(self.workers) * self.wall_seconds) if self.workers and self.wall_seconds else 0
-        return (f"{self.systems} systems in {self.wall_seconds:.1f} s on {len(self.workers)} Dask workers: "
-                f"{self.relaxed} relaxed, {self.kept} kept from complete outputs; {self.shards} tasks, workers "
-                f"busy {100 * busy:.0f} % of the time" + (f", {self.retried} split after an error" if self.retried
-                                                           else ""))
+        return (f"{self.systems} systems in {self.wall_seconds:.2f} s on {len(self.workers)} Dask workers: "
+                f"{self.relaxed} relaxed, {self.kept} kept from complete outputs; {self.shards} tasks, "
+                f"{self.task_seconds:.2f} s inside them, workers busy {100 * busy:.0f} % of the time"
+                + (f", {self.retried} split after an error" if self.retried else ""))
 
 
 def _shards(items: Iterable[Any], size: int) -> Iterator[list[tuple[int, Any]]]:
@@ -414,6 +414,9 @@ def relax_campaign(items: Iterable[Any], settings: Mapping[str, Any], client, ou
         items: :class:`kups_relax.io.InputStructure` objects, read as the shards are submitted
             (a generator keeps the client's memory flat).
         settings: ``relax-batch``'s resolved settings (``out``, ``resume``, ``overwrite``, potential, ...).
+            Outputs in ``out`` from another campaign are kept with ``resume`` and relaxed again
+            otherwise (``relax-batch`` refuses such a folder without ``--resume``/``--overwrite``
+            before calling this).
         client: a ``distributed.Client`` (:func:`connect`).
         outputs: the sink of rows: ``outputs.add(row, relaxed, fmaxes)`` per system
             (:class:`kups_relax.outputs.CampaignOutputs`); closing it is the caller's.

@@ -204,3 +204,20 @@ def test_unreachable_scheduler_exits_2_naming_the_address(inputs, tmp_path):
                    cwd=tmp_path, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s")
     assert proc.returncode == 2, proc.stderr
     assert address in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_worker_without_the_package_or_the_potential_file_is_named(client, tmp_path, monkeypatch):
+    """Checked on every worker before the first shard: nothing is relaxed or written."""
+    items = [it for it in read_structures([tmp_path]) if it.ok]  # none needed: the checks come first
+    missing = tmp_path / "absent" / "Cu.eam.alloy"
+    settings = cli.resolve_settings(cli.build_parser().parse_args(
+        ["unused", "--out", str(tmp_path / "out"), "--potential", f"eam:{missing}"]))
+    with pytest.raises(kd.SetupError) as err, CampaignOutputs(tmp_path / "out") as sink:
+        kd.relax_campaign(items, settings, client, sink)
+    assert "worker tcp://127.0.0.1:" in str(err.value) and str(missing) in str(err.value)
+    # a distribution the workers do not have stands for kups-relax missing there
+    monkeypatch.setattr(kd, "DISTRIBUTION", "kups-relax-not-installed-anywhere")
+    with pytest.raises(kd.SetupError, match=r"worker tcp://127\.0\.0\.1:\d+ cannot import kups-relax"), \
+            CampaignOutputs(tmp_path / "out") as sink:
+        kd.relax_campaign(items, settings_for(tmp_path / "out"), client, sink)
+    assert not [p for p in (tmp_path / "out").iterdir()], "nothing written"
