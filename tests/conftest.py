@@ -71,6 +71,7 @@ HEAVIEST_FIRST = ["test_fire.py", "test_cli.py", "test_sevennet.py", "test_engin
                   "test_neighbors.py", "test_emt.py", "test_streaming.py", "test_eam.py", "test_optax.py"]
 
 
+@pytest.hookimpl(trylast=True)  # after any plugin that shuffles the tests (pytest-randomly)
 def pytest_collection_modifyitems(config, items):
     rank = {name: k for k, name in enumerate(HEAVIEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
