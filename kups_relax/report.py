@@ -15,9 +15,10 @@ import numpy as np
 
 logger = logging.getLogger("kups_relax.cli")
 
-#: The engine's per-chunk debug record, ``(chunk index, systems still running)``.
-#: Progress is read from it until the engine offers a progress callback.
-ENGINE_LOGGER = "kups_relax.engine"
+#: The scheduler's per-chunk debug record, ending in ``(chunk index, systems still running)``
+#: (a multi-device run puts the device first). Progress is read from it until the engine offers
+#: a progress callback.
+ENGINE_LOGGER = "kups_relax.scheduler"
 ENGINE_CHUNK_MESSAGE = "chunk %d: %d systems running"
 
 
@@ -72,9 +73,10 @@ class Progress(logging.Handler):
         self._draw(final=True)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg != ENGINE_CHUNK_MESSAGE or len(record.args or ()) != 2:
+        if not isinstance(record.msg, str) or not record.msg.endswith(ENGINE_CHUNK_MESSAGE) \
+                or len(record.args or ()) < 2:
             return
-        chunk, running = record.args  # type: ignore[misc]
+        chunk, running = record.args[-2:]  # type: ignore[index]
         self.chunks = int(chunk)
         self._latest = time.perf_counter()
         if self._first is None:

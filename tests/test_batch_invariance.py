@@ -81,16 +81,16 @@ def test_compaction_keeps_every_path(twenty, batched, monkeypatch, caplog):
     compacted (same steps; positions within the cross-bucket rounding of ``test_alone_equals_in_batch``)."""
     import logging
 
-    from kups_relax import engine
+    from kups_relax import scheduler
 
-    monkeypatch.setattr(engine, "MIN_COMPACTED_ROWS", 10**9)
+    monkeypatch.setattr(scheduler, "MIN_COMPACTED_ROWS", 10**9)
     potential = LennardJones(**LJ_PARAMS)
-    with caplog.at_level(logging.DEBUG, logger="kups_relax.engine"):
+    with caplog.at_level(logging.DEBUG, logger="kups_relax.scheduler"):
         plain = relax([a for _, a in twenty], potential, fmax=FMAX, max_steps=500, names=[n for n, _ in twenty])
     assert not [m for m in caplog.messages if "compacted" in m]
-    monkeypatch.setattr(engine, "MIN_COMPACTED_ROWS", 24)  # this batch has 384 rows: 96, 24 rows
+    monkeypatch.setattr(scheduler, "MIN_COMPACTED_ROWS", 24)  # this batch has 384 rows: 96, 24 rows
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="kups_relax.engine"):
+    with caplog.at_level(logging.DEBUG, logger="kups_relax.scheduler"):
         again = relax([a for _, a in twenty], potential, fmax=FMAX, max_steps=500, names=[n for n, _ in twenty])
     compacted = [m for m in caplog.messages if "compacted" in m]
     assert compacted, "the batch of 20 was compacted at least once"

@@ -321,7 +321,7 @@ def test_progress_follows_the_engine_chunk_records(caplog):
         def isatty(self):
             return True
 
-    engine = logging.getLogger("kups_relax.engine")
+    engine = logging.getLogger("kups_relax.scheduler")
     stream = Terminal()
     with Progress(4, chunk_steps=10, stream=stream) as progress:
         assert "0/4 systems relaxed, compiling" in stream.getvalue()
