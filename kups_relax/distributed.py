@@ -282,15 +282,20 @@ class WorkerSetup(_WorkerPlugin):  # type: ignore[misc, valid-type]
 def worker_environment(threads: int) -> dict[str, str]:
     """Environment for a worker process that may use ``threads`` CPU cores (set before JAX starts).
 
-    XLA's CPU runtime and the BLAS libraries otherwise each start a thread per core of the
-    machine in every worker process, and N workers on N cores fight over them.
+    The BLAS libraries (ASE's and SciPy's small linear algebra) otherwise start a thread per
+    core of the machine in every worker process, and N workers on N cores fight over them; with
+    one core per worker, XLA's Eigen kernels run on the calling thread too
+    (``--xla_cpu_multi_thread_eigen=false``). XLA's own CPU runtime has no flag for its thread
+    pool; a relaxation program runs mostly on the thread that calls it (one per worker here).
+    ``XLA_FLAGS`` is part of a saved program's key (:mod:`kups_relax.executables`), so such
+    workers compile their programs once and keep them apart from a one-process run's.
     """
     env = {var: str(threads) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     flags = os.environ.get("XLA_FLAGS", "")
-    if "intra_op_parallelism_threads" not in flags:
-        flags = f"{flags} --xla_cpu_multi_thread_eigen={'false' if threads == 1 else 'true'} " \
-                f"intra_op_parallelism_threads={threads}".strip()
-    env["XLA_FLAGS"] = flags
+    if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
+        flags = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+    if flags:
+        env["XLA_FLAGS"] = flags
     return env
 
 

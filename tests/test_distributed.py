@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from ase.io import write
@@ -170,7 +171,8 @@ def _free_port() -> int:
 
 
 def run_cli(args, cwd, timeout=300, **env):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
+    # the test session's compilation cache: relax-batch hands its folder to the workers (WorkerSetup)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir, **env)
     return subprocess.run([SCRIPT, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -196,6 +198,16 @@ def test_resume_across_distributed_runs(client, first_run, inputs):
                     "--max-steps", "77"], cwd=out.parent)
     assert proc.returncode == 2 and "max_steps" in proc.stderr, proc.stderr
     assert h5_state(out) == after
+
+
+def test_relax_batch_workers_starts_and_closes_a_local_cluster(inputs, tmp_path):
+    """``--workers 2``: a LocalCluster of this process's own, closed at the end (same shapes as the
+    module's shards, so its workers load their programs from the session's compilation cache)."""
+    paths = [inputs / f"c{k:02d}.xyz" for k in range(SHARD)]
+    proc = run_cli([*paths, "--out", tmp_path / "out", *LJ_FLAGS, "--workers", 2, "--task-size", SHARD], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{SHARD} relaxed, 0 kept" in proc.stdout, proc.stdout
+    check_complete(tmp_path / "out", read_structures(paths))
 
 
 def test_unreachable_scheduler_exits_2_naming_the_address(inputs, tmp_path):
