@@ -223,11 +223,11 @@ OPTIONS: tuple[Option, ...] = (
            "systems per shard file with --trajectories per-shard; a killed run relaxes the systems of the "
            "unfinished shard again on --resume (default: %(default)s)", positive=True),
     Option("dask_scheduler", _text, None,
-           "relax on the Dask cluster whose scheduler is at ADDRESS (e.g. tcp://host:8786): structures go to its "
+           "relax on the Dask cluster whose scheduler is at this address (e.g. tcp://host:8786): structures go to its "
            "workers in tasks of --task-size, each worker writes its systems' .h5 into --out (a folder every "
            "worker sees) and this process writes summary.csv and relaxed.extxyz; needs kups-relax[distributed]"),
     Option("workers", _number(int), None,
-           "relax on a new local Dask cluster of N worker processes (one thread each, sharing this machine's "
+           "relax on a new local Dask cluster of this many worker processes (one thread each, sharing this machine's "
            "cores); see --dask-scheduler", positive=True),
     Option("task_size", _number(int), 128,
            "structures per Dask task with --dask-scheduler/--workers: a task that dies with its worker is "
