@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import ase.io
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
