@@ -535,13 +535,14 @@ class ResumeIndex:
         """UsageError when the first readable output in ``--out`` was relaxed with other settings."""
         from .io import read_parameters
 
-        samples = [(next(iter(self.shards.items()))[1], next(iter(self.shards)))] if self.shards else []
+        samples = [(next(iter(self.shards.values())), next(iter(self.shards)))] if self.shards else []
+        shard_files = {p.name for p in set(self.shards.values())}
         with os.scandir(self.run.out) as entries:
             for entry in entries:
-                if entry.name.endswith(".h5") and not entry.name.startswith(".") and len(samples) < 4:
-                    path = Path(entry.path)
-                    if path not in self.shards.values():
-                        samples.append((path, None))
+                if len(samples) >= 4:
+                    break
+                if entry.name.endswith(".h5") and not entry.name.startswith(".") and entry.name not in shard_files:
+                    samples.append((Path(entry.path), None))
         for path, system in samples:
             try:
                 recorded = read_parameters(path, system=system).get("settings")
