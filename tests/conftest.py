@@ -62,13 +62,15 @@ def _release_compiled_programs():
 
 
 #: The modules that take longest (compiling their own relaxation loops or running relax-batch in
-#: subprocesses), measured on 2 cores, heaviest first. They run first, so that pytest-xdist's
+#: subprocesses), heaviest first (a full run on 2 cores, 2026-12-03). They run first, so that pytest-xdist's
 #: two workers (``-n 2 --dist loadfile`` in pyproject.toml: a module's tests, and so its
 #: module-scoped fixtures, stay on one worker) end together instead of one waiting on a long
 #: module handed out last. The other modules follow in their usual order.
-HEAVIEST_FIRST = ["test_fire.py", "test_cli.py", "test_sevennet.py", "test_engine_lj.py", "test_cell_filter.py",
-                  "test_ase_interop.py", "test_failure_isolation.py", "test_batch_invariance.py",
-                  "test_neighbors.py", "test_emt.py", "test_streaming.py", "test_eam.py", "test_optax.py"]
+HEAVIEST_FIRST = ["test_sevennet.py", "test_cell_filter.py", "test_cli.py", "test_engine_lj.py", "test_fire.py",
+                  "test_ase_interop.py", "test_ase_conformance.py", "test_batch_invariance.py",
+                  "test_campaign_io.py", "test_eam.py", "test_devices.py", "test_emt.py", "test_streaming.py",
+                  "test_optax.py", "test_neighbors.py", "test_failure_isolation.py", "test_distributed.py",
+                  "test_morse.py"]
 
 
 @pytest.hookimpl(trylast=True)  # after any plugin that shuffles the tests (pytest-randomly)
