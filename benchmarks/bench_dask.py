@@ -37,15 +37,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import ase.io
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from metal_structures import metal_structures  # noqa: E402
+from metal_structures import write_stream_input  # noqa: E402
 
 REPORT = re.compile(r"(\d+) systems in ([\d.]+) s on (\d+) Dask workers: (\d+) relaxed, (\d+) kept from complete "
                     r"outputs; (\d+) tasks, ([\d.]+) s inside them")
@@ -77,12 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     args = parser.parse_args(argv)
 
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_dask_"))
-    work.mkdir(parents=True, exist_ok=True)
-    structures = metal_structures(args.n)
-    source = work / "structures.extxyz"
-    ase.io.write(source, structures, format="extxyz")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    work, structures, source, load = write_stream_input(args.n, args.keep, prefix="bench_dask_")
     import dask
     import distributed
 

@@ -36,7 +36,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from metal_structures import metal_structures  # noqa: E402
+from metal_structures import write_stream_input  # noqa: E402
 
 COMPILED = re.compile(r"compiled (\d+) programs, (\d+) more from the compilation cache")
 
@@ -119,13 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     args = parser.parse_args(argv)
 
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_emt_stream_"))
-    work.mkdir(parents=True, exist_ok=True)
-    structures = metal_structures(args.n)
+    work, structures, source, load = write_stream_input(args.n, args.keep, prefix="bench_emt_stream_")
     n_atoms = sum(len(a) for a in structures)
-    source = work / "structures.extxyz"
-    ase.io.write(source, structures, format="extxyz")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} at start; "
           f"{args.n} structures, {n_atoms} atoms ({min(map(len, structures))}..{max(map(len, structures))} per "
           f"structure), fmax {args.fmax} eV/A; work folder {work}")

@@ -112,6 +112,27 @@ def metal_structures(n: int) -> list[Atoms]:
     return [metal_structure(k) for k in range(n)]
 
 
+def write_stream_input(n: int, keep: str | None, prefix: str):
+    """The end-to-end benchmarks' untimed preparation: the first ``n`` structures written to one
+    extxyz in a work folder (``keep``, or a new temporary folder named ``prefix...``).
+
+    Returns ``(work folder, structures, extxyz path, 1-minute load average now)``.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import ase.io
+
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    structures = metal_structures(n)
+    source = work / "structures.extxyz"
+    ase.io.write(source, structures, format="extxyz")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return work, structures, source, load
+
+
 if __name__ == "__main__":
     import collections
 
