@@ -1,6 +1,6 @@
 """End to end: ``relax-batch --workers W`` (a local Dask cluster) on the metal stream, W = 1 and 2, warm caches.
 
-    python benchmarks/bench_dask.py [--n 2048] [--task-size 128] [--workers 1 2] [--skip-local] [--keep DIR]
+    python benchmarks/bench_dask.py [--n 2048] [--task-size 128] [--workers 1 2] [--skip-local] [--skip-devices] [--keep DIR]
 
 The structures (benchmarks/metal_structures.py, as bench_emt_stream.py: 13 to 256 atoms, EMT)
 are written to one extxyz file first (not timed). Each configuration -- ``relax-batch`` in one
@@ -16,9 +16,13 @@ submitted to last row written), the seconds spent inside tasks summed over them,
 from these
 
 * scaling: end-to-end speed-up of W workers over 1 worker, and its efficiency (speed-up / W);
-* Dask overhead per task: ``(W x campaign wall - time inside tasks) / tasks``: the time workers
-  were not inside a task (scheduling, transfers, the client writing rows, waiting for the last
-  task: the imbalance at the end counts here too), and the same as a share of W x campaign wall.
+* Dask overhead: the workers' idle time ``W x campaign wall - busy``, where ``busy`` is the time
+  a worker's relaxation stream held structures (:class:`kups_relax.distributed.WorkerStream`):
+  scheduling, transfers, the client writing rows, starting, and waiting for the last task (the
+  imbalance at the end counts here too); per task, and as a share of W x campaign wall.
+
+``local-2-devices`` is ``relax-batch --devices 2`` in one process with
+``XLA_FLAGS=--xla_force_host_platform_device_count=2`` (two CPU devices sharing the cores).
 
 The step counts of every run are compared with the first run's (summary.csv): the same structures
 give the same steps whatever the sharding, except where a system's path is sensitive to the last
@@ -46,7 +50,7 @@ sys.path.insert(0, str(HERE))
 from metal_structures import write_stream_input  # noqa: E402
 
 REPORT = re.compile(r"(\d+) systems in ([\d.]+) s on (\d+) Dask workers: (\d+) relaxed, (\d+) kept from complete "
-                    r"outputs; (\d+) tasks, ([\d.]+) s inside them")
+                    r"outputs; (\d+) tasks; relaxing ([\d.]+) s of")
 
 
 def timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
@@ -72,6 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--task-size", type=int, default=128, help="structures per Dask task (default 128)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="cluster sizes (default 1 2)")
     parser.add_argument("--skip-local", action="store_true", help="leave out relax-batch without Dask")
+    parser.add_argument("--skip-devices", action="store_true",
+                        help="leave out relax-batch --devices 2 on two forced host devices")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     args = parser.parse_args(argv)
 
@@ -91,42 +97,48 @@ def main(argv=None) -> int:
     env.pop("KUPS_RELAX_COMPILATION_CACHE", None)
     base = [sys.executable, "-m", "kups_relax.cli", str(source), "--potential", "emt", "--fmax", str(args.fmax),
             "--overwrite"]
-    configs = ([] if args.skip_local else [("local", [])]) + [
-        (f"dask-{w}", ["--workers", str(w), "--task-size", str(args.task_size)]) for w in args.workers]
+    two_devices = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip())
+    configs = ([] if args.skip_local else [("local", [], env)]) + \
+        ([] if args.skip_devices else [("local-2-devices", ["--devices", "2"], two_devices)]) + [
+        (f"dask-{w}", ["--workers", str(w), "--task-size", str(args.task_size)], env) for w in args.workers]
     results = {}
-    for label, flags in configs:
+    for label, flags, config_env in configs:
         for phase in ("warm-up", "timed"):
             out = work / f"out-{label}"
             cmd = base + flags + ["--out", str(out)]
             log = work / f"{label}-{phase}.log"
-            wall = timed(cmd, env, log)
+            wall = timed(cmd, config_env, log)
             print(f"{label} {phase}: {wall:.2f} s   {shlex.join(cmd)}", flush=True)
         m = REPORT.search(log.read_text(errors="replace"))
         results[label] = dict(wall=wall, steps=steps(out),
                               campaign=None if m is None else dict(wall=float(m[2]), workers=int(m[3]),
-                                                                   tasks=int(m[6]), inside=float(m[7])))
+                                                                   tasks=int(m[6]), busy=float(m[7])))
 
     first = next(iter(results.values()))["steps"]
     one = results.get(f"dask-{min(args.workers)}")
+    local = results.get("local")
     print()
-    print("| run | end-to-end wall s | speed-up over the fewest workers | efficiency | campaign wall s | "
-          "s inside tasks | tasks | Dask overhead per task, ms | overhead share | same steps as the first run |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| run | end-to-end wall s | vs in process | speed-up over the fewest workers | efficiency | "
+          "campaign wall s | workers' streams busy s | tasks | idle per task, ms | idle share | "
+          "same steps as the first run |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, r in results.items():
         c = r["campaign"]
         same = sum(r["steps"].get(k) == v for k, v in first.items())
-        speed = eff = over = share = camp = inside = tasks = ""
+        speed = eff = over = share = camp = busy = tasks = versus = ""
+        if local is not None:
+            versus = f"{local['wall'] / r['wall']:.2f}x"
         if c is not None:
-            camp, inside, tasks = f"{c['wall']:.2f}", f"{c['inside']:.2f}", str(c["tasks"])
-            idle = c["workers"] * c["wall"] - c["inside"]
+            camp, busy, tasks = f"{c['wall']:.2f}", f"{c['busy']:.2f}", str(c["tasks"])
+            idle = c["workers"] * c["wall"] - c["busy"]
             over = f"{1e3 * idle / max(c['tasks'], 1):.0f}"
             share = f"{100 * idle / (c['workers'] * c['wall']):.1f} %"
             if one is not None and one["campaign"] is not None:
                 s = one["wall"] / r["wall"]
                 speed = f"{s:.2f}x"
                 eff = f"{100 * s * one['campaign']['workers'] / c['workers']:.0f} %"
-        print(f"| {label} | {r['wall']:.2f} | {speed} | {eff} | {camp} | {inside} | {tasks} | {over} | {share} | "
-              f"{same}/{len(first)} |")
+        print(f"| {label} | {r['wall']:.2f} | {versus} | {speed} | {eff} | {camp} | {busy} | {tasks} | {over} | "
+              f"{share} | {same}/{len(first)} |")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

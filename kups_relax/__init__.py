@@ -21,10 +21,11 @@ persistent compilation cache is the process's: :func:`enable_compilation_cache` 
 from .batch import Batch, Geometry
 from .engine import DEFAULT_MAX_STEPS, RelaxResult, relax, relax_iter
 from .executables import enable_compilation_cache
+from .feed import Feed
 from .filters import CellFilter
 from .validate import InvalidStructure, check_structure
 
 __version__ = "0.1.0"
 
-__all__ = ["Batch", "CellFilter", "DEFAULT_MAX_STEPS", "Geometry", "InvalidStructure", "RelaxResult",
+__all__ = ["Batch", "CellFilter", "DEFAULT_MAX_STEPS", "Feed", "Geometry", "InvalidStructure", "RelaxResult",
            "check_structure", "enable_compilation_cache", "relax", "relax_iter", "__version__"]

@@ -216,8 +216,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("plot", _flag, False, "also write fmax.png (largest force against step; needs matplotlib)"),
     Option("trajectories", _text, "per-system",
            "where each system's trajectory goes: per-system (<name>.h5, the default), per-shard (shard-NNNNNN.h5 "
-           "files of --shard-size systems each, one H5MD particles group per system: far fewer files for a "
-           "cluster file system) or none (only relaxed.extxyz and summary.csv; such a run cannot be resumed)",
+           "files of --shard-size systems each -- on Dask, of one task's systems --, one H5MD particles group per "
+           "system: far fewer files for a cluster file system) or none (only relaxed.extxyz and summary.csv; such a run cannot be resumed)",
            choices=("per-system", "per-shard", "none")),
     Option("shard_size", _number(int), 1000,
            "systems per shard file with --trajectories per-shard; a killed run relaxes the systems of the "
@@ -227,11 +227,12 @@ OPTIONS: tuple[Option, ...] = (
            "workers in tasks of --task-size, each worker writes its systems' .h5 into --out (a folder every "
            "worker sees) and this process writes summary.csv and relaxed.extxyz; needs kups-relax[distributed]"),
     Option("workers", _number(int), None,
-           "relax on a new local Dask cluster of this many worker processes (one thread each, sharing this machine's "
-           "cores); see --dask-scheduler", positive=True),
+           "relax on a new local Dask cluster of this many worker processes (sharing this machine's cores; two task "
+           "threads each, feeding the worker's one relaxation stream); see --dask-scheduler", positive=True),
     Option("task_size", _number(int), 128,
            "structures per Dask task with --dask-scheduler/--workers: a task that dies with its worker is "
-           "rerun elsewhere, keeping the systems it had finished (default: %(default)s)", positive=True),
+           "rerun elsewhere, keeping the systems it had finished (with --trajectories per-shard: none of them; "
+           "its shard file is written when it ends) (default: %(default)s)", positive=True),
     Option("quiet", _flag, False, "print only warnings and errors", aliases=("-q",)),
     Option("verbose", _flag, False, "print debug messages", aliases=("-v",)),
 )

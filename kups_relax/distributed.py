@@ -36,6 +36,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -54,6 +55,13 @@ __all__ = ["Campaign", "CampaignReport", "DEFAULT_SHARD_SIZE", "SetupError", "Sh
 #: last, slowest systems running in a batch that no longer fills) stay small; small enough
 #: that a killed worker's shard is redone quickly and shards spread evenly over the workers.
 DEFAULT_SHARD_SIZE = 128
+
+#: Task threads a worker should have (``dask worker --nthreads 2``): its tasks share one stream
+#: and only wait for it, so two of them keep it fed from one task to the next.
+TASKS_PER_WORKER = 2
+
+#: Structures the client reads ahead to plan the workers' batch layouts from (:attr:`Campaign.layout_sizes`).
+LAYOUT_SAMPLE = 512
 
 #: Name of the distribution that must be importable on every worker.
 DISTRIBUTION = "kups-relax"
@@ -80,12 +88,20 @@ class Campaign:
             recognises (and keeps) the outputs its killed first attempt finished.
         policy: ``"fresh"``, ``"resume"`` (keep any complete output with the same settings and
             input) or ``"overwrite"`` (relax again what an earlier campaign wrote).
+        first_shard: with ``--trajectories per-shard``, the number of task 0's shard file (one
+            more than the highest already in ``out``); task ``k`` writes ``shard-<first_shard + k>.h5``.
+        layout_sizes: atom counts of the campaign's first :data:`LAYOUT_SAMPLE` structures: every
+            worker plans its stream's batches from them (``relax_iter(layout_sizes=...)``), so
+            the slots, and the compiled programs, are the same on every worker and in every run
+            of the campaign, whichever shard a worker happens to get first.
     """
 
     out: str
     settings: Mapping[str, Any]
     campaign_id: str
     policy: str = "fresh"
+    first_shard: int = 1
+    layout_sizes: tuple[int, ...] = ()
 
     @property
     def engine_key(self) -> str:
@@ -118,13 +134,25 @@ class SystemRow:
 
 @dataclasses.dataclass
 class ShardReport:
-    """What a shard task returns: its rows, and where and how long it ran (seconds, wall)."""
+    """What a shard task returns: its rows, and where and how long it ran.
+
+    Attributes:
+        rows: one per structure of the shard, in its order.
+        worker: the worker's address.
+        seconds: the task's wall time, s (tasks of one worker overlap: they share its stream).
+        relaxed, kept: systems relaxed here, and rows read back from complete outputs.
+        busy_before, busy_after: the worker stream's busy time (s with structures in it, since it
+            started) when the task put its structures in, and when it returned; the client takes
+            a worker's busy time in the campaign as its last ``busy_after`` minus its first ``busy_before``.
+    """
 
     rows: list[SystemRow]
     worker: str
     seconds: float
     relaxed: int
     kept: int
+    busy_before: float = 0.0
+    busy_after: float = 0.0
 
 
 # --- the worker side ---------------------------------------------------------------------------
@@ -153,7 +181,8 @@ def worker_run(campaign: Campaign):
             _engines[key] = run
             logger.info("worker %s: engine ready (potential %s, optimizer %s)", _worker_address(),
                         campaign.settings["potential"], campaign.settings["optimizer"])
-    return dataclasses.replace(run, out=Path(campaign.out))
+    # settings that do not decide the engine (out, trajectories, ...) are this campaign's
+    return dataclasses.replace(run, out=Path(campaign.out), settings={**campaign.settings, "plot": False})
 
 
 def _worker_address() -> str:
@@ -181,74 +210,205 @@ def _row(item, **fields) -> dict[str, Any]:
                 **fields)
 
 
-def _kept(run, campaign: Campaign, item) -> SystemRow | None:
-    """The row of ``item`` from its ``.h5`` when that output is kept (module docstring), else ``None``.
+def _kept(run, campaign: Campaign, item, shard_file: Path | None = None) -> SystemRow | None:
+    """The row of ``item`` from its trajectory when that output is kept (module docstring), else ``None``.
 
-    A complete output with other settings or another input under ``--resume`` gives a row with
-    status ``"conflict"``: the client stops the campaign, as the local ``--resume`` does.
+    The trajectory is ``<out>/<name>.h5``, or with ``--trajectories per-shard`` the system's group
+    in ``shard_file`` (the task's own shard, or the one an earlier run wrote it to). A complete
+    output with other settings or another input under ``--resume`` gives a row with status
+    ``"conflict"``: the client stops the campaign, as the local ``--resume`` does.
     """
     from .cli import _read_outputs, _relaxed_from_input, existing_output
+    from .h5md import system_names
     from .io import read_parameters
 
-    path = run.h5_path(item.name)
-    if not path.exists():
-        return None
-    state, why = existing_output(run, item)
+    if run.settings["trajectories"] == "per-shard":
+        if shard_file is None or not shard_file.exists() or item.name not in system_names(shard_file):
+            return None
+        path, system = shard_file, item.name
+    else:
+        path, system = run.h5_path(item.name), None
+        if not path.exists():
+            return None
+    state, why = existing_output(run, item, path, system)
     if state is None:
         logger.warning("%s: %s; relaxing %s again", path, why, item.name)
         return None
-    ours = read_parameters(path).get(CAMPAIGN_ATTRIBUTE) == campaign.campaign_id
+    ours = read_parameters(path, system=system).get(CAMPAIGN_ATTRIBUTE) == campaign.campaign_id
     if state and (ours or campaign.policy == "resume"):
-        fields, relaxed, fmaxes = _read_outputs(path)
+        fields, relaxed, fmaxes = _read_outputs(path, system)
         return SystemRow(_row(item, **fields), _relaxed_from_input(item, relaxed), fmaxes, kept=True)
     if not state and campaign.policy == "resume" and not ours:
         return SystemRow(_row(item, converged=False, status="conflict", reason=why))
     return None  # --overwrite (or a file that appeared after the client looked): relax again
 
 
-def relax_shard(campaign: Campaign, items: Sequence[Any]) -> ShardReport:
-    """Relax one shard on this worker; write each system's ``.h5``; return one row per system.
+def _shard_file(campaign: Campaign, shard: int | None) -> Path:
+    """The shard file of task ``shard`` (``--trajectories per-shard``): numbered after the shards already in ``out``."""
+    from .outputs import SHARD_PREFIX
+
+    if shard is None:
+        raise ValueError("--trajectories per-shard: relax_shard needs the shard's number")
+    return Path(campaign.out) / f"{SHARD_PREFIX}{campaign.first_shard + shard:06d}.h5"
+
+
+class WorkerStream:
+    """One relaxation stream per worker and setting, fed by every shard task the worker runs.
+
+    :func:`kups_relax.relax_iter` over a :class:`~kups_relax.feed.Feed`, in a thread of its own
+    that lives as long as the worker. A task puts its structures into the feed and waits for
+    their results; with two tasks running on a worker (``--nthreads 2``, as :func:`connect`
+    starts them), the next task's structures take the slots that the last one's finished
+    systems free, so batches stay full from one task to the next instead of draining at the end
+    of every task (and the programs of one slot layout serve every task). An error in the stream
+    reaches every task waiting on it; the next task starts a new stream.
+    """
+
+    def __init__(self, run, layout_sizes: Sequence[int] = ()) -> None:
+        from .engine import relax_iter
+        from .feed import Feed
+
+        self.layout_sizes = tuple(layout_sizes)
+        self.feed = Feed()
+        self._lock = threading.Lock()
+        self._waiting: dict[int, tuple[queue.SimpleQueue, int]] = {}  # stream index -> (task's queue, its position)
+        self.error: BaseException | None = None
+        self._busy = 0.0  # seconds with structures in the stream, up to `_busy_since`
+        self._busy_since: float | None = None  # when the stream last went from empty to busy
+        self._results = relax_iter(self.feed, run.potential, **run.engine_kwargs(), layout_sizes=self.layout_sizes)
+        self._thread = threading.Thread(target=self._work, name="kups-relax-worker-stream", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            for index, result in self._results:
+                with self._lock:
+                    task_queue, position = self._waiting.pop(index)
+                    if not self._waiting:
+                        self._busy += time.perf_counter() - self._busy_since
+                        self._busy_since = None
+                task_queue.put((position, result))
+        except BaseException as err:  # noqa: BLE001 -- handed to every waiting task
+            with self._lock:
+                self.error = err
+                waiting = list(self._waiting.values())
+                self._waiting.clear()
+            for task_queue, _ in waiting:
+                task_queue.put(_StreamFailed(err))
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    def busy_seconds(self) -> float:
+        """Wall time, s, during which the stream held structures, since it started."""
+        with self._lock:
+            return self._busy + (time.perf_counter() - self._busy_since if self._busy_since is not None else 0.0)
+
+    def relax(self, structures: Sequence[tuple[str, Any]]) -> Iterator[tuple[int, Any]]:
+        """Relax ``(name, Atoms)`` pairs in the shared stream; yield ``(position, RelaxResult)`` as each finishes.
+
+        Raises:
+            RuntimeError: the stream failed (its error is the cause).
+        """
+        task_queue: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:  # positions in the stream follow the order of put
+            if self.error is not None:
+                raise RuntimeError("the worker's relaxation stream failed") from self.error
+            if not self._waiting and structures:
+                self._busy_since = time.perf_counter()
+            for position, pair in enumerate(structures):
+                self._waiting[self.feed.put_count] = (task_queue, position)
+                self.feed.put(pair)
+        for _ in range(len(structures)):
+            item = task_queue.get()
+            if isinstance(item, _StreamFailed):
+                raise RuntimeError("the worker's relaxation stream failed") from item.error
+            yield item
+
+
+@dataclasses.dataclass
+class _StreamFailed:
+    error: BaseException
+
+
+_streams: dict[str, WorkerStream] = {}
+
+
+def worker_stream(campaign: Campaign, run) -> WorkerStream:
+    """This worker's :class:`WorkerStream` for ``campaign``'s settings (a new one after a failure)."""
+    key = campaign.engine_key
+    with _engines_lock:
+        stream = _streams.get(key)
+        if stream is not None and stream.alive and stream.layout_sizes != campaign.layout_sizes:
+            stream.feed.close()  # another campaign's layout: that stream ends once its structures have
+            stream = None
+        if stream is None or not stream.alive:
+            stream = _streams[key] = WorkerStream(run, campaign.layout_sizes)
+    return stream
+
+
+def relax_shard(campaign: Campaign, items: Sequence[Any], shard: int | None = None,
+                previous: Mapping[str, str] | None = None) -> ShardReport:
+    """Relax one shard on this worker; write each system's trajectory; return one row per system.
 
     Args:
         campaign: the run's settings and output folder (:class:`Campaign`).
         items: :class:`kups_relax.io.InputStructure` objects (name, source, atoms, status).
+        shard: the shard's number in the campaign; with ``--trajectories per-shard`` its systems'
+            trajectories go to ``shard-<number>.h5`` (written when the task ends; a retried task
+            writes the same file).
+        previous: with ``--trajectories per-shard`` and ``--resume``, the shard file an earlier run
+            wrote each system to, by name (those the client found for this shard's systems).
 
-    Systems whose complete output is kept (:func:`_kept`) are not relaxed again. Every ``.h5``
-    is complete on disk before the task returns; the engine call is the one ``relax-batch``
-    makes (:func:`kups_relax.cli.relax_stream`).
+    Systems whose complete output is kept (:func:`_kept`) are not relaxed again. Every output
+    is complete on disk before the task returns; the structures are relaxed in the worker's
+    shared stream (:class:`WorkerStream`), with the settings ``relax-batch`` uses.
     """
-    from .cli import BackgroundWriter, UsageError, _outputs, relax_stream
-    from .outputs import TrajectoryWriter
+    from .cli import UsageError, _outputs
+    from .outputs import SHARD_PREFIX, TrajectoryWriter
 
     started = time.perf_counter()
     try:
         run = worker_run(campaign)
     except UsageError as err:
         raise SetupError(f"worker {_worker_address()}: {err}") from None
+    mode = run.settings["trajectories"]
+    shard_file = _shard_file(campaign, shard) if mode == "per-shard" else None
     rows: dict[int, SystemRow] = {}
     todo: list[int] = []
     for i, item in enumerate(items):
         if not item.ok:
             rows[i] = SystemRow(_row(item, converged=False, status=item.status, reason=item.reason))
-        elif (row := _kept(run, campaign, item)) is not None:
+        elif (row := _kept(run, campaign, item, Path(previous[item.name]) if previous and item.name in previous
+                             else shard_file)) is not None:
             rows[i] = row
         else:
             todo.append(i)
-    trajectories = TrajectoryWriter(run.out, run.settings["trajectories"], potential=run.potential_info,
-                                    optimizer=run.optimizer_info,
-                                    metadata={**run.trajectory_metadata, CAMPAIGN_ATTRIBUTE: campaign.campaign_id})
+    metadata = {**run.trajectory_metadata, CAMPAIGN_ATTRIBUTE: campaign.campaign_id}
+    writer_options = dict(potential=run.potential_info, optimizer=run.optimizer_info, metadata=metadata)
+    if shard_file is not None:  # one file per task, holding the systems it relaxes
+        number = int(shard_file.stem[len(SHARD_PREFIX):])
+        writer_options.update(shard_size=max(1, len(todo)), first_shard=number)
+    busy = [0.0, 0.0]
     if todo:
-        with BackgroundWriter() as writer:
-            for k, result in relax_stream(run, ((items[i].name, items[i].atoms) for i in todo)):
+        stream = worker_stream(campaign, run)
+        busy[0] = stream.busy_seconds()
+        # this thread only waits for the stream's results, so it writes the files itself
+        with TrajectoryWriter(run.out, mode, **writer_options) as trajectories:
+            for k, result in stream.relax([(items[i].name, items[i].atoms) for i in todo]):
                 item = items[todo[k]]
                 if result.status == "invalid":
                     rows[todo[k]] = SystemRow(_row(item, converged=False, status="invalid", reason=result.reason))
                     continue
                 fields, relaxed, fmaxes = _outputs(result)
                 rows[todo[k]] = SystemRow(_row(item, **fields), relaxed, fmaxes)
-                writer.submit(result, lambda result=result, source=item.source: trajectories.write(result, source))
+                trajectories.write(result, item.source)
+                result.trajectory = None  # on disk now: memory does not grow with the shard's frames
+        busy[1] = stream.busy_seconds()
     return ShardReport(rows=[rows[i] for i in range(len(items))], worker=_worker_address(),
-                       seconds=time.perf_counter() - started, relaxed=len(todo), kept=len(items) - len(todo))
+                       seconds=time.perf_counter() - started, relaxed=len(todo), kept=len(items) - len(todo),
+                       busy_before=busy[0], busy_after=busy[1])
 
 
 # --- worker processes ----------------------------------------------------------------------------
@@ -301,7 +461,10 @@ def worker_environment(threads: int) -> dict[str, str]:
 
 def connect(address: str | None = None, workers: int | None = None):
     """A ``distributed.Client``: of the scheduler at ``address``, or of a new ``LocalCluster``
-    of ``workers`` processes (one thread each, the machine's cores shared between them).
+    of ``workers`` processes (the machine's cores shared between them), each with
+    :data:`TASKS_PER_WORKER` task threads: the tasks of a worker wait on its one relaxation
+    stream (:class:`WorkerStream`), so a second one keeps the stream fed while the first's last
+    systems finish.
 
     Raises:
         SetupError: distributed is not installed, or the scheduler at ``address`` cannot be
@@ -318,7 +481,7 @@ def connect(address: str | None = None, workers: int | None = None):
             raise SetupError(f"cannot reach the Dask scheduler at {address}: {err}") from None
     n = workers or 1
     threads = max(1, (os.cpu_count() or 1) // n)
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+    cluster = LocalCluster(n_workers=n, threads_per_worker=TASKS_PER_WORKER, processes=True, host="127.0.0.1",
                            dashboard_address=None, env=worker_environment(threads))
     return Client(cluster)
 
@@ -337,9 +500,14 @@ def check_workers(client, campaign: Campaign) -> list[str]:
 
     from . import __version__
 
-    addresses = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    addresses = sorted(workers)
     if not addresses:
         raise SetupError(f"the Dask scheduler at {client.scheduler.address} has no workers")
+    single = [a for a in addresses if workers[a].get("nthreads", TASKS_PER_WORKER) < TASKS_PER_WORKER]
+    if single:
+        logger.warning("%d worker(s) run one task at a time (e.g. %s): their relaxation stream drains at the end "
+                       "of every task; start workers with --nthreads %d", len(single), single[0], TASKS_PER_WORKER)
     # importlib.metadata.version is pickled by reference to the standard library, so this runs on
     # a worker without kups-relax too (a function of ours could not even be unpickled there)
     versions = client.run(importlib.metadata.version, DISTRIBUTION, on_error="return")
@@ -369,7 +537,8 @@ class CampaignReport:
         relaxed: systems the workers relaxed (a system redone after a worker died counts twice).
         kept: rows read back from outputs already there (``--resume``, retried shards).
         shards: tasks that returned; ``retried``: shards split after an error of their own.
-        task_seconds: wall time summed over the tasks (inside the workers).
+        task_seconds: wall time summed over the tasks (inside the workers; a worker's tasks overlap).
+        busy_seconds: wall time the workers' streams held structures, summed over the workers.
         wall_seconds: from the first submission to the last row written.
         workers: the workers' addresses at the start.
     """
@@ -383,18 +552,36 @@ class CampaignReport:
     task_seconds: float = 0.0
     wall_seconds: float = 0.0
     workers: list[str] = dataclasses.field(default_factory=list)
+    busy: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict, repr=False)  # worker: first, last
+
+    def add_busy(self, report: "ShardReport") -> None:
+        """Take a task's stream readings (a worker's busy time in the campaign: last reading minus first)."""
+        if report.relaxed:
+            first, last = self.busy.get(report.worker, (report.busy_before, report.busy_after))
+            self.busy[report.worker] = (min(first, report.busy_before), max(last, report.busy_after))
+
+    @property
+    def busy_seconds(self) -> float:
+        return sum(last - first for first, last in self.busy.values())
+
+    @property
+    def overhead(self) -> float:
+        """Share of the workers' wall time (workers x wall) their streams held nothing: Dask's
+        scheduling and transfers, the client, starting, and the imbalance at the end."""
+        total = len(self.workers) * self.wall_seconds
+        return 1.0 - self.busy_seconds / total if total else 0.0
 
     @property
     def all_converged(self) -> bool:
         return self.systems > 0 and self.statuses.get("converged", 0) == self.systems
 
     def describe(self) -> str:
-        """One line: systems, workers, relaxed and kept, tasks, and the share of wall time outside tasks."""
-        busy = self.task_seconds / (len(self.workers) * self.wall_seconds) if self.workers and self.wall_seconds else 0
+        """One line: systems, workers, relaxed and kept, tasks, and the workers' busy time."""
         return (f"{self.systems} systems in {self.wall_seconds:.2f} s on {len(self.workers)} Dask workers: "
-                f"{self.relaxed} relaxed, {self.kept} kept from complete outputs; {self.shards} tasks, "
-                f"{self.task_seconds:.2f} s inside them, workers busy {100 * busy:.0f} % of the time"
-                + (f", {self.retried} split after an error" if self.retried else ""))
+                f"{self.relaxed} relaxed, {self.kept} kept from complete outputs; {self.shards} tasks; "
+                f"relaxing {self.busy_seconds:.2f} s of {len(self.workers)} x {self.wall_seconds:.2f} s "
+                f"({100 * self.overhead:.1f} % idle)"
+                + (f"; {self.retried} split after an error" if self.retried else ""))
 
 
 def _shards(items: Iterable[Any], size: int) -> Iterator[list[tuple[int, Any]]]:
@@ -426,8 +613,8 @@ def relax_campaign(items: Iterable[Any], settings: Mapping[str, Any], client, ou
         outputs: the sink of rows: ``outputs.add(row, relaxed, fmaxes)`` per system
             (:class:`kups_relax.outputs.CampaignOutputs`); closing it is the caller's.
         shard_size: structures per task.
-        max_in_flight: shards submitted and not yet returned (default: 2 per worker + 2), so that
-            every worker has its next shard waiting while memory stays bounded.
+        max_in_flight: shards submitted and not yet returned (default: :data:`TASKS_PER_WORKER`
+            + 1 per worker), so that every worker has its next shard waiting while memory stays bounded.
         campaign_id: the id written into the outputs (default: a fresh one).
         on_report: called with every :class:`ShardReport` (progress, tests).
 
@@ -442,10 +629,23 @@ def relax_campaign(items: Iterable[Any], settings: Mapping[str, Any], client, ou
     out = Path(settings["out"])
     out.mkdir(parents=True, exist_ok=True)
     policy = "resume" if settings.get("resume") else "overwrite" if settings.get("overwrite") else "fresh"
+    per_shard = settings.get("trajectories") == "per-shard"
+    first_shard, previous = 1, {}
+    if per_shard:
+        from .outputs import SHARD_PREFIX, shard_index, shard_paths
+
+        existing = shard_paths(out)
+        first_shard = 1 + (int(existing[-1].stem[len(SHARD_PREFIX):]) if existing else 0)
+        if policy == "resume":  # {name: shard file} of the systems earlier runs wrote (names only)
+            previous = {name: str(path) for name, path in shard_index(out).items()}
+    remaining = iter(items)
+    head = list(itertools.islice(remaining, LAYOUT_SAMPLE))  # read anyway for the first shards
+    items = itertools.chain(head, remaining)
     campaign = Campaign(out=str(out.resolve()), settings=dict(settings), campaign_id=campaign_id or uuid.uuid4().hex,
-                        policy=policy)
+                        policy=policy, first_shard=first_shard,
+                        layout_sizes=tuple(len(item.atoms) for item in head if item.ok))
     report = CampaignReport(workers=check_workers(client, campaign))
-    limit = max_in_flight or 2 * len(report.workers) + 2
+    limit = max_in_flight or (TASKS_PER_WORKER + 1) * len(report.workers)
     shards = _shards(items, shard_size)
     pending: dict[Any, list[tuple[int, Any]]] = {}
     done = as_completed()
@@ -455,8 +655,10 @@ def relax_campaign(items: Iterable[Any], settings: Mapping[str, Any], client, ou
     counter = itertools.count()
 
     def submit(shard: list[tuple[int, Any]], retries: int | None = None) -> None:
-        future = client.submit(relax_shard, campaign, [item for _, item in shard], pure=False, retries=retries,
-                               key=f"kups-relax-shard-{next(counter)}-{campaign.campaign_id[:8]}")
+        number = next(counter)
+        known = {item.name: previous[item.name] for _, item in shard if item.name in previous} or None
+        future = client.submit(relax_shard, campaign, [item for _, item in shard], number, known, pure=False,
+                               retries=retries, key=f"kups-relax-shard-{number}-{campaign.campaign_id[:8]}")
         pending[future] = shard
         done.add(future)
 
@@ -497,6 +699,7 @@ def relax_campaign(items: Iterable[Any], settings: Mapping[str, Any], client, ou
                 report.relaxed += result.relaxed
                 report.kept += result.kept
                 report.task_seconds += result.seconds
+                report.add_busy(result)
                 take(shard, result.rows)
                 if on_report is not None:
                     on_report(result)
@@ -547,9 +750,6 @@ def run_on_dask(run, items: Iterable[Any]):
     s = run.settings
     if s.get("dask_scheduler") and s.get("workers"):
         raise UsageError("--dask-scheduler and --workers exclude each other (--workers starts a local cluster)")
-    if s["trajectories"] == "per-shard":
-        raise UsageError("--trajectories per-shard is not available with --dask-scheduler/--workers yet; "
-                         "use per-system (the default) or none")
     try:
         client = connect(s.get("dask_scheduler"), s.get("workers"))
     except SetupError as err:

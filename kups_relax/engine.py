@@ -22,6 +22,7 @@ from .layout import atoms_budget
 from .precision import x64
 from .results import RelaxResult, Trajectory
 from .executables import target_device
+from .feed import PENDING, Feed
 from .scheduler import Job, RunSettings, Scheduler, relax_on_devices
 from .transforms import Transform, ase_fire, ase_lbfgs, is_optax_spec, optax_optimizer
 from .transforms.optax_spec import OPTIMIZERS as OPTAX_OPTIMIZERS
@@ -231,6 +232,7 @@ def relax_iter(
     cell_filter: "str | CellFilter | None" = None,
     max_displacement: float | None = DEFAULT_MAX_DISPLACEMENT,
     devices: "int | jax.Device | Sequence[jax.Device] | None" = None,
+    layout_sizes: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, RelaxResult]]:
     """Stream structures of any number through fixed slots; yield ``(input index, result)`` as each finishes.
 
@@ -241,25 +243,42 @@ def relax_iter(
     diverged), their slots take the next structures between chunks, with fresh optimizer
     state, without recompiling. Memory holds only the structures in flight and a short
     read-ahead, whatever the length of the stream.
-    Items are ``Atoms`` (named ``structure-<i>``) or ``(name, Atoms)`` pairs.
+    Items are ``Atoms`` (named ``structure-<i>``) or ``(name, Atoms)`` pairs. ``structures``
+    may be a :class:`~kups_relax.feed.Feed` that other threads fill while the stream runs: the
+    stream takes what is queued between chunks without waiting, waits only when it holds
+    nothing, and ends when the feed is closed and every structure has finished (the index is
+    the position :meth:`Feed.put` returned).
 
     ``devices`` as for :func:`relax` (default every local device): every device streams its own
     batches from one shared queue of waiting structures, and results are yielded in the order
     they finish on any device.
+
+    ``layout_sizes``: atom counts representative of the stream (e.g. of its first few hundred
+    structures) to plan the shared batch from, instead of the structures that happen to be
+    read first: the same sizes give the same slots, so a stream whose first structures vary
+    (a Dask worker's tasks) reuses its compiled programs from run to run.
     """
     cell_filter = resolve_cell_filter(cell_filter)
     reach = float("inf") if max_displacement is None else float(max_displacement)
 
     def jobs():
-        for i, item in enumerate(structures):
+        i = 0
+        for item in structures:
+            if item is PENDING:  # a Feed with nothing queued yet
+                yield item
+                continue
             name, atoms = item if isinstance(item, tuple) else (f"structure-{i}", item)
             yield Job(index=i, name=name, atoms=atoms, fmax=float(fmax), max_steps=int(max_steps),
                       cell_filter=cell_filter, max_displacement=reach)
+            i += 1
 
     chosen = resolve_devices(devices)
     settings = RunSettings(potential=potential, optimizer=resolve_optimizer(optimizer),
                            atoms_per_batch=atoms_per_batch or atoms_budget(chosen[0]), dtype=dtype, skin=skin,
                            chunk_steps=chunk_steps, trajectory=trajectory, variable_cell=cell_filter is not None)
-    with contextlib.closing(_stream(jobs(), settings, chosen)) as stream:
+    live = {"input_wait": structures.wait} if isinstance(structures, Feed) else {}
+    if layout_sizes:
+        live["layout_sizes"] = [int(n) for n in layout_sizes]
+    with contextlib.closing(_stream(jobs(), settings, chosen, **live)) as stream:
         for job, result in stream:
             yield job.index, result

@@ -326,12 +326,15 @@ class TrajectoryWriter:
         optimizer: ``/parameters/optimizer`` attributes (:func:`kups_relax.io.optimizer_metadata`).
         metadata: more ``/parameters`` attributes for every system (fmax, max_steps, dtype, settings, ...).
         shard_size: systems per shard file.
-        shard_prefix: shard file names' prefix (a Dask worker can use its own, so that shards never clash).
+        shard_prefix: shard file names' prefix.
+        first_shard: the first shard file's number (default: one more than the highest in ``out``;
+            a Dask task is given its own, so that concurrent tasks never clash).
     """
 
     def __init__(self, out: str | Path, mode: str = "per-system", *, potential: Mapping[str, Any],
                  optimizer: Mapping[str, Any], metadata: Mapping[str, Any] | None = None,
-                 shard_size: int = DEFAULT_SHARD_SIZE, shard_prefix: str = SHARD_PREFIX):
+                 shard_size: int = DEFAULT_SHARD_SIZE, shard_prefix: str = SHARD_PREFIX,
+                 first_shard: int | None = None):
         if mode not in TRAJECTORY_MODES:
             raise ValueError(f"trajectories must be one of {', '.join(TRAJECTORY_MODES)}, got {mode!r}")
         if shard_size < 1:
@@ -345,8 +348,11 @@ class TrajectoryWriter:
         self._shard = None
         self._shard_path: Path | None = None
         self._failed = False
-        existing = shard_paths(self.out, shard_prefix) if mode == "per-shard" else []
-        self._next = 1 + max((int(_SHARD.match(p.name)["number"]) for p in existing), default=0)
+        if first_shard is not None:
+            self._next = first_shard
+        else:
+            existing = shard_paths(self.out, shard_prefix) if mode == "per-shard" else []
+            self._next = 1 + max((int(_SHARD.match(p.name)["number"]) for p in existing), default=0)
 
     def path(self, name: str) -> Path:
         """A system's per-system file, ``<out>/<name>.h5``."""

@@ -35,7 +35,7 @@ import math
 import queue
 import threading
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ from .batch import (DTYPES, GEOMETRY_FIELDS, Geometry, clear_slot, device_geomet
                     with_results)
 from .compile_stats import compile_stats
 from .executables import cached_jit
+from .feed import PENDING
 from .filters import CellFilter, check_variable_cell, device_cell_params, empty_cell_table, pack_cell
 from .layout import SlotLayout, plan_layout, shares_batch, slot_size
 from .loop import Status, Targets, admit, compact, current_geometry, initial_state, run_chunk, system_cutoffs, \
@@ -183,11 +184,21 @@ class Intake:
         known_sizes: atom counts of every structure, when the whole list is known up front.
         streams: how many device streams share the intake: with the whole list known, each
             stream's batches are planned for its share of it (``1/streams`` of every size).
+        input_wait: for input that arrives while the run goes on (a :class:`~kups_relax.feed.Feed`):
+            ``jobs`` yields :data:`~kups_relax.feed.PENDING` when nothing is queued yet, and
+            ``input_wait(timeout)`` blocks until something is (called only by a stream with
+            nothing to run).
+        layout_sizes: atom counts representative of the input, to plan shared batches from
+            instead of the structures read ahead (so the layout, and the programs, do not depend
+            on which structures happen to come first).
     """
 
     def __init__(self, jobs: Iterable[Job], settings: RunSettings, *, total: int | None = None,
-                 known_sizes: Sequence[int] | None = None, streams: int = 1) -> None:
+                 known_sizes: Sequence[int] | None = None, streams: int = 1,
+                 input_wait: Callable[[float], Any] | None = None, layout_sizes: Sequence[int] | None = None) -> None:
         self.jobs = iter(jobs)
+        self.input_wait = input_wait
+        self.layout_sizes = list(layout_sizes) if layout_sizes else None
         self.settings = settings
         self.total = total
         self.streams = streams
@@ -240,6 +251,8 @@ class Intake:
             if job is None:
                 self.exhausted = True
                 break
+            if job is PENDING:  # a feed with nothing queued now: run what is here
+                break
             try:
                 check_structure(job.atoms, job.name, self.settings.potential.supported_numbers)
                 if job.cell_filter is not None and (why := check_variable_cell(job.atoms)):
@@ -257,6 +270,11 @@ class Intake:
                     self._know([len(job.atoms) for room in self.waiting.values() for q in room.by_size.values()
                                 for job in q])
         return invalid
+
+    def wait_for_input(self, timeout: float = 0.5) -> None:
+        """Block (at most ``timeout`` seconds) until queued input arrives; at once for input that is read by waiting."""
+        if self.input_wait is not None and not self.exhausted:
+            self.input_wait(timeout)
 
     def layout(self, key: BatchKey) -> SlotLayout:
         """The slots of a new batch for ``key`` (under ``lock``). While the input is being read, a
@@ -283,6 +301,8 @@ class Intake:
         if key.shared:
             if self.known_shared:
                 return plan_layout(self.known_shared, budget, known=True)
+            if self.layout_sizes and not self.exhausted:
+                return plan_layout(self.layout_sizes, budget, known=False)
             return plan_layout(room.sizes(), budget, known=self.exhausted)
         per_batch = max(1, budget // key.slot_atoms)
         if self.known_own is not None:
@@ -305,7 +325,7 @@ class Scheduler:
         total: how many structures there are, when known (for progress messages).
         known_sizes: atom counts of every structure, when the whole list is known up front.
         intake: an :class:`Intake` shared with other devices' schedulers (then ``jobs``,
-            ``total`` and ``known_sizes`` are the intake's, and ignored here).
+            ``total``, ``known_sizes``, ``input_wait`` and ``layout_sizes`` are the intake's, and ignored here).
         device: the device this scheduler's programs run on, for messages (the caller makes it
             JAX's default device in this thread); ``None``: JAX's default.
         stop: set by another thread to end :meth:`rounds` after the current chunk.
@@ -313,8 +333,10 @@ class Scheduler:
 
     def __init__(self, jobs: Iterable[Job], settings: RunSettings, *, total: int | None = None,
                  known_sizes: Sequence[int] | None = None, intake: Intake | None = None,
-                 device: jax.Device | None = None, stop: threading.Event | None = None) -> None:
-        self.intake = intake or Intake(jobs, settings, total=total, known_sizes=known_sizes)
+                 device: jax.Device | None = None, stop: threading.Event | None = None,
+                 input_wait: Callable[[float], Any] | None = None, layout_sizes: Sequence[int] | None = None) -> None:
+        self.intake = intake or Intake(jobs, settings, total=total, known_sizes=known_sizes, input_wait=input_wait,
+                                       layout_sizes=layout_sizes)
         self.settings = settings
         self.device = device
         self.stop = stop
@@ -353,6 +375,8 @@ class Scheduler:
         while not self.done and not self._stopped():
             yield from self._hand_over(self.read_more())
             self.open_batches()
+            if not self.batches:  # nothing to run: input still to come (a feed), or another stream's to read
+                self.intake.wait_for_input()
             for key in list(self.batches):
                 if self._stopped():
                     return
@@ -437,7 +461,8 @@ _WAKE = object()  # a device's thread failed (its error is in `errors`)
 
 def relax_on_devices(jobs: Iterable[Job], settings: RunSettings, devices: Sequence[jax.Device], *,
                      total: int | None = None, known_sizes: Sequence[int] | None = None,
-                     queue_size: int = 1024) -> Iterator[tuple[Job, RelaxResult]]:
+                     queue_size: int = 1024, input_wait: Callable[[float], Any] | None = None,
+                     layout_sizes: Sequence[int] | None = None) -> Iterator[tuple[Job, RelaxResult]]:
     """Relax on every device of ``devices`` at once; yield ``(job, result)`` as each finishes.
 
     One :class:`Scheduler` per device, each in a thread of its own (XLA releases the GIL while a
@@ -453,7 +478,8 @@ def relax_on_devices(jobs: Iterable[Job], settings: RunSettings, devices: Sequen
     raised here; so is closing this generator (the threads are joined before it returns).
     ``queue_size`` finished structures at most wait for the caller before the devices pause.
     """
-    intake = Intake(jobs, settings, total=total, known_sizes=known_sizes, streams=len(devices))
+    intake = Intake(jobs, settings, total=total, known_sizes=known_sizes, streams=len(devices), input_wait=input_wait,
+                    layout_sizes=layout_sizes)
     results: queue.Queue = queue.Queue(maxsize=queue_size)
     stop = threading.Event()
     errors: list[BaseException] = []

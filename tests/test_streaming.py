@@ -60,3 +60,47 @@ def test_results_arrive_as_systems_finish(streamed):
     first_four = [n for n in order if n != "bad"][:4]
     assert max(steps[n] for n in first_four) <= max(steps.values())
     assert order.index("bad") < order.index(first_four[-1])  # rejected before relaxing, not at the end
+
+
+def test_feed_runs_what_is_queued_and_ends_when_closed(small):
+    """A Feed filled from another thread: the stream relaxes what is queued without waiting for
+    more (results arrive while the feed is still open), takes a second piece into the running
+    batch, and ends only after close; every structure follows ASE's path."""
+    import threading
+
+    from kups_relax import Feed
+
+    feed = Feed()
+    first, second = small[:4], small[4:8]
+    positions = [feed.put(pair) for pair in first]
+    assert positions == [0, 1, 2, 3]
+    stream = relax_iter(feed, LennardJones(**LJ_PARAMS), fmax=FMAX, max_steps=500, atoms_per_batch=64)
+    safety = threading.Timer(120, feed.close)  # a stream that waited for close would end here, and fail below
+    safety.start()
+    try:
+        got = [next(stream) for _ in first]
+        assert not feed.closed, "the stream waited for the feed to close before handing over results"
+        filler = threading.Thread(target=lambda: [feed.put(pair) for pair in second])
+        filler.start()
+        filler.join()
+        got += [next(stream) for _ in second]
+        assert not feed.closed
+        feed.close()
+        assert next(stream, None) is None  # closed and drained: the stream ends
+    finally:
+        safety.cancel()
+        feed.close()
+    assert sorted(i for i, _ in got) == list(range(8))
+    names = [n for n, _ in first + second]
+    for index, result in got:
+        name, atoms = (first + second)[index]
+        assert result.name == name
+        ref = atoms.copy()
+        ref.calc = AseLJ(**LJ_PARAMS)
+        opt = LBFGS(ref, logfile=None)
+        opt.run(fmax=FMAX, steps=500)
+        assert result.converged and result.steps == opt.nsteps, name
+        assert np.abs(result.atoms.positions - ref.positions).max() <= 1e-8, name
+    assert len(set(names)) == 8
+    with pytest.raises(ValueError, match="closed"):
+        feed.put(small[0])
