@@ -144,6 +144,8 @@ class ShardReport:
         busy_before, busy_after: the worker stream's busy time (s with structures in it, since it
             started) when the task put its structures in, and when it returned; the client takes
             a worker's busy time in the campaign as its last ``busy_after`` minus its first ``busy_before``.
+        compiled_before, compiled_after: the worker's :func:`~kups_relax.compile_stats.compile_stats`
+            (programs compiled, loaded from a cache, seconds) at the same two moments.
     """
 
     rows: list[SystemRow]
@@ -153,6 +155,8 @@ class ShardReport:
     kept: int
     busy_before: float = 0.0
     busy_after: float = 0.0
+    compiled_before: tuple[int, int, float] = (0, 0, 0.0)
+    compiled_after: tuple[int, int, float] = (0, 0, 0.0)
 
 
 # --- the worker side ---------------------------------------------------------------------------
@@ -390,10 +394,12 @@ def relax_shard(campaign: Campaign, items: Sequence[Any], shard: int | None = No
     if shard_file is not None:  # one file per task, holding the systems it relaxes
         number = int(shard_file.stem[len(SHARD_PREFIX):])
         writer_options.update(shard_size=max(1, len(todo)), first_shard=number)
-    busy = [0.0, 0.0]
+    from .compile_stats import compile_stats
+
+    busy, compiled = [0.0, 0.0], [(0, 0, 0.0), (0, 0, 0.0)]
     if todo:
         stream = worker_stream(campaign, run)
-        busy[0] = stream.busy_seconds()
+        busy[0], compiled[0] = stream.busy_seconds(), tuple(compile_stats())
         # this thread only waits for the stream's results, so it writes the files itself
         with TrajectoryWriter(run.out, mode, **writer_options) as trajectories:
             for k, result in stream.relax([(items[i].name, items[i].atoms) for i in todo]):
@@ -405,10 +411,11 @@ def relax_shard(campaign: Campaign, items: Sequence[Any], shard: int | None = No
                 rows[todo[k]] = SystemRow(_row(item, **fields), relaxed, fmaxes)
                 trajectories.write(result, item.source)
                 result.trajectory = None  # on disk now: memory does not grow with the shard's frames
-        busy[1] = stream.busy_seconds()
+        busy[1], compiled[1] = stream.busy_seconds(), tuple(compile_stats())
     return ShardReport(rows=[rows[i] for i in range(len(items))], worker=_worker_address(),
                        seconds=time.perf_counter() - started, relaxed=len(todo), kept=len(items) - len(todo),
-                       busy_before=busy[0], busy_after=busy[1])
+                       busy_before=busy[0], busy_after=busy[1], compiled_before=compiled[0],
+                       compiled_after=compiled[1])
 
 
 # --- worker processes ----------------------------------------------------------------------------
@@ -481,8 +488,10 @@ def connect(address: str | None = None, workers: int | None = None):
             raise SetupError(f"cannot reach the Dask scheduler at {address}: {err}") from None
     n = workers or 1
     threads = max(1, (os.cpu_count() or 1) // n)
+    # silence_logs: the workers' Dask messages below CRITICAL (a heartbeat that races the
+    # scheduler's shutdown prints a traceback otherwise); task errors still reach the client
     cluster = LocalCluster(n_workers=n, threads_per_worker=TASKS_PER_WORKER, processes=True, host="127.0.0.1",
-                           dashboard_address=None, env=worker_environment(threads))
+                           dashboard_address=None, env=worker_environment(threads), silence_logs=logging.CRITICAL)
     return Client(cluster)
 
 
@@ -552,17 +561,29 @@ class CampaignReport:
     task_seconds: float = 0.0
     wall_seconds: float = 0.0
     workers: list[str] = dataclasses.field(default_factory=list)
-    busy: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict, repr=False)  # worker: first, last
+    #: per worker: (first, last) readings of (stream busy seconds, programs compiled, loaded, compile seconds)
+    readings: dict[str, tuple[tuple, tuple]] = dataclasses.field(default_factory=dict, repr=False)
 
-    def add_busy(self, report: "ShardReport") -> None:
-        """Take a task's stream readings (a worker's busy time in the campaign: last reading minus first)."""
+    def add_readings(self, report: "ShardReport") -> None:
+        """Take a task's readings of its worker (in the campaign: the last reading minus the first)."""
         if report.relaxed:
-            first, last = self.busy.get(report.worker, (report.busy_before, report.busy_after))
-            self.busy[report.worker] = (min(first, report.busy_before), max(last, report.busy_after))
+            before = (report.busy_before, *report.compiled_before)
+            after = (report.busy_after, *report.compiled_after)
+            first, last = self.readings.get(report.worker, (before, after))
+            self.readings[report.worker] = (tuple(map(min, first, before)), tuple(map(max, last, after)))
+
+    def _worker_sum(self, k: int) -> float:
+        return sum(last[k] - first[k] for first, last in self.readings.values())
 
     @property
     def busy_seconds(self) -> float:
-        return sum(last - first for first, last in self.busy.values())
+        """Wall time the workers' streams held structures, s, summed over the workers."""
+        return self._worker_sum(0)
+
+    @property
+    def compiled(self) -> tuple[int, int, float]:
+        """Programs the workers compiled, loaded from a cache, and seconds of it, during the campaign."""
+        return int(self._worker_sum(1)), int(self._worker_sum(2)), self._worker_sum(3)
 
     @property
     def overhead(self) -> float:
@@ -580,7 +601,8 @@ class CampaignReport:
         return (f"{self.systems} systems in {self.wall_seconds:.2f} s on {len(self.workers)} Dask workers: "
                 f"{self.relaxed} relaxed, {self.kept} kept from complete outputs; {self.shards} tasks; "
                 f"relaxing {self.busy_seconds:.2f} s of {len(self.workers)} x {self.wall_seconds:.2f} s "
-                f"({100 * self.overhead:.1f} % idle)"
+                f"({100 * self.overhead:.1f} % idle); compiled {self.compiled[0]} programs, "
+                f"{self.compiled[1]} from the cache ({self.compiled[2]:.1f} s)"
                 + (f"; {self.retried} split after an error" if self.retried else ""))
 
 
@@ -699,7 +721,7 @@ def relax_campaign(items: Iterable[Any], settings: Mapping[str, Any], client, ou
                 report.relaxed += result.relaxed
                 report.kept += result.kept
                 report.task_seconds += result.seconds
-                report.add_busy(result)
+                report.add_readings(result)
                 take(shard, result.rows)
                 if on_report is not None:
                     on_report(result)
