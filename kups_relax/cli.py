@@ -799,7 +799,16 @@ def make_run(settings: dict[str, Any]) -> Run:
 
 def check_out(run: Run) -> list[str]:
     """UsageError when ``--out`` holds outputs this run may neither keep (no ``--resume``) nor replace
-    (no ``--overwrite``), found before anything is read or written. Returns the few outputs seen."""
+    (no ``--overwrite``), found before anything is read or written. Returns the few outputs seen.
+
+    UsageError too when ``--out`` (or the nearest of its parent folders that exists) is a file:
+    the folder could not be created, and the run would stop only after reading its inputs."""
+    for folder in (run.out, *run.out.parents):
+        if folder.is_dir():
+            break
+        if folder.exists():  # a file (or anything else that is not a folder): no folder can be made here
+            what = "is a file, not a folder" if folder == run.out else f"cannot be created: {folder} is a file"
+            raise UsageError(f"--out {run.out}: {what}")
     existing = _existing_outputs(run.out)
     if existing and not (run.settings["resume"] or run.settings["overwrite"]):
         listing = ", ".join(existing) + (" ..." if len(existing) >= 3 else "")
@@ -813,7 +822,10 @@ def prepare_out(run: Run, existing: Sequence[str]) -> None:
     outputs there were relaxed with other settings (before anything is written)."""
     from .io import remove_stale_temporaries
 
-    run.out.mkdir(parents=True, exist_ok=True)
+    try:
+        run.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. no permission; a file in the way is found earlier, by check_out
+        raise UsageError(f"--out {run.out}: cannot create the folder ({err.strerror or err})") from None
     for stale in remove_stale_temporaries(run.out):
         logger.info("removed %s (left by an interrupted run)", stale)
     if existing and run.settings["resume"]:

@@ -219,6 +219,24 @@ def test_no_readable_input_exits_2(tmp_path, env):
     assert not (tmp_path / "relax_out").exists()
 
 
+def test_out_naming_a_file_is_a_usage_error(tmp_path, env):
+    """``--out FILE`` (an existing regular file): exit status 2 and one line naming it, before any input is
+    read; it was a FileExistsError traceback (status 1) from creating the folder after reading the inputs."""
+    write(tmp_path / "cu.xyz", bulk("Cu", "fcc", a=3.6, cubic=True))
+    taken = tmp_path / "results.txt"
+    taken.write_text("keep me\n")
+    before = taken.stat().st_mtime_ns
+    for out, what in (("results.txt", "is a file, not a folder"), ("results.txt/sub", "results.txt is a file")):
+        proc = run_cli(["cu.xyz", "--out", out, "--potential", "emt"], env, tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("relax-batch: error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"relax-batch: error: --out {out}: "), proc.stderr
+        assert what in errors[0] and proc.stderr.strip().endswith(errors[0])
+    assert taken.read_text() == "keep me\n" and taken.stat().st_mtime_ns == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cu.xyz", "results.txt"]
+
+
 def test_fire_variable_cell_matches_ase(tmp_path, env):
     """``--optimizer fire --cell frechet --pressure 0.01`` on a sheared, rattled 4-atom Cu crystal
     and a 6-atom Cu cluster: each system's steps, final cell and positions equal ASE's
