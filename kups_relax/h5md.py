@@ -9,18 +9,18 @@ A file written by :func:`write_relaxation` reads with plain ``h5py``::
         species      (N,) int    atomic numbers Z
         fixed        (N, 3) bool True where a Cartesian component is held fixed (only with constraints)
         box/                     dimension = 3, boundary = ["periodic" | "none"] * 3
-            edges/   step (T,), value (T, 3, 3) Å      lattice vectors as rows (ASE's cell)
-        position/    step (T,), value (T, N, 3) Å
-        force/       step (T,), value (T, N, 3) eV/Å  raw forces (before constraints), as ASE stores them
+            edges/   step, time, value (T, 3, 3) Å     lattice vectors as rows (ASE's cell)
+        position/    step (T,), time (T,), value (T, N, 3) Å
+        force/       step, time, value (T, N, 3) eV/Å  raw forces (before constraints), as ASE stores them
     /observables/
-        potential_energy/  step (T,), value (T,) eV
-        max_force/         step (T,), value (T,) eV/Å  largest per-atom force norm after constraints (ASE's fmax)
-        stress/            step (1,), value (1, 3, 3) eV/Å³  final stress, 3-D periodic systems only
+        potential_energy/  step, time, value (T,) eV
+        max_force/         step, time, value (T,) eV/Å  largest per-atom force norm after constraints (ASE's fmax)
     /parameters/                 attrs: name, source, status, reason, converged, steps, fmax,
                                  max_steps, dtype, initial_energy, final_energy, final_fmax,
                                  n_atoms, package, version, settings (JSON of everything that
                                  decides the result), constraints (JSON of ASE's
                                  ``todict()`` of every constraint, when there are any)
+        stress       (3, 3) eV/Å³  final stress, 3-D periodic systems only; attrs unit, step
         potential/               attrs: name and every parameter of the potential
         optimizer/               attrs: name and its settings (maxstep, ...)
 
@@ -28,9 +28,38 @@ Several systems can share one file, a *shard* (:class:`ShardWriter`): the same g
 level down, ``/particles/<name>``, ``/observables/<name>``, ``/parameters/<name>``, and the
 root attribute ``layout = "shard"``; the readers take ``system=<name>``.
 
-Row ``t`` of every time series is optimizer step ``step[t]`` (``0`` = the input geometry);
-a relaxation has no physical time, so the optional H5MD ``time`` datasets are left out.
-Every ``value`` dataset carries a ``unit`` attribute.
+Row ``t`` of every time series is optimizer step ``step[t]`` (``0`` = the input geometry). A
+relaxation has no physical time: ``time`` is the step number again, as a float, without a
+``unit`` (H5MD gives a unit only to quantities with a physical dimension). Every element of a
+system shares one ``step`` and one ``time`` dataset (HDF5 hard links), as H5MD asks of ``box``
+and ``position``. Units (:data:`UNITS`) are H5MD unit strings.
+
+MDAnalysis (its H5MD reader, tested with 2.11) opens a per-system file, and the
+:func:`write_system_link` file of one system of a shard, without a topology file as::
+
+    with h5py.File(path, "r") as f:
+        n_atoms = len(f["particles/all/species"])
+    u = MDAnalysis.Universe(path, format="H5MD", topology_format="MINIMAL", n_atoms=n_atoms,
+                            convert_units=False)
+
+(or ``Universe(topology, path, format="H5MD", convert_units=False)`` with a topology file):
+
+* ``convert_units=False``: with unit conversion on, MDAnalysis needs a time unit it knows,
+  and a relaxation has none (positions and boxes are in Å, MDAnalysis' own length unit, so
+  nothing needs converting; forces stay eV/Å);
+* ``topology_format="MINIMAL", n_atoms=...``: MDAnalysis takes the atom count from a file
+  without topology only when it is named ``*.h5md``, from ``/particles/trajectory``, and not
+  at all with ``convert_units=False`` (its ``parse_n_atoms`` takes no other argument);
+* ``force/value`` has no ``unit`` attribute (its description says eV/Å): MDAnalysis refuses
+  to open a file whose force unit it cannot convert, and it has no force unit built on eV;
+* the final stress is in ``/parameters``, not ``/observables``: MDAnalysis reads row ``frame``
+  of every observable at every frame (files of the previous layout had it at
+  ``/observables/stress``; they still read here, not in MDAnalysis, which also needs ``time``);
+* MDAnalysis reads the first particle group of a file only, and a shard's observables are
+  grouped by system (``/observables/<name>/...``, as H5MD allows), which it cannot iterate:
+  open one system of a shard through :func:`write_system_link`;
+* boxes: MDAnalysis treats every box as periodic in all three directions (a slab's vacuum
+  direction too), and the zero cell of a system without one as no box.
 """
 
 from __future__ import annotations
@@ -48,23 +77,34 @@ from ase.constraints import FixAtoms, FixCartesian
 
 H5MD_VERSION = (1, 1)
 
-#: Units written on every ``value`` dataset (H5MD ``unit`` attribute).
-UNITS = {"position": "angstrom", "force": "eV/angstrom", "edges": "angstrom",
-         "potential_energy": "eV", "max_force": "eV/angstrom", "stress": "eV/angstrom^3"}
+#: H5MD unit strings (the ``unit`` attribute: unit symbols separated by spaces, each with an
+#: optional power) of the ``value`` datasets; ``None``: no ``unit`` attribute (forces, eV/Å:
+#: MDAnalysis refuses a force unit it cannot convert, see the module docstring). Files of the
+#: previous layout said ``"angstrom"``, ``"eV/angstrom"`` and ``"eV/angstrom^3"``.
+UNITS = {"position": "Angstrom", "force": None, "edges": "Angstrom",
+         "potential_energy": "eV", "max_force": "eV Angstrom-1", "stress": "eV Angstrom-3"}
+
+#: The particle group of a per-system file.
+PARTICLES = "all"
 
 
-def _time_series(group: h5py.Group, name: str, step: h5py.Dataset | np.ndarray, value: np.ndarray,
-                 description: str) -> h5py.Dataset:
-    """An H5MD time-dependent element ``name/{step, value}``; ``step`` may be an existing dataset (hard link)."""
+def _time_series(group: h5py.Group, name: str, clock: tuple[h5py.Dataset, h5py.Dataset] | np.ndarray,
+                 value: np.ndarray, description: str) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """An H5MD time-dependent element ``name/{step, time, value}``; ``clock`` is the steps, or an
+    existing ``(step, time)`` pair of datasets to share (HDF5 hard links). Returns ``(step, time)``."""
     element = group.create_group(name)
-    if isinstance(step, h5py.Dataset):
-        element["step"] = step  # one step table shared by every element (an HDF5 hard link)
+    if isinstance(clock, tuple):  # one step and one time table shared by every element
+        element["step"], element["time"] = clock
     else:
-        element.create_dataset("step", data=np.asarray(step, dtype=np.int64))
+        steps = np.asarray(clock, dtype=np.int64)
+        element.create_dataset("step", data=steps)
+        time = element.create_dataset("time", data=steps.astype(np.float64))
+        time.attrs["description"] = "optimizer step number (a relaxation has no physical time; no unit)"
     data = element.create_dataset("value", data=value)
-    data.attrs["unit"] = UNITS[name]
+    if UNITS[name] is not None:
+        data.attrs["unit"] = UNITS[name]
     data.attrs["description"] = description
-    return element["step"]
+    return element["step"], element["time"]
 
 
 def _attrs(target: h5py.AttributeManager, values: Mapping[str, Any]) -> None:
@@ -111,9 +151,9 @@ def write_relaxation(
     arrays = _system_arrays(trajectory, energies, fmaxes)
     with h5py.File(path, "w", libver=("earliest", "latest")) as f:
         _write_header(f, creator_version)
-        _write_system(f.create_group("particles/all"), f.create_group("observables"), f.create_group("parameters"),
-                      trajectory[0], arrays, parameters=parameters, potential=potential, optimizer=optimizer,
-                      stress=stress)
+        _write_system(f.create_group(f"particles/{PARTICLES}"), f.create_group("observables"),
+                      f.create_group("parameters"), trajectory[0], arrays, parameters=parameters,
+                      potential=potential, optimizer=optimizer, stress=stress)
 
 
 class ShardWriter:
@@ -123,8 +163,8 @@ class ShardWriter:
     Layout: the per-system file's groups, one level down, keyed by the system's name::
 
         /particles/<name>/      species, fixed, box/edges, position, force   (as particles/all)
-        /observables/<name>/    potential_energy, max_force, stress
-        /parameters/<name>/     attrs as /parameters; potential/, optimizer/
+        /observables/<name>/    potential_energy, max_force
+        /parameters/<name>/     attrs as /parameters; stress, potential/, optimizer/
 
     and the root attribute ``layout = "shard"``. H5MD allows any number of particle groups;
     plain ``h5py`` reads a system as ``f["particles"][name]``. :func:`read_trajectory`,
@@ -215,6 +255,39 @@ def write_relaxations(path: str | Path, systems: Sequence[Mapping[str, Any]], cr
 SHARD_LAYOUT = "shard"
 
 
+def write_system_link(shard: str | Path, name: str, path: str | Path) -> Path:
+    """Write ``path``: a per-system file (the layout of :func:`write_relaxation`) whose groups are
+    HDF5 external links to system ``name`` of ``shard``, for programs that read one particle group
+    per file (MDAnalysis, see the module docstring).
+
+    The file holds links only (a few kB): it reads the shard's data as long as the shard stays
+    where it is, relative to ``path`` when both are in one folder (else by absolute path).
+
+    Raises:
+        KeyError: no system ``name`` in ``shard``.
+        ValueError: ``shard`` is not a shard file.
+    """
+    shard, path = Path(shard), Path(path)
+    target = (shard.name if shard.resolve().parent == path.resolve().parent else str(shard.resolve()))
+    with h5py.File(shard, "r") as src:
+        if src.attrs.get("layout") != SHARD_LAYOUT:
+            raise ValueError(f"{shard} is not a shard file (root attribute layout = {SHARD_LAYOUT!r})")
+        if name not in src["particles"]:
+            raise KeyError(f"{shard}: no system {name!r} in this file")
+        observables = list(src["observables"][name])
+        with h5py.File(path, "w", libver=("earliest", "latest")) as f:
+            src.copy(src["h5md"], f, "h5md")
+            f.attrs["shard"] = target
+            f.attrs["system"] = name
+            f.create_group("particles")
+            f["particles"][PARTICLES] = h5py.ExternalLink(target, f"/particles/{name}")
+            f.create_group("observables")
+            for observable in observables:
+                f["observables"][observable] = h5py.ExternalLink(target, f"/observables/{name}/{observable}")
+            f["parameters"] = h5py.ExternalLink(target, f"/parameters/{name}")
+    return path
+
+
 def _system_arrays(trajectory, energies, fmaxes) -> dict[str, np.ndarray]:
     """Positions, forces, edges, energies and fmaxes of one relaxation as float64 arrays, checked."""
     if not trajectory:
@@ -267,18 +340,20 @@ def _write_system(particles: h5py.Group, observables: h5py.Group, params: h5py.G
     box = particles.create_group("box")
     box.attrs["dimension"] = np.int32(3)
     box.attrs["boundary"] = np.array([b"periodic" if p else b"none" for p in first.pbc])
-    step = _time_series(particles, "position", steps, arrays["positions"], "atom positions, row t = after step t")
-    _time_series(particles, "force", step, arrays["forces"], "forces on atoms (before constraints)")
-    _time_series(box, "edges", step, arrays["edges"], "lattice vectors as rows (ASE cell)")
+    clock = _time_series(particles, "position", steps, arrays["positions"], "atom positions, row t = after step t")
+    _time_series(particles, "force", clock, arrays["forces"], "forces on atoms (before constraints), eV/Å")
+    _time_series(box, "edges", clock, arrays["edges"], "lattice vectors as rows (ASE cell)")
 
-    _time_series(observables, "potential_energy", step, arrays["energies"], "potential energy")
-    _time_series(observables, "max_force", step, arrays["fmaxes"],
+    _time_series(observables, "potential_energy", clock, arrays["energies"], "potential energy")
+    _time_series(observables, "max_force", clock, arrays["fmaxes"],
                  "largest per-atom force norm after constraints (the fmax criterion)")
-    if stress is not None:
-        _time_series(observables, "stress", [T - 1], np.asarray(stress, np.float64)[None],
-                     "stress of the final geometry (3x3, ASE sign convention)")
 
     _attrs(params.attrs, parameters)
+    if stress is not None:  # one value, of the last step: not a time series (see the module docstring)
+        data = params.create_dataset("stress", data=np.asarray(stress, np.float64))
+        data.attrs["unit"] = UNITS["stress"]
+        data.attrs["step"] = np.int64(T - 1)
+        data.attrs["description"] = "stress of the final geometry (3x3, ASE sign convention)"
     if first.constraints:  # every constraint, exactly (``fixed`` above covers only the fixed components)
         params.attrs["constraints"] = json.dumps([c.todict() for c in first.constraints], default=_plain)
     if potential is not None:
@@ -333,7 +408,7 @@ def _system_groups(f: h5py.File, system: str | None) -> tuple[h5py.Group, h5py.G
         if system is not None and params is not None and "name" in params.attrs \
                 and _plain(params.attrs["name"]) != system:
             raise KeyError(f"{f.filename}: holds system {_plain(params.attrs['name'])!r}, not {system!r}")
-        return f["particles/all"], f["observables"], params
+        return f[f"particles/{PARTICLES}"], f["observables"], params
     if system is None:
         names = list(f["particles"])
         if len(names) != 1:
@@ -380,10 +455,7 @@ def read_trajectory(path: str | Path, index: int | slice = slice(None), system: 
         edges = particles["box/edges/value"][()][rows]
         energies = observables["potential_energy/value"][()][rows]
         constraints_json = params.attrs.get("constraints") if params is not None else None
-        stress_at, stress = None, None
-        if "stress" in observables:
-            stress_at = int(observables["stress/step"][-1])
-            stress = observables["stress/value"][-1]
+        stress_at, stress = _final_stress(observables, params)
     frames = []
     for k, t in enumerate(rows):
         atoms = Atoms(numbers=numbers, positions=positions[k], cell=edges[k], pbc=pbc)
@@ -404,11 +476,28 @@ def read_trajectory(path: str | Path, index: int | slice = slice(None), system: 
     return frames[0] if single else frames
 
 
+def _final_stress(observables: h5py.Group, params: h5py.Group | None) -> tuple[int | None, np.ndarray | None]:
+    """``(step, (3, 3) stress)`` of the final geometry, or ``(None, None)``: ``/parameters/stress``,
+    or ``/observables/stress`` in files of the previous layout."""
+    if params is not None and isinstance(params.get("stress"), h5py.Dataset):
+        data = params["stress"]
+        return int(data.attrs["step"]), data[()]
+    if "stress" in observables:
+        return int(observables["stress/step"][-1]), observables["stress/value"][-1]
+    return None, None
+
+
 def read_observable(path: str | Path, name: str, system: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(step, value)`` of ``/observables/<name>`` (``potential_energy`` eV, ``max_force`` eV/Å, ``stress``);
-    ``system`` as in :func:`read_trajectory`."""
+    """``(step, value)`` of ``/observables/<name>`` (``potential_energy`` eV, ``max_force`` eV/Å), and of
+    the final ``stress`` (eV/Å³; steps ``(1,)``, value ``(1, 3, 3)``); ``system`` as in :func:`read_trajectory`."""
     with h5py.File(path, "r") as f:
-        element = _system_groups(f, system)[1][name]
+        _, observables, params = _system_groups(f, system)
+        if name == "stress":
+            step, stress = _final_stress(observables, params)
+            if step is None:
+                raise KeyError(f"{path}: no stress (written for 3-D periodic systems only)")
+            return np.array([step]), stress[None]
+        element = observables[name]
         return element["step"][()], element["value"][()]
 
 

@@ -169,8 +169,12 @@ def test_h5md_layout_reads_with_plain_h5py(tmp_path):
         np.testing.assert_array_equal(p["species"][()], frames[0].numbers)
         assert [b.decode() for b in p["box"].attrs["boundary"]] == ["periodic", "periodic", "none"]
         assert p["box"].attrs["dimension"] == 3
-        assert p["position/value"].shape == (4, 5, 3) and p["position/value"].attrs["unit"] == "angstrom"
+        assert p["position/value"].shape == (4, 5, 3) and p["position/value"].attrs["unit"] == "Angstrom"
+        assert "unit" not in p["force/value"].attrs  # eV/Å: no unit MDAnalysis would open (kups_relax.h5md)
+        assert p["box/edges/value"].attrs["unit"] == "Angstrom"
         np.testing.assert_array_equal(p["position/step"][()], np.arange(4))
+        np.testing.assert_array_equal(p["position/time"][()], np.arange(4.0))  # no physical time: the step
+        assert p["force/time"] == p["position/time"] and p["box/edges/step"] == p["position/step"]  # hard links
         np.testing.assert_array_equal(p["position/value"][2], frames[2].positions)
         np.testing.assert_array_equal(p["force/value"][3], frames[3].calc.results["forces"])
         np.testing.assert_array_equal(p["box/edges/value"][1], frames[0].cell.array)
@@ -181,8 +185,10 @@ def test_h5md_layout_reads_with_plain_h5py(tmp_path):
         assert o["potential_energy/value"].attrs["unit"] == "eV"
         np.testing.assert_array_equal(o["max_force/value"][()], fmaxes)
         np.testing.assert_array_equal(o["max_force/step"][()], np.arange(4))
-        np.testing.assert_array_equal(o["stress/step"][()], [3])
-        np.testing.assert_array_equal(o["stress/value"][0], stress)
+        assert o["max_force/value"].attrs["unit"] == "eV Angstrom-1" and "stress" not in o
+        s = f["parameters/stress"]
+        np.testing.assert_array_equal(s[()], stress)
+        assert s.attrs["step"] == 3 and s.attrs["unit"] == "eV Angstrom-3"
         assert f["parameters"].attrs["name"] == "sys" and bool(f["parameters"].attrs["converged"])
         assert f["parameters/potential"].attrs["name"] == "emt" and "pairs" not in f["parameters/potential"].attrs
         assert f["parameters/optimizer"].attrs["maxstep"] == 0.2
