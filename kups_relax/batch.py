@@ -55,6 +55,15 @@ class Geometry:
         n_atoms: ``(S,)`` atoms in each system (0 for padding systems).
         first_atom: ``(S,)`` row of each system's first atom.
         fix_com: ``(S,)`` True for systems with ASE's ``FixCom`` constraint.
+        sym_image: ``(A, P)`` ASE's ``FixSymmetry`` (:mod:`kups_relax.symmetry`): the atom each of
+            the system's point operations moves the row's atom to, counted from the system's
+            first atom. ``P`` is 48 in a run with symmetry, else 0 (and none of it is compiled).
+        sym_class: ``(A,)`` the first atom of the row's orbit under the pure translations
+            (counted from the system's first atom).
+        sym_class_size: ``(A,)`` the size of that orbit (1 without symmetry).
+        sym_rotations: ``(S, P, 3, 3)`` the point operations' fractional rotations.
+        sym_ops: ``(S,)`` how many of them the system has (0: no symmetry constraint).
+        sym_positions, sym_cell: ``(S,)`` ``FixSymmetry``'s ``adjust_positions`` and ``adjust_cell``.
     """
 
     positions: jax.Array
@@ -68,6 +77,13 @@ class Geometry:
     n_atoms: jax.Array
     first_atom: jax.Array
     fix_com: jax.Array
+    sym_image: jax.Array
+    sym_class: jax.Array
+    sym_class_size: jax.Array
+    sym_rotations: jax.Array
+    sym_ops: jax.Array
+    sym_positions: jax.Array
+    sym_cell: jax.Array
 
     @property
     def n_systems(self) -> int:
@@ -184,7 +200,11 @@ class Batch:
             raise ValueError(f"capacities ({A} atoms, {S} systems) too small for {n_total} aligned atom rows, "
                              f"{len(structures)} systems (the atom capacity must be a multiple of {ROW_BLOCK})")
 
-        host = empty_arrays(A, S, first_atom=np.full(S, n_total, dtype=np.int32))
+        from .symmetry import MAX_POINT_OPS, find_constraint
+
+        symmetric = any(find_constraint(a) is not None for a in structures)
+        host = empty_arrays(A, S, first_atom=np.full(S, n_total, dtype=np.int32),
+                            point_ops=MAX_POINT_OPS if symmetric else 0)
         for s, (atoms, name) in enumerate(zip(structures, names)):
             pack_structure(host, s, int(starts[s]), atoms, name)
         geometry = device_geometry(host, dtype)
@@ -256,7 +276,8 @@ class GeometryField(NamedTuple):
     Attributes:
         name: the :class:`Geometry` attribute.
         per_atom: one row per atom row (``A``), else one per system slot (``S``).
-        shape: trailing shape of one row.
+        shape: trailing shape of one row; ``"ops"`` stands for the batch's width of symmetry
+            operations (:data:`kups_relax.symmetry.MAX_POINT_OPS` or 0).
         dtype: a numpy dtype, or ``FLOAT`` for the run's float type (``"float64"``/``"float32"``).
         fill: what padding rows and empty slots hold: a scalar, ``"eye"`` (the identity cell),
             ``"n_systems"`` (the padding system index ``S``) or ``None`` (not cleared: the
@@ -288,6 +309,13 @@ GEOMETRY_FIELDS = (
     GeometryField("n_atoms", False, (), np.int32, 0),
     GeometryField("first_atom", False, (), np.int32, None),
     GeometryField("fix_com", False, (), bool, False),
+    GeometryField("sym_image", True, ("ops",), np.int32, 0),
+    GeometryField("sym_class", True, (), np.int32, 0),
+    GeometryField("sym_class_size", True, (), FLOAT, 1.0),
+    GeometryField("sym_rotations", False, ("ops", 3, 3), FLOAT, 0.0),
+    GeometryField("sym_ops", False, (), np.int32, 0),
+    GeometryField("sym_positions", False, (), bool, False),
+    GeometryField("sym_cell", False, (), bool, False),
 )
 assert tuple(f.name for f in GEOMETRY_FIELDS) == tuple(f.name for f in dataclasses.fields(Geometry))
 
@@ -304,10 +332,13 @@ def _fill(field: GeometryField, n_systems: int):
     return field.fill
 
 
-def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray) -> dict[str, np.ndarray]:
+def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray, point_ops: int = 0
+                 ) -> dict[str, np.ndarray]:
     """Host (numpy) arrays of an empty :class:`Geometry`: every row padding, every system empty.
 
-    ``first_atom (S,)``: every slot's first row (fixed by the batch's layout)."""
+    ``first_atom (S,)``: every slot's first row (fixed by the batch's layout); ``point_ops``:
+    the width of the symmetry tables (:data:`kups_relax.symmetry.MAX_POINT_OPS` in a run with
+    ``FixSymmetry``, else 0)."""
     host = {}
     for field in GEOMETRY_FIELDS:
         rows = n_atom_rows if field.per_atom else n_systems
@@ -315,7 +346,8 @@ def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray) -> di
         if field.fill is None:
             host[field.name] = np.asarray(first_atom, dtype)
         else:
-            host[field.name] = np.empty((rows,) + field.shape, dtype)
+            shape = tuple(point_ops if d == "ops" else d for d in field.shape)
+            host[field.name] = np.empty((rows,) + shape, dtype)
             host[field.name][...] = _fill(field, n_systems)
     return host
 
@@ -328,19 +360,47 @@ def clear_slot(host: dict[str, np.ndarray], slot: int, rows: slice) -> None:
             host[field.name][rows if field.per_atom else slot] = _fill(field, n_systems)
 
 
-def structure_values(atoms: Atoms, name: str, slot: int, start: int) -> dict[str, object]:
+def structure_values(atoms: Atoms, name: str, slot: int, start: int, point_ops: int = 0) -> dict[str, object]:
     """Every :data:`GEOMETRY_FIELDS` value of ``atoms`` in system ``slot``, atoms from row ``start``
-    (per-atom values ``(N, ...)``, per-system values one row)."""
+    (per-atom values ``(N, ...)``, per-system values one row; symmetry tables ``point_ops`` wide)."""
     projection, fix_com = constraint_arrays(atoms, name)
-    return dict(positions=atoms.positions, numbers=atoms.numbers, system=slot, projection=projection,
-                masses=atoms.get_masses(), cell=atoms.cell.array, wrap_cell=complete_cell(atoms.cell.array, atoms.pbc),
-                pbc=atoms.pbc, n_atoms=len(atoms), first_atom=start, fix_com=fix_com)
+    values = dict(positions=atoms.positions, numbers=atoms.numbers, system=slot, projection=projection,
+                  masses=atoms.get_masses(), cell=atoms.cell.array,
+                  wrap_cell=complete_cell(atoms.cell.array, atoms.pbc), pbc=atoms.pbc, n_atoms=len(atoms),
+                  first_atom=start, fix_com=fix_com)
+    return values | symmetry_values(atoms, name, point_ops)
+
+
+def symmetry_values(atoms: Atoms, name: str, point_ops: int) -> dict[str, object]:
+    """The ``sym_*`` values of ``atoms`` (its ``FixSymmetry``, if any) in tables ``point_ops`` wide.
+
+    Raises:
+        ValueError: the structure has a FixSymmetry and the batch has no symmetry tables (named).
+    """
+    from .symmetry import find_constraint, tables_of
+
+    constraint = find_constraint(atoms)
+    n = len(atoms)
+    if constraint is None:
+        return dict(sym_image=np.zeros((n, point_ops), np.int32), sym_class=np.arange(n), sym_class_size=1.0,
+                    sym_rotations=0.0, sym_ops=0, sym_positions=False, sym_cell=False)
+    if point_ops == 0:
+        raise ValueError(f"structure {name!r} has a FixSymmetry constraint, but this run was started without "
+                         "symmetry tables (pass fix_symmetry=True)")
+    tables = tables_of(constraint, n)
+    p = len(tables.rotations)
+    image = np.zeros((n, point_ops), np.int32)
+    image[:, :p] = tables.image
+    rotations = np.zeros((point_ops, 3, 3))
+    rotations[:p] = tables.rotations
+    return dict(sym_image=image, sym_class=tables.klass, sym_class_size=tables.class_size, sym_rotations=rotations,
+                sym_ops=p, sym_positions=tables.adjust_positions, sym_cell=tables.adjust_cell)
 
 
 def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: Atoms, name: str) -> None:
     """Write ``atoms`` into system ``slot`` of the host arrays, its atoms at rows ``start:start + n``."""
     rows = slice(start, start + len(atoms))
-    values = structure_values(atoms, name, slot, start)
+    values = structure_values(atoms, name, slot, start, point_ops=host["sym_image"].shape[1])
     for field in GEOMETRY_FIELDS:
         host[field.name][rows if field.per_atom else slot] = values[field.name]
 

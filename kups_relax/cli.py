@@ -196,6 +196,12 @@ OPTIONS: tuple[Option, ...] = (
            "external pressure for --cell, eV/Å³ (ASE's scalar_pressure; 1 GPa = 0.00624 eV/Å³) (default: %(default)s)"),
     Option("hydrostatic_strain", _flag, False, "with --cell: only hydrostatic cell deformation"),
     Option("constant_volume", _flag, False, "with --cell: keep the volume (approximately) constant"),
+    Option("fix_symmetry", _flag, False,
+           "keep each structure's space group, as ASE's FixSymmetry: the input is refined to the symmetry spglib "
+           "finds at --symprec, then forces, stress and steps are symmetrized; summary.csv gains the space group "
+           "before and after"),
+    Option("symprec", _number(float), 0.01, "spglib's tolerance for --fix-symmetry, Å (default: %(default)s)",
+           positive=True),
     Option("max_displacement", _length_or_none, DEFAULT_MAX_DISPLACEMENT,
            "a system whose step would move an atom further than this from its start, Å, stops as diverged "
            "(blew apart); 'none' for no limit (default: %(default)s)"),
@@ -405,6 +411,8 @@ class Run:
         extra = {} if cell is None else dict(cell_filter=dataclasses.asdict(cell))
         if s["max_displacement"] != DEFAULT_MAX_DISPLACEMENT:  # decides which systems stop as diverged
             extra["max_displacement"] = s["max_displacement"]
+        if s["fix_symmetry"]:
+            extra["fix_symmetry"] = dict(symprec=s["symprec"])
         return json.dumps(dict(potential=potential, optimizer=self.optimizer_info, fmax=s["fmax"],
                                max_steps=s["max_steps"], dtype=s["dtype"], **extra), sort_keys=True, default=str)
 
@@ -424,7 +432,8 @@ class Run:
         return dict(fmax=s["fmax"], max_steps=s["max_steps"], optimizer=self.optimizer, dtype=s["dtype"],
                     chunk_steps=s["chunk_steps"], trajectory=s["trajectories"] != "none",
                     cell_filter=make_cell_filter(s), max_displacement=s["max_displacement"],
-                    atoms_per_batch=s["atoms_per_batch"], devices=None if s["devices"] == "all" else s["devices"])
+                    atoms_per_batch=s["atoms_per_batch"], devices=None if s["devices"] == "all" else s["devices"],
+                    fix_symmetry=s["fix_symmetry"], symprec=s["symprec"])
 
     def trajectory_writer(self):
         """The :class:`~kups_relax.outputs.TrajectoryWriter` of ``--trajectories``/``--shard-size``."""

@@ -9,6 +9,9 @@ Supported (with ASE's semantics for ``adjust_forces`` and ``adjust_positions``):
 * ``FixCom()``: the mass-weighted mean of the step is removed (the centre of mass does
   not move) and the forces are corrected as in ASE (``f_i -= m_i (sum_j m_j f_j) / sum_j m_j^2``).
 
+* ``FixSymmetry``: forces, stress and steps averaged over the space group
+  (:mod:`kups_relax.symmetry`; supported as a structure's only constraint).
+
 All per-atom constraints of one structure compose into one ``(3, 3)`` matrix per atom
 (applied to column vectors: ``f' = P f``), in the order of ``atoms.constraints``, exactly as
 ASE applies them one after another; ``FixCom`` acts after them (it must be the last
@@ -23,11 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
-from ase.constraints import FixAtoms, FixCartesian, FixCom, FixedLine, FixedPlane
+from ase.constraints import FixAtoms, FixCartesian, FixCom, FixedLine, FixedPlane, FixSymmetry
 
 from .segments import per_atom, segment_sum
+from .symmetry import symmetrize_vectors
 
-SUPPORTED = ("FixAtoms", "FixCartesian", "FixedLine", "FixedPlane", "FixCom")
+SUPPORTED = ("FixAtoms", "FixCartesian", "FixedLine", "FixedPlane", "FixCom", "FixSymmetry")
 
 
 def constraint_arrays(atoms: Atoms, name: str) -> tuple[np.ndarray, bool]:
@@ -39,6 +43,11 @@ def constraint_arrays(atoms: Atoms, name: str) -> tuple[np.ndarray, bool]:
     """
     projection = np.tile(np.eye(3), (len(atoms), 1, 1))
     fix_com = False
+    if any(isinstance(c, FixSymmetry) for c in atoms.constraints):
+        if len(atoms.constraints) > 1:
+            kinds = ", ".join(type(c).__name__ for c in atoms.constraints)
+            raise ValueError(f"structure {name!r}: FixSymmetry is supported as the only constraint (has {kinds})")
+        return projection, fix_com  # the symmetry tables hold it (kups_relax.batch.symmetry_values)
     for constraint in atoms.constraints:
         kind = type(constraint)
         if fix_com:
@@ -75,8 +84,11 @@ def _com_rows(geometry) -> jax.Array:
     return per_atom(geometry.fix_com, geometry.system) & geometry.atom_mask
 
 
-def adjust_forces(forces: jax.Array, geometry) -> jax.Array:
-    """Forces ``(A, 3)`` eV/Å after the constraints (ASE's ``adjust_forces``, in order)."""
+def adjust_forces(forces: jax.Array, geometry, cell: jax.Array | None = None) -> jax.Array:
+    """Forces ``(A, 3)`` eV/Å after the constraints (ASE's ``adjust_forces``, in order); ``cell
+    (S, 3, 3)``: the current cells (default ``geometry.cell``), for ``FixSymmetry``."""
+    forces = symmetrize_vectors(forces, geometry, geometry.cell if cell is None else cell,
+                                jnp.ones(geometry.n_systems, bool))
     forces = _apply(geometry.projection, forces)
     m = geometry.masses[:, None]
     S = geometry.n_systems
@@ -84,9 +96,11 @@ def adjust_forces(forces: jax.Array, geometry) -> jax.Array:
     return jnp.where(_com_rows(geometry)[:, None], forces - m * per_atom(lmd, geometry.system), forces)
 
 
-def adjust_step(step: jax.Array, geometry) -> jax.Array:
+def adjust_step(step: jax.Array, geometry, cell: jax.Array | None = None) -> jax.Array:
     """A proposed displacement ``(A, 3)`` Å after the constraints (ASE's ``adjust_positions``:
-    ``new = old + adjusted step``)."""
+    ``new = old + adjusted step``); ``cell (S, 3, 3)``: the cells the atoms are in (default
+    ``geometry.cell``), for ``FixSymmetry``."""
+    step = symmetrize_vectors(step, geometry, geometry.cell if cell is None else cell, geometry.sym_positions)
     step = _apply(geometry.projection, step)
     m = geometry.masses[:, None]
     S = geometry.n_systems

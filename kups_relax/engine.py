@@ -23,6 +23,7 @@ from .precision import x64
 from .results import RelaxResult, Trajectory
 from .executables import target_device
 from .feed import PENDING, Feed
+from .symmetry import find_constraint
 from .scheduler import Job, RunSettings, Scheduler, relax_on_devices
 from .transforms import Transform, ase_fire, ase_lbfgs, is_optax_spec, optax_optimizer
 from .transforms.optax_spec import OPTIMIZERS as OPTAX_OPTIMIZERS
@@ -149,6 +150,8 @@ def relax(
     cell_filter: "str | CellFilter | Sequence[str | CellFilter | None] | None" = None,
     max_displacement: float | Sequence[float] | None = DEFAULT_MAX_DISPLACEMENT,
     devices: "int | jax.Device | Sequence[jax.Device] | None" = None,
+    fix_symmetry: bool = False,
+    symprec: float = 0.01,
 ) -> list[RelaxResult]:
     """Relax many structures together, each on its own, with one jitted loop.
 
@@ -183,6 +186,14 @@ def relax(
             (:func:`resolve_devices`). Each device runs its own batches (``atoms_per_batch``
             rows each), taking the next waiting structure whenever one of its slots frees; a
             structure's result does not depend on the device it ran on.
+        fix_symmetry: keep every structure's space group as ASE's
+            ``atoms.set_constraint(FixSymmetry(atoms, symprec=symprec))`` does: the structure is
+            first refined to the symmetry spglib finds at ``symprec`` (ASE's ``refine_symmetry``;
+            the result's frame 0 is the refined input), then forces, stress and the position
+            and cell steps are averaged over its space group (:mod:`kups_relax.symmetry`). A
+            structure with its own ``FixSymmetry`` constraint keeps it (with ``fix_symmetry``
+            off too). ``RelaxResult.spacegroup_initial``/``spacegroup_final`` report the group.
+        symprec: spglib's tolerance for ``fix_symmetry``, Å (ASE's default 0.01).
 
     Returns:
         One :class:`RelaxResult` per input, in input order. A structure that cannot be
@@ -205,9 +216,11 @@ def relax(
     budget = atoms_per_batch or atoms_budget(chosen[0])
     sizes = [len(a) for a in structures if isinstance(a, Atoms)]
     results: list[RelaxResult | None] = [None] * n
+    symmetric = fix_symmetry or any(isinstance(a, Atoms) and find_constraint(a) is not None for a in structures)
     settings = RunSettings(potential=potential, optimizer=resolve_optimizer(optimizer), atoms_per_batch=budget,
                            dtype=dtype, skin=skin, chunk_steps=chunk_steps, trajectory=trajectory,
-                           variable_cell=any(f is not None for f in cell_filters))
+                           variable_cell=any(f is not None for f in cell_filters), symmetry=symmetric,
+                           symprec=float(symprec) if fix_symmetry else None)
     with contextlib.closing(_stream(jobs, settings, chosen, total=n, known_sizes=sizes)) as stream:
         for job, result in stream:
             results[job.index] = result
@@ -233,6 +246,8 @@ def relax_iter(
     max_displacement: float | None = DEFAULT_MAX_DISPLACEMENT,
     devices: "int | jax.Device | Sequence[jax.Device] | None" = None,
     layout_sizes: Sequence[int] | None = None,
+    fix_symmetry: bool = False,
+    symprec: float = 0.01,
 ) -> Iterator[tuple[int, RelaxResult]]:
     """Stream structures of any number through fixed slots; yield ``(input index, result)`` as each finishes.
 
@@ -257,6 +272,10 @@ def relax_iter(
     structures) to plan the shared batch from, instead of the structures that happen to be
     read first: the same sizes give the same slots, so a stream whose first structures vary
     (a Dask worker's tasks) reuses its compiled programs from run to run.
+
+    ``fix_symmetry``, ``symprec`` as for :func:`relax`; a stream does not look ahead, so a
+    structure with its own ``FixSymmetry`` constraint needs ``fix_symmetry=True`` here (without
+    it, such a structure comes back invalid, saying so).
     """
     cell_filter = resolve_cell_filter(cell_filter)
     reach = float("inf") if max_displacement is None else float(max_displacement)
@@ -275,7 +294,8 @@ def relax_iter(
     chosen = resolve_devices(devices)
     settings = RunSettings(potential=potential, optimizer=resolve_optimizer(optimizer),
                            atoms_per_batch=atoms_per_batch or atoms_budget(chosen[0]), dtype=dtype, skin=skin,
-                           chunk_steps=chunk_steps, trajectory=trajectory, variable_cell=cell_filter is not None)
+                           chunk_steps=chunk_steps, trajectory=trajectory, variable_cell=cell_filter is not None,
+                           symmetry=fix_symmetry, symprec=float(symprec) if fix_symmetry else None)
     live = {"input_wait": structures.wait} if isinstance(structures, Feed) else {}
     if layout_sizes:
         live["layout_sizes"] = [int(n) for n in layout_sizes]

@@ -363,6 +363,16 @@ def new_cell(dof: jax.Array, params: CellParams) -> tuple[jax.Array, jax.Array, 
     return cell, stretch, read
 
 
+def read_cell_dof(cell: jax.Array, params: CellParams) -> jax.Array:
+    """``(S, 3, 3)`` the cell rows ASE's filter reads from ``cell``: ``factor * logm(F)``
+    (Fréchet) or ``factor * F`` (unit cell), ``F = deform_grad(cell)``; 0 without cell DOF."""
+    F = deformation_gradient(cell, params)
+    eye = _eye_like(cell)
+    logm = _logm_near_identity(select_rows(params.frechet, F, eye))
+    read = params.factor[:, None, None] * select_rows(params.frechet, logm, F)
+    return select_rows(params.variable, read, jnp.zeros_like(read))
+
+
 def complete_cell(cell: jax.Array, pbc: jax.Array) -> jax.Array:
     """jit version of :func:`kups_relax.batch.complete_cell` for ``(S, 3, 3)`` cells."""
     eye3 = jnp.eye(3, dtype=cell.dtype)

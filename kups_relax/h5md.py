@@ -355,7 +355,7 @@ def _write_system(particles: h5py.Group, observables: h5py.Group, params: h5py.G
         data.attrs["step"] = np.int64(T - 1)
         data.attrs["description"] = "stress of the final geometry (3x3, ASE sign convention)"
     if first.constraints:  # every constraint, exactly (``fixed`` above covers only the fixed components)
-        params.attrs["constraints"] = json.dumps([c.todict() for c in first.constraints], default=_plain)
+        params.attrs["constraints"] = json.dumps([_constraint_record(c) for c in first.constraints], default=_plain)
     if potential is not None:
         _attrs(params.create_group("potential").attrs, potential)
     if optimizer is not None:
@@ -370,6 +370,15 @@ def _fixed_components(atoms: Atoms) -> np.ndarray:
         elif isinstance(constraint, FixCartesian):
             fixed[constraint.index] |= np.asarray(constraint.mask, dtype=bool)
     return fixed
+
+
+def _constraint_record(constraint) -> dict:
+    """ASE's ``todict()`` of a constraint; for ``FixSymmetry`` its settings only (its ``atoms``
+    is the input structure, frame 0, and its operations follow from it)."""
+    record = constraint.todict()
+    if record["name"] == "FixSymmetry":
+        record = dict(name="FixSymmetry", kwargs={k: v for k, v in record["kwargs"].items() if k != "atoms"})
+    return record
 
 
 def _constraints(fixed: np.ndarray) -> list:
@@ -462,7 +471,13 @@ def read_trajectory(path: str | Path, index: int | slice = slice(None), system: 
         if constraints_json is not None:
             from ase.constraints import dict2constraint
 
-            atoms.set_constraint([dict2constraint(d) for d in json.loads(constraints_json)])
+            records = json.loads(constraints_json)
+            # FixSymmetry is not rebuilt per frame (making one runs spglib and refines the
+            # structure it is given); its settings are in info["fix_symmetry"]
+            for d in records:
+                if d["name"] == "FixSymmetry":
+                    atoms.info["fix_symmetry"] = d["kwargs"]
+            atoms.set_constraint([dict2constraint(d) for d in records if d["name"] != "FixSymmetry"])
         else:
             atoms.set_constraint(_constraints(fixed))
         atoms.info["step"] = int(steps[t])

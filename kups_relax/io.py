@@ -49,7 +49,7 @@ STRUCTURE_SUFFIXES = frozenset({".xyz", ".extxyz", ".cif", ".traj", ".vasp", ".p
 
 #: Columns of ``summary.csv``: energies in eV, ``final_fmax`` in eV/Å.
 SUMMARY_COLUMNS = ("name", "source", "atoms", "converged", "steps", "initial_energy", "final_energy",
-                   "final_fmax", "status", "reason")
+                   "final_fmax", "status", "reason", "spacegroup_initial", "spacegroup_final")
 
 
 @dataclasses.dataclass
@@ -368,7 +368,9 @@ def result_record(result, *, potential=None, optimizer=None, metadata: Mapping[s
         name=result.name, status=result.status, reason=result.reason, converged=bool(result.converged),
         steps=int(result.steps), n_atoms=len(result.atoms), initial_energy=float(result.initial_energy),
         final_energy=float(result.energy), final_fmax=float(result.fmax), package="kups-relax",
-        version=__version__, **(metadata or {}))
+        version=__version__, spacegroup_initial=getattr(result, "spacegroup_initial", ""),
+        spacegroup_final=getattr(result, "spacegroup_final", ""),
+        **(metadata or {}))
     return dict(trajectory=result.trajectory, energies=result.energies, fmaxes=result.fmaxes, parameters=parameters,
                 potential=potential or {}, optimizer=optimizer, stress=stress)
 

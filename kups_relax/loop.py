@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from . import filters
 from . import neighbors as nl
 from .batch import Geometry
+from . import symmetry
 from .constraints import adjust_forces, adjust_step
 from .executables import cached_jit
 from .evaluate import evaluate
@@ -64,6 +65,11 @@ class Status(enum.IntEnum):
     def label(self) -> str:
         """The name users see (``RelaxResult.status``): ``BLEW_APART`` is ``"diverged"``."""
         return "diverged" if self is Status.BLEW_APART else self.name.lower()
+
+
+#: ``BLEW_APART`` also stands for a cell step ASE's ``FixSymmetry.adjust_cell`` refuses (a
+#: deformation gradient step over :data:`kups_relax.symmetry.MAX_CELL_STEP`): the step is not
+#: taken and the system stops where it was; :func:`kups_relax.scheduler.stop_reason` tells them apart.
 
 
 class Targets(NamedTuple):
@@ -207,7 +213,8 @@ def _index(geometry: Geometry, cell_params: CellParams | None):
 def _filter_forces(forces, stress, cell, dof, geometry: Geometry, cell_params: CellParams):
     """The filter's forces ``(A + 3 S, 3)`` (atoms after constraints, times ``F``; cell rows) and ``F``."""
     F = filters.deformation_gradient(cell, cell_params)
-    atom_rows = filters.atom_forces(adjust_forces(forces, geometry), F, geometry.system)
+    atom_rows = filters.atom_forces(adjust_forces(forces, geometry, cell), F, geometry.system)
+    stress = symmetry.symmetrize_rank2(stress, geometry, cell, jnp.ones(geometry.n_systems, bool))
     cell_rows = filters.cell_forces(stress, cell, dof, cell_params)
     return jnp.concatenate([atom_rows, cell_rows.reshape(-1, 3)]), F
 
@@ -447,6 +454,11 @@ def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets
     # relative to that, the move adjusted by the constraints (ASE's set_cell + set_positions)
     cell_new, stretch, dof_read = filters.new_cell(state.cell_dof + updates[A:].reshape(S, 3, 3), cp)
     eye = jnp.broadcast_to(jnp.eye(3, dtype=cell_new.dtype), cell_new.shape)
+    # FixSymmetry (ASE's set_cell -> adjust_cell): the cell step symmetrized; the filter reads its
+    # cell rows back from that cell, and the atoms' proposed move keeps the unsymmetrized stretch
+    cell_new, cell_ok = symmetry.adjust_cell(state.cell, cell_new, geometry, moving)
+    dof_read = select_rows(moving & (geometry.sym_ops > 0) & geometry.sym_cell,
+                           filters.read_cell_dof(cell_new, cp), dof_read)
     cell_new = select_rows(moving, cell_new, state.cell)
     dof_read = select_rows(moving, dof_read, state.cell_dof)
     scale = select_rows(moving, jnp.linalg.solve(select_rows(moving, state.cell, eye), cell_new), eye)
@@ -454,7 +466,7 @@ def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets
     x_proposed = filters.row_matmul(z + updates[:A], stretch, geometry.system)
     base = jnp.where(row_moving[:, None], x_scaled, state.positions)
     step = jnp.where(row_moving[:, None], x_proposed - x_scaled, updates[:A])
-    positions = base + jnp.where(row_active[:, None], adjust_step(step, geometry), 0.0)
+    positions = base + jnp.where(row_active[:, None], adjust_step(step, geometry, cell_new), 0.0)
     trial = geometry.replace(positions=positions, cell=cell_new, wrap_cell=_wrap_cells(cell_new, geometry))
 
     flagged = filters.neighbor_strain_exceeded(
@@ -467,6 +479,8 @@ def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets
     ev = evaluate(potential, trial, neighbors, compute_stress=True)
     within = _within_reach(positions, geometry, targets, cell_new, cp.variable)
     generalized_new, _ = _filter_forces(ev.forces, ev.stress, cell_new, dof_read, geometry, cp)
+    # a cell step FixSymmetry refuses (ASE raises) stops the system where it was
+    within = within & cell_ok
     fmax_new = _filter_fmax(generalized_new, geometry)
     return _accept(state, geometry, targets, active, positions, ev, fmax_new, within, opt_state, neighbors,
                    cell=dict(cell=cell_new, cell_dof=dof_read, nl_cell=select_rows(rebuilt, cell_new, state.nl_cell)))

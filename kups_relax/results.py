@@ -32,6 +32,9 @@ class RelaxResult:
         reason: why, for any status but ``"converged"``.
         energies: ``(steps + 1,)`` energy after every step, eV (index 0 = input geometry).
         fmaxes: ``(steps + 1,)`` largest force after every step, eV/Å.
+        spacegroup_initial, spacegroup_final: with ``FixSymmetry``, the space group spglib finds
+            (at the constraint's ``symprec``) in the input as given and in the relaxed structure,
+            e.g. ``"Fm-3m (225)"``; ``""`` otherwise.
         trajectory: every frame (a :class:`Trajectory`: a sequence of ``Atoms`` with energy and
             forces, backed by arrays), when requested.
     """
@@ -48,6 +51,8 @@ class RelaxResult:
     energies: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     fmaxes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
     trajectory: "Trajectory | list[Atoms] | None" = None
+    spacegroup_initial: str = ""
+    spacegroup_final: str = ""
 
 
 class Trajectory(collections.abc.Sequence):

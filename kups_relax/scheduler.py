@@ -48,6 +48,7 @@ from .batch import (DTYPES, GEOMETRY_FIELDS, Geometry, clear_slot, device_geomet
 from .compile_stats import compile_stats
 from .executables import cached_jit
 from .feed import PENDING
+from .symmetry import MAX_CELL_STEP, MAX_POINT_OPS, find_constraint, space_group
 from .filters import CellFilter, check_variable_cell, device_cell_params, empty_cell_table, pack_cell
 from .layout import SlotLayout, plan_layout, shares_batch, slot_size
 from .loop import Status, Targets, admit, compact, current_geometry, initial_state, run_chunk, system_cutoffs, \
@@ -79,6 +80,10 @@ class RunSettings:
         chunk_steps: steps per device call between host checks.
         trajectory: keep every frame of every structure.
         variable_cell: the programs relax cells (some structure has a cell filter).
+        symmetry: batches carry ``FixSymmetry`` tables (:mod:`kups_relax.symmetry`); without,
+            a structure with that constraint is refused (invalid).
+        symprec: give every structure ASE's ``FixSymmetry(symprec=...)`` when it is read
+            (``fix_symmetry=True``); ``None``: only structures that have the constraint keep it.
     """
 
     potential: Any
@@ -89,6 +94,8 @@ class RunSettings:
     chunk_steps: int = 64
     trajectory: bool = False
     variable_cell: bool = False
+    symmetry: bool = False
+    symprec: float | None = None
 
 
 @dataclasses.dataclass
@@ -103,6 +110,7 @@ class Job:
     max_steps: int
     max_displacement: float
     cell_filter: CellFilter | None = None
+    spacegroup: str = ""  # of the input as given (runs with symmetry)
     energies: list = dataclasses.field(default_factory=list)
     fmaxes: list = dataclasses.field(default_factory=list)
     frames: list = dataclasses.field(default_factory=list)
@@ -209,6 +217,7 @@ class Intake:
         self.lock = threading.Lock()  # the waiting rooms, `finished`, `opened`, `live`
         self.reading = threading.Lock()  # one stream reads at a time
         self.opened = 0  # batches opened so far
+        self.symmetry_seconds = 0.0  # finding symmetry (spglib) for the structures read
         self.live: dict[BatchKey, tuple[SlotLayout, int]] = {}  # layouts of open batches, how many use each
         self.known_shared = self.known_own = None
         if known_sizes is not None:
@@ -257,6 +266,7 @@ class Intake:
                 check_structure(job.atoms, job.name, self.settings.potential.supported_numbers)
                 if job.cell_filter is not None and (why := check_variable_cell(job.atoms)):
                     raise InvalidStructure(job.name, why)
+                self._prepare_symmetry(job)
             except InvalidStructure as err:
                 logger.warning("%s", err)
                 invalid.append((job, invalid_result(job, err.reason)))
@@ -270,6 +280,28 @@ class Intake:
                     self._know([len(job.atoms) for room in self.waiting.values() for q in room.by_size.values()
                                 for job in q])
         return invalid
+
+    def _prepare_symmetry(self, job: Job) -> None:
+        """``FixSymmetry`` for ``job`` (``symprec`` runs: ASE's, which refines the structure), its
+        input's space group, and the time it took (``symmetry_seconds``). InvalidStructure when
+        spglib finds none, or the structure has the constraint and the run no tables."""
+        from . import symmetry
+
+        constraint = symmetry.find_constraint(job.atoms)
+        if self.settings.symprec is None and constraint is None:
+            return
+        if not self.settings.symmetry:
+            raise InvalidStructure(job.name, "has a FixSymmetry constraint, but the run was started without symmetry "
+                                             "(pass fix_symmetry=True)")
+        t = time.perf_counter()
+        symprec = self.settings.symprec if constraint is None else constraint.symprec
+        job.spacegroup = symmetry.space_group(job.atoms, symprec)
+        if constraint is None:
+            try:
+                job.atoms = symmetry.fix_symmetry(job.atoms, symprec)
+            except ValueError as err:
+                raise InvalidStructure(job.name, str(err)) from None
+        self.symmetry_seconds += time.perf_counter() - t
 
     def wait_for_input(self, timeout: float = 0.5) -> None:
         """Block (at most ``timeout`` seconds) until queued input arrives; at once for input that is read by waiting."""
@@ -447,6 +479,13 @@ class Scheduler:
         logger.info("relaxed %d structures in %.2f s; compiled %d programs, %d from the compilation cache (%.1f s)",
                     self.finished, seconds, compiled.programs, compiled.cached, compiled.seconds)
         log_useful_fraction(self.useful_atom_steps, self.executed_atom_steps)
+        log_symmetry_time(self.intake, seconds)
+
+
+def log_symmetry_time(intake: Intake, seconds: float) -> None:
+    if intake.symmetry_seconds:
+        logger.info("finding symmetry (spglib, on the host as structures were read): %.2f s, %.1f %% of the run",
+                    intake.symmetry_seconds, 100 * intake.symmetry_seconds / max(seconds, 1e-9))
 
 
 def log_useful_fraction(useful: int, executed: int) -> None:
@@ -537,6 +576,7 @@ def relax_on_devices(jobs: Iterable[Job], settings: RunSettings, devices: Sequen
                 ", ".join(f"{s.device}: {s.finished}" for s in summaries), compiled.programs, compiled.cached,
                 compiled.seconds)
     log_useful_fraction(sum(s.useful_atom_steps for s in summaries), sum(s.executed_atom_steps for s in summaries))
+    log_symmetry_time(intake, time.perf_counter() - t0)
 
 
 def on_device(tree, device: jax.Device):
@@ -558,7 +598,9 @@ class SlotBatch:
         self.settings = settings
         self.base_shape = (layout.n_rows, layout.n_slots)  # compaction levels divide this shape
         self.float_dtype = DTYPES[settings.dtype]
-        self._set_layout(layout, empty_arrays(layout.n_rows, layout.n_slots, first_atom=layout.first_atom))
+        self.point_ops = MAX_POINT_OPS if settings.symmetry else 0
+        self._set_layout(layout, empty_arrays(layout.n_rows, layout.n_slots, first_atom=layout.first_atom,
+                                              point_ops=self.point_ops))
         S = layout.n_slots
         self.fmax = np.zeros(S)
         self.max_steps = np.zeros(S, np.int64)
@@ -753,7 +795,7 @@ class SlotBatch:
         running = [s for s, job in enumerate(self.jobs) if job is not None]
         layout = SlotLayout(tuple([int(self.slot_atoms[s]) for s in running] + [0] * (S_new - len(running))), A_new)
         first_new = layout.first_atom
-        host = empty_arrays(A_new, S_new, first_atom=np.full(S_new, sum(layout.slot_atoms)))
+        host = empty_arrays(A_new, S_new, first_atom=np.full(S_new, sum(layout.slot_atoms)), point_ops=self.point_ops)
         rows_map = np.full(A_new, A_old, np.int32)
         systems_map = np.full(S_new, S_old, np.int32)
         for t, s in enumerate(running):
@@ -847,12 +889,16 @@ class SlotBatch:
                 trajectory = Trajectory(job.atoms, np.concatenate(pos), np.concatenate(frc),
                                         np.asarray(job.energies, np.float64),
                                         None if cel[0] is None else np.concatenate(cel))
+            groups = {}
+            if (constraint := find_constraint(job.atoms)) is not None:
+                groups = dict(spacegroup_initial=job.spacegroup,
+                              spacegroup_final=space_group(atoms, constraint.symprec))
             result = RelaxResult(
                 name=job.name, atoms=atoms, energy=float(energy[slot]), initial_energy=float(job.energies[0]),
                 fmax=float(fmax[slot]), steps=int(steps[slot]), converged=code == Status.CONVERGED,
                 status=code.label, reason=stop_reason(code, job, float(fmax[slot])),
                 energies=np.asarray(job.energies, np.float64),
-                fmaxes=np.asarray(job.fmaxes, np.float64), trajectory=trajectory)
+                fmaxes=np.asarray(job.fmaxes, np.float64), trajectory=trajectory, **groups)
             self._place(slot, None)
             finished.append((job, result))
         return finished
@@ -867,8 +913,12 @@ def stop_reason(status: Status, job: Job, fmax: float) -> str:
     if status == Status.DIVERGED:
         return "energy or forces became non-finite; stopped at the last finite geometry"
     if status == Status.BLEW_APART:
-        return (f"blew apart: the next step would have moved an atom more than {job.max_displacement:g} Å "
-                f"from its start; stopped at the last geometry within that")
+        reason = (f"blew apart: the next step would have moved an atom more than {job.max_displacement:g} Å "
+                  f"from its start; stopped at the last geometry within that")
+        if job.cell_filter is not None and find_constraint(job.atoms) is not None:
+            reason += (f", or FixSymmetry refused a cell step (deformation gradient step > {MAX_CELL_STEP}, "
+                       "where ASE raises)")
+        return reason
     return status.label
 
 

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from ase import Atoms
 from ase.build import bulk, molecule
 from ase.constraints import FixAtoms
@@ -42,15 +43,18 @@ def test_clear_slot_restores_an_empty_slot():
     assert host["first_atom"].tolist() == first.tolist()  # a slot keeps its rows
 
 
-def test_device_geometry_types_follow_the_table():
-    host = empty_arrays(8, 1, first_atom=np.zeros(1, np.int32))
+@pytest.mark.parametrize("point_ops", [0, 48])
+def test_device_geometry_types_follow_the_table(point_ops):
+    """Shapes and types as the table says; ``"ops"`` is the symmetry tables' width (48 with FixSymmetry, else 0)."""
+    host = empty_arrays(8, 1, first_atom=np.zeros(1, np.int32), point_ops=point_ops)
     pack_structure(host, 0, 0, Atoms("Ar2", positions=[[0, 0, 0], [0, 0, 3.8]]), "dimer")
     with jax.enable_x64(True):
         for dtype, float_type in (("float32", jnp.float32), ("float64", jnp.float64)):
             g = device_geometry(host, dtype)
             for field in GEOMETRY_FIELDS:
                 value = getattr(g, field.name)
-                assert value.shape == (8 if field.per_atom else 1,) + field.shape, field.name
+                shape = tuple(point_ops if d == "ops" else d for d in field.shape)
+                assert value.shape == (8 if field.per_atom else 1,) + shape, field.name
                 if field.dtype == "float":
                     assert value.dtype == float_type, field.name
                 else:
