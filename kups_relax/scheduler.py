@@ -28,6 +28,7 @@ structure; finished structures are merged into one stream as they come.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -111,6 +112,7 @@ class Job:
     max_displacement: float
     cell_filter: CellFilter | None = None
     spacegroup: str = ""  # of the input as given (runs with symmetry)
+    prepared: Any = None  # a Future: its FixSymmetry being found on the intake's thread
     energies: list = dataclasses.field(default_factory=list)
     fmaxes: list = dataclasses.field(default_factory=list)
     frames: list = dataclasses.field(default_factory=list)
@@ -218,6 +220,7 @@ class Intake:
         self.reading = threading.Lock()  # one stream reads at a time
         self.opened = 0  # batches opened so far
         self.symmetry_seconds = 0.0  # finding symmetry (spglib) for the structures read
+        self._symmetry_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.live: dict[BatchKey, tuple[SlotLayout, int]] = {}  # layouts of open batches, how many use each
         self.known_shared = self.known_own = None
         if known_sizes is not None:
@@ -266,7 +269,7 @@ class Intake:
                 check_structure(job.atoms, job.name, self.settings.potential.supported_numbers)
                 if job.cell_filter is not None and (why := check_variable_cell(job.atoms)):
                     raise InvalidStructure(job.name, why)
-                self._prepare_symmetry(job)
+                self._start_symmetry(job)
             except InvalidStructure as err:
                 logger.warning("%s", err)
                 invalid.append((job, invalid_result(job, err.reason)))
@@ -281,10 +284,10 @@ class Intake:
                                 for job in q])
         return invalid
 
-    def _prepare_symmetry(self, job: Job) -> None:
-        """``FixSymmetry`` for ``job`` (``symprec`` runs: ASE's, which refines the structure), its
-        input's space group, and the time it took (``symmetry_seconds``). InvalidStructure when
-        spglib finds none, or the structure has the constraint and the run no tables."""
+    def _start_symmetry(self, job: Job) -> None:
+        """Find ``job``'s symmetry on the intake's own thread (``job.prepared``), while the device
+        runs: spglib takes 10-500 ms per structure, as long as many relaxation steps. A
+        structure with the constraint in a run without tables is InvalidStructure at once."""
         from . import symmetry
 
         constraint = symmetry.find_constraint(job.atoms)
@@ -293,15 +296,26 @@ class Intake:
         if not self.settings.symmetry:
             raise InvalidStructure(job.name, "has a FixSymmetry constraint, but the run was started without symmetry "
                                              "(pass fix_symmetry=True)")
+        if self._symmetry_pool is None:
+            self._symmetry_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kups-relax-symmetry")
+        job.prepared = self._symmetry_pool.submit(self._prepare_symmetry, job, constraint)
+
+    def _prepare_symmetry(self, job: Job, constraint) -> None:
+        """``FixSymmetry`` for ``job`` (``symprec`` runs: ASE's, which refines the structure), its
+        input's space group, and the time it took (``symmetry_seconds``). InvalidStructure when
+        spglib finds none."""
+        from . import symmetry
+
         t = time.perf_counter()
-        symprec = self.settings.symprec if constraint is None else constraint.symprec
-        job.spacegroup = symmetry.space_group(job.atoms, symprec)
-        if constraint is None:
-            try:
-                job.atoms = symmetry.fix_symmetry(job.atoms, symprec)
-            except ValueError as err:
-                raise InvalidStructure(job.name, str(err)) from None
-        self.symmetry_seconds += time.perf_counter() - t
+        try:
+            if constraint is None:
+                job.atoms, job.spacegroup = symmetry.prepare(job.atoms, self.settings.symprec)
+            else:
+                job.spacegroup = symmetry.space_group(job.atoms, constraint.symprec)
+        except ValueError as err:
+            raise InvalidStructure(job.name, str(err)) from None
+        finally:
+            self.symmetry_seconds += time.perf_counter() - t
 
     def wait_for_input(self, timeout: float = 0.5) -> None:
         """Block (at most ``timeout`` seconds) until queued input arrives; at once for input that is read by waiting."""
@@ -690,6 +704,18 @@ class SlotBatch:
             claimed = self._claim(room)
         if not claimed:  # nothing fitted (or, with several devices, another batch took it first)
             return []
+        refused: Finished = []
+        for slot, job in list(claimed.items()):
+            if job.prepared is not None:  # its symmetry, found on the intake's thread
+                try:
+                    job.prepared.result()
+                except InvalidStructure as err:
+                    logger.warning("%s", err)
+                    refused.append((job, invalid_result(job, err.reason)))
+                    del claimed[slot]
+                job.prepared = None
+        if not claimed:
+            return refused
         admitted = np.zeros(self.n_slots, bool)
         for slot, job in claimed.items():
             self._place(slot, job)
@@ -712,7 +738,7 @@ class SlotBatch:
                 self._grow(self._current_geometry(state))
             self.state = state
         self._start_records(admitted)
-        return self._collect_finished()
+        return refused + self._collect_finished()
 
     def _start_records(self, admitted: np.ndarray) -> None:
         """Every newly started structure's records begin with its step-0 evaluation."""

@@ -72,21 +72,69 @@ def fix_symmetry(atoms: Atoms, symprec: float = 0.01, adjust_positions: bool = T
     """
     from ase.constraints import FixSymmetry
 
+    return prepare(atoms, symprec, adjust_positions, adjust_cell)[0]
+
+
+def prepare(atoms: Atoms, symprec: float = 0.01, adjust_positions: bool = True,
+            adjust_cell: bool = True) -> tuple[Atoms, str]:
+    """:func:`fix_symmetry` and the input's space group (:func:`space_group` at ``symprec``), together.
+
+    ``FixSymmetry(atoms, symprec)`` asks spglib for a symmetry dataset five times (the input,
+    once per refinement step, a final check whose answer it drops, and the operations). Here
+    the same steps run in the same order with ASE's own functions, but the input's dataset
+    doubles as its space group and the dropped check is skipped: 4 calls instead of the 6 that
+    ``space_group`` + ``FixSymmetry`` make (spglib is most of the time it takes). The constraint
+    is ASE's class with the attributes its constructor sets, so the results are the same.
+    """
+    from ase.constraints import FixSymmetry
+
     atoms = atoms.copy()
-    if find_constraint(atoms) is not None:
-        return atoms
+    if (own := find_constraint(atoms)) is not None:
+        return atoms, space_group(atoms, own.symprec)
     if atoms.constraints:
         kinds = ", ".join(type(c).__name__ for c in atoms.constraints)
         raise ValueError(f"fix_symmetry with other constraints ({kinds}) is not supported")
+    original = atoms.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # spglib's own, about its dict interface
         try:
-            constraint = FixSymmetry(atoms, symprec=symprec, adjust_positions=adjust_positions,
-                                     adjust_cell=adjust_cell)
+            constraint, dataset = _fix_symmetry_steps(atoms, symprec, adjust_positions, adjust_cell)
+        except ImportError:  # ASE moved its helpers: its constructor (two more spglib calls)
+            constraint, dataset = None, None
         except Exception as err:  # spglib: no dataset (e.g. atoms too close), or not periodic
             raise ValueError(f"no symmetry found with symprec {symprec} ({type(err).__name__}: {err})") from None
+        if constraint is None:
+            try:
+                constraint = FixSymmetry(atoms, symprec=symprec, adjust_positions=adjust_positions,
+                                         adjust_cell=adjust_cell)
+            except Exception as err:  # noqa: BLE001
+                raise ValueError(f"no symmetry found with symprec {symprec} ({type(err).__name__}: {err})") from None
+    group = space_group(original, symprec) if dataset is None or not original.pbc.all() else \
+        f"{dataset.international} ({dataset.number})"
     atoms.set_constraint(constraint)
-    return atoms
+    return atoms, group
+
+
+def _fix_symmetry_steps(atoms: Atoms, symprec: float, adjust_positions: bool, adjust_cell: bool):
+    """ASE's ``FixSymmetry.__init__`` step by step (refine the cell, then the positions, then the
+    operations), in place on ``atoms``; returns the constraint and the input's dataset."""
+    from ase.constraints import FixSymmetry
+    from ase.spacegroup.symmetrize import _check_and_symmetrize_positions, _symmetrize_cell, check_symmetry
+
+    snapshot = atoms.copy()
+    dataset = check_symmetry(atoms, symprec=symprec)  # refine_symmetry: _check_and_symmetrize_cell
+    if dataset is None:
+        raise ValueError("spglib found no symmetry dataset")
+    _symmetrize_cell(atoms, dataset)
+    _check_and_symmetrize_positions(atoms, symprec=symprec)
+    constraint = FixSymmetry.__new__(FixSymmetry)
+    constraint.atoms = snapshot
+    constraint.symprec = symprec
+    constraint.verbose = False
+    constraint.rotations, constraint.translations, constraint.symm_map = _prep_symmetry(atoms, symprec)
+    constraint.do_adjust_positions = adjust_positions
+    constraint.do_adjust_cell = adjust_cell
+    return constraint, dataset
 
 
 def space_group(atoms: Atoms, symprec: float = 0.01) -> str:
@@ -103,6 +151,25 @@ def space_group(atoms: Atoms, symprec: float = 0.01) -> str:
         except Exception:  # noqa: BLE001 - spglib's failures: no group to report
             return ""
     return "" if dataset is None else f"{dataset.international} ({dataset.number})"
+
+
+def _prep_symmetry(atoms: Atoms, symprec: float):
+    """ASE's ``prep_symmetry`` with its per-atom Python loop as array operations: for every
+    operation, the atom nearest (minimum image, fractional) to each atom's image."""
+    from ase.spacegroup.symmetrize import spglib_get_symmetry_dataset
+    from ase.utils import atoms_to_spglib_cell
+
+    dataset = spglib_get_symmetry_dataset(atoms_to_spglib_cell(atoms), symprec=symprec)
+    rotations = dataset.rotations.copy()
+    translations = dataset.translations.copy()
+    scaled = atoms.get_scaled_positions()
+    symm_map = []
+    for rot, trans in zip(rotations, translations):
+        images = scaled @ rot.T + trans  # (N, 3): rot @ p + trans for every atom
+        dp = scaled[None, :, :] - images[:, None, :]
+        dp -= np.round(dp)
+        symm_map.append(np.argmin(np.linalg.norm(dp, axis=2), axis=1).tolist())
+    return rotations, translations, symm_map
 
 
 @dataclasses.dataclass(frozen=True)
