@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     base = [sys.executable, "-m", "kups_relax.cli", str(source), "--potential", "emt", "--fmax", str(args.fmax),
             "--overwrite", "--trajectories", "none"] + ([] if args.cell == "none" else ["--cell", args.cell])
     walls = {}
-    for label, flags in (("without", []), ("with --fix-symmetry", ["--fix-symmetry"])):
+    # -v: the engine's log line with the time spent finding symmetry
+    for label, flags in (("without", []), ("with --fix-symmetry", ["--fix-symmetry", "-v"])):
         out = work / f"out-{label.split()[-1]}"
         for phase in ("warm-up", "timed"):
             log = work / f"{label.split()[-1]}-{phase}.log"
