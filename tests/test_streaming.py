@@ -15,6 +15,17 @@ from structures import LJ_PARAMS, lj_structures
 FMAX = 0.01
 
 
+def assert_follows_ase(result, atoms, name):
+    """``result`` took ASE's LBFGS steps to ASE's positions (1e-8 Å); returns ASE's relaxed copy."""
+    ref = atoms.copy()
+    ref.calc = AseLJ(**LJ_PARAMS)
+    opt = LBFGS(ref, logfile=None)
+    opt.run(fmax=FMAX, steps=500)
+    assert result.converged and result.steps == opt.nsteps, name
+    assert np.abs(result.atoms.positions - ref.positions).max() <= 1e-8, name
+    return ref
+
+
 @pytest.fixture(scope="module")
 def small():
     return [(n, a) for n, a in lj_structures() if len(a) <= 16]
@@ -44,12 +55,7 @@ def test_refilled_slots_follow_ase(small, streamed):
     by_name = {r.name: r for _, r in streamed}
     for name, atoms in small:
         result = by_name[name]
-        ref = atoms.copy()
-        ref.calc = AseLJ(**LJ_PARAMS)
-        opt = LBFGS(ref, logfile=None)
-        opt.run(fmax=FMAX, steps=500)
-        assert result.converged and result.steps == opt.nsteps, name
-        assert np.abs(result.atoms.positions - ref.positions).max() <= 1e-8, name
+        ref = assert_follows_ase(result, atoms, name)
         assert abs(result.energy - ref.get_potential_energy()) <= 1e-9, name
 
 
@@ -95,12 +101,7 @@ def test_feed_runs_what_is_queued_and_ends_when_closed(small):
     for index, result in got:
         name, atoms = (first + second)[index]
         assert result.name == name
-        ref = atoms.copy()
-        ref.calc = AseLJ(**LJ_PARAMS)
-        opt = LBFGS(ref, logfile=None)
-        opt.run(fmax=FMAX, steps=500)
-        assert result.converged and result.steps == opt.nsteps, name
-        assert np.abs(result.atoms.positions - ref.positions).max() <= 1e-8, name
+        assert_follows_ase(result, atoms, name)
     assert len(set(names)) == 8
     with pytest.raises(ValueError, match="closed"):
         feed.put(small[0])
