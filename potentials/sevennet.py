@@ -51,9 +51,17 @@ from kups_relax.segments import segment_sum
 from . import sevennet_layers as layers
 from .neighbor_graph import edge_vectors, graph, permute
 
+DATA = Path(__file__).parent / "data"
 #: SevenNet-0's converted weights, shipped with the package.
-SEVENNET_0_FILE = Path(__file__).parent / "data" / "sevennet_0.npz"
-FORMAT = "kups-relax/sevennet/1"
+SEVENNET_0_FILE = DATA / "sevennet_0.npz"
+#: Every shipped model: potential name -> converted file (see :mod:`potentials.convert_sevennet`).
+PRETRAINED_FILES: dict[str, Path] = {
+    "sevennet-0": SEVENNET_0_FILE,
+    "sevennet-0-22may2024": DATA / "sevennet_0_22may2024.npz",
+    "sevennet-l3i5": DATA / "sevennet_l3i5.npz",
+    "sevennet-mf-0": DATA / "sevennet_mf_0.npz",
+}
+FORMAT = "kups-relax/sevennet/2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,21 +70,27 @@ class SevenNetConfig:
 
     Attributes:
         cutoff: interaction cutoff, Å.
-        cutoff_on: start of the XPLOR switch, Å.
+        cutoff_function: ``("xplor", r_on)`` (the XPLOR switch from ``r_on`` Å to the cutoff) or
+            ``("poly_cut", p)`` (the polynomial envelope of order ``p``).
         lmax_filter: largest ``l`` of the edge harmonics.
         irreps: node irreps before/after every interaction block (``n_layers + 1`` of them).
         act_scale: SiLU's second-moment normalisation constant (e3nn's ``normalize2mom``).
         denominators: per block, what the summed messages are divided by.
         numbers: atomic numbers of the species, in the order of the species tables.
+        normalize_sph: the edge harmonics are of the unit edge vector (else of the vector itself).
+        n_modalities: a multi-fidelity model's number of modalities (0: none): the fan-in its
+            modality one-hot adds to the linear layers that take it.
     """
 
     cutoff: float
-    cutoff_on: float
+    cutoff_function: tuple[str, float]
     lmax_filter: int
     irreps: tuple[tuple[tuple[int, int], ...], ...]
     act_scale: float
     denominators: tuple[float, ...]
     numbers: tuple[int, ...]
+    normalize_sph: bool = True
+    n_modalities: int = 0
 
     @property
     def n_layers(self) -> int:
@@ -115,7 +129,10 @@ class Weights:
 class SevenNet:
     """A SevenNet model (a pytree: ``params`` and ``species_index`` are leaves).
 
-    Build with :meth:`load` (any converted file) or :func:`sevennet_0`.
+    Build with :meth:`load` (any converted file), :func:`pretrained` (a shipped model by name) or
+    :func:`sevennet_0`. A multi-fidelity model (SevenNet-MF-0) is loaded for one modality
+    (``"PBE"`` or ``"R2SCAN"``): its one-hot rows and energy shifts for that modality are in
+    ``params``.
 
     Attributes:
         params: :class:`Weights`, array name -> float32 weights (names as in the converted file).
@@ -131,24 +148,54 @@ class SevenNet:
 
     @classmethod
     @x64
-    def load(cls, path: str | Path, name: str | None = None) -> "SevenNet":
-        """Read a file written by :mod:`potentials.convert_sevennet` (numpy only, no torch)."""
+    def load(cls, path: str | Path, name: str | None = None, modality: str | None = None) -> "SevenNet":
+        """Read a file written by :mod:`potentials.convert_sevennet` (numpy only, no torch).
+
+        Args:
+            path: the ``.npz`` file.
+            name: label for logs and metadata (default: the file's model name, with the modality).
+            modality: for a multi-fidelity model, which one (case-insensitive; required);
+                must be ``None`` for any other model.
+
+        Raises:
+            ValueError: not a converted file, or a missing, unknown or unexpected ``modality``
+                (the message lists the model's modalities).
+        """
         path = Path(path)
         with np.load(path) as data:
             meta = json.loads(bytes(data["config.json"]).decode())
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: not a converted SevenNet file (format {meta.get('format')!r}, "
                                  f"expected {FORMAT!r})")
-            params = {k: jnp.asarray(data[k]) for k in data.files if k != "config.json"}
+            arrays = {k: np.asarray(data[k]) for k in data.files if k != "config.json"}
+        modalities = list(meta.get("modalities", []))
+        label = name or meta.get("model", path.stem)
+        if modalities:
+            by_name = {m.lower(): k for k, m in enumerate(modalities)}
+            if modality is None or str(modality).lower() not in by_name:
+                what = "needs a modality" if modality is None else f"has no modality {modality!r}"
+                raise ValueError(f"{label} {what}; available: {', '.join(modalities)}")
+            row = by_name[str(modality).lower()]
+            arrays = {(k[:-len(".modal")] + ".bias" if k.endswith(".modal") else k): (v[row] if k.endswith(".modal") else v)
+                      for k, v in arrays.items()}
+            if meta.get("modal_shift"):
+                arrays["shift"] = arrays["shift"][row]
+            label = name or f"{label}:{modalities[row]}"
+        elif modality is not None:
+            raise ValueError(f"{label} is not a multi-fidelity model: it takes no modality (got {modality!r})")
+        cut = meta["cutoff_function"]
         config = SevenNetConfig(
-            cutoff=float(meta["cutoff"]), cutoff_on=float(meta["cutoff_on"]), lmax_filter=int(meta["lmax_filter"]),
+            cutoff=float(meta["cutoff"]),
+            cutoff_function=("xplor", float(cut["r_on"])) if cut["name"] == "xplor" else ("poly_cut", int(cut["p"])),
+            lmax_filter=int(meta["lmax_filter"]),
             irreps=tuple(layers.parse_irreps(s) for s in meta["irreps"]), act_scale=float(meta["act_scale"]),
             denominators=tuple(float(d) for d in meta["denominators"]), numbers=tuple(int(z) for z in meta["numbers"]),
+            normalize_sph=bool(meta["normalize_sph"]), n_modalities=len(modalities),
         )
         index = np.full(119, -1, dtype=np.int32)
         index[list(config.numbers)] = np.arange(len(config.numbers), dtype=np.int32)
-        return cls(params=Weights(params), species_index=jnp.asarray(index), config=config,
-                   name=name or meta.get("model", path.stem))
+        params = {k: jnp.asarray(v) for k, v in arrays.items()}
+        return cls(params=Weights(params), species_index=jnp.asarray(index), config=config, name=label)
 
     @property
     def cutoff(self) -> float:
@@ -171,9 +218,11 @@ class SevenNet:
         vec = edge_vectors(g, positions, geometry.cell, system)  # (W, A, 3), i -> j
         safe = jnp.where(g.inside[..., None], vec, jnp.asarray([0.0, 0.0, 0.5 * cfg.cutoff], dtype))
         r = jnp.sqrt(jnp.sum(safe * safe, axis=-1))
-        sh = layers.spherical_harmonics(safe / r[..., None], cfg.lmax_filter)
-        radial = layers.bessel_basis(r, p["bessel_coeffs"], cfg.cutoff) * layers.xplor_cutoff(
-            r, cfg.cutoff_on, cfg.cutoff)[..., None]
+        sh = layers.spherical_harmonics(safe / r[..., None] if cfg.normalize_sph else safe, cfg.lmax_filter)
+        kind, parameter = cfg.cutoff_function
+        envelope = (layers.xplor_cutoff(r, parameter, cfg.cutoff) if kind == "xplor"
+                    else layers.polynomial_cutoff(r, cfg.cutoff, int(parameter)))
+        radial = layers.bessel_basis(r, p["bessel_coeffs"], cfg.cutoff) * envelope[..., None]
         radial = jnp.where(g.inside[..., None], radial, 0.0)
         edges = (sh, radial, g)
 
@@ -197,23 +246,25 @@ class SevenNet:
 
                 x, _ = jax.lax.scan(body, x, stacked)
             t += run
-        scalars = x[0][:, 0, :]
-        hidden = scalars @ p["readout.0.l0"] / math.sqrt(p["readout.0.l0"].shape[0])
+        hidden = layers.linear({0: x[0][:, 0, :]}, {0: p["readout.0.l0"]}, p.get("readout.0.bias"),
+                               cfg.n_modalities)[0]
         atomic = (hidden @ p["readout.1.l0"])[:, 0] / math.sqrt(p["readout.1.l0"].shape[0])
         atomic = atomic * p["scale"][species] + p["shift"][species]
         return segment_sum(permute(atomic, g.rank, g.order), geometry.system, S)
 
     def _layer_params(self, p: dict, t: int) -> dict:
         """Block ``t``'s weights: ``{"self_connection"|"linear_1"|"linear_2": {l: W}, "radial": [W, ...],
-        "denominator": ()}``."""
+        "denominator": (), "bias": {"linear_1"|"linear_2": (mul_out(0),)}}`` (biases: a multi-fidelity
+        model's modality row, where the layer takes it)."""
         def blocks(name):
             prefix = f"layer{t}.{name}.l"
             return {int(k[len(prefix):]): v for k, v in p.items() if k.startswith(prefix)}
 
         n_radial = sum(1 for key in p if key.startswith(f"layer{t}.radial."))
+        biases = {name: p[f"layer{t}.{name}.bias"] for name in ("linear_1", "linear_2") if f"layer{t}.{name}.bias" in p}
         return dict(self_connection=blocks("self_connection"), linear_1=blocks("linear_1"),
                     linear_2=blocks("linear_2"), radial=[p[f"layer{t}.radial.{k}"] for k in range(n_radial)],
-                    denominator=jnp.asarray(self.config.denominators[t], p["shift"].dtype))
+                    denominator=jnp.asarray(self.config.denominators[t], p["shift"].dtype), bias=biases)
 
     def _interaction(self, t: int, x: dict, w: dict, edges) -> dict:
         """Interaction block ``t``: features ``l -> (A, 2l+1, mul)`` -> the next block's."""
@@ -221,7 +272,7 @@ class SevenNet:
         sh, radial, g = edges
         out_ls = [l for _, l in cfg.irreps[t + 1]]
         self_connection = layers.linear(x, w["self_connection"])
-        x = layers.linear(x, w["linear_1"])
+        x = layers.linear(x, w["linear_1"], w["bias"].get("linear_1"), cfg.n_modalities)
         layout, off = [], 0
         for l in sorted(x):
             layout.append((l, x[l].shape[-1], off))
@@ -231,7 +282,7 @@ class SevenNet:
         x = layers.convolution(conv, layers.flatten(x), sh, radial, w["radial"], g.neighbors, g.reverse, g.tiles,
                                g.n_tiles)
         x = {l: v / w["denominator"] for l, v in x.items()}
-        x = layers.add(layers.linear(x, w["linear_2"]), self_connection)
+        x = layers.add(layers.linear(x, w["linear_2"], w["bias"].get("linear_2"), cfg.n_modalities), self_connection)
         n_scalars = cfg.irreps[t + 1][0][0]
         return layers.gate({l: x[l] for l in sorted(x) if l == 0 or l in out_ls}, n_scalars, cfg.act_scale)
 
@@ -239,3 +290,17 @@ class SevenNet:
 def sevennet_0() -> SevenNet:
     """SevenNet-0 (11 July 2024) with the weights shipped in ``potentials/data``."""
     return SevenNet.load(SEVENNET_0_FILE, name="SevenNet-0")
+
+
+def pretrained(name: str, modality: str | None = None) -> SevenNet:
+    """A shipped SevenNet model by potential name (a key of :data:`PRETRAINED_FILES`).
+
+    ``sevennet-mf-0`` needs ``modality`` (``"PBE"`` or ``"R2SCAN"``, case-insensitive); the
+    others take none. Raises ``ValueError`` for an unknown name or modality, listing the options.
+    """
+    key = name.lower()
+    if key not in PRETRAINED_FILES:
+        raise ValueError(f"unknown SevenNet model {name!r}; available: {', '.join(PRETRAINED_FILES)}")
+    if key == "sevennet-0" and modality is None:
+        return sevennet_0()
+    return SevenNet.load(PRETRAINED_FILES[key], modality=modality)

@@ -3,7 +3,7 @@
 Node features are kept as a dict ``l -> (A, 2l+1, mul)``: one block per angular momentum
 ``l`` (all of even parity; SevenNet-0 does not track parity), the ``2l+1`` components in
 e3nn's real basis (``l=1`` is ``(x, y, z)``), ``mul`` channels each, channels last. This is
-e3nn's ``mul_ir`` layout of simplified, sorted irreps such as ``128x0e+64x1e+32x2e``, split by
+e3nn's ``mul_ir`` layout of simplified, sorted irreps such as ``128x0e+64x1e+32x2e(+32x3e)``, split by
 ``l`` and with the two inner axes swapped: with channels innermost every per-edge product
 below is a vectorized loop over channels (32-128 wide) instead of over 1-5 components.
 
@@ -59,20 +59,30 @@ def parse_irreps(irreps: str) -> tuple[tuple[int, int], ...]:
 # edge features
 
 
-def spherical_harmonics(unit: jax.Array, lmax: int) -> jax.Array:
-    """Real spherical harmonics of unit vectors ``(..., 3)`` -> ``(..., (lmax+1)**2)``: ``Y_0``,
-    then ``Y_1``'s 3 and ``Y_2``'s 5 components (e3nn basis, component normalisation)."""
-    if lmax > 2:
-        raise NotImplementedError(f"spherical harmonics are implemented up to l=2, asked for lmax={lmax}")
-    x, y, z = unit[..., 0], unit[..., 1], unit[..., 2]
+def spherical_harmonics(vectors: jax.Array, lmax: int) -> jax.Array:
+    """Real spherical harmonics ``(..., 3)`` -> ``(..., (lmax+1)**2)``: ``Y_0``, then ``Y_1``'s 3,
+    ``Y_2``'s 5 and ``Y_3``'s 7 components (e3nn basis and formulas, component normalisation).
+
+    On unit vectors these are the harmonics; on any other vector ``r`` they are e3nn's
+    ``normalize=False`` values, the homogeneous polynomials ``|r|^l Y_l(r/|r|)``.
+    """
+    if lmax > 3:
+        raise NotImplementedError(f"spherical harmonics are implemented up to l=3, asked for lmax={lmax}")
+    x, y, z = vectors[..., 0], vectors[..., 1], vectors[..., 2]
     out = [jnp.ones_like(x)]
     if lmax >= 1:
         s3 = math.sqrt(3.0)
         out += [s3 * x, s3 * y, s3 * z]
     if lmax >= 2:
         s15, s5 = math.sqrt(15.0), math.sqrt(5.0)
-        out += [s15 * x * z, s15 * x * y, s5 * (y * y - 0.5 * (x * x + z * z)), s15 * y * z,
-                0.5 * s15 * (z * z - x * x)]
+        y2, x2z2 = y * y, x * x + z * z
+        sh_2_0, sh_2_4 = s15 * x * z, 0.5 * s15 * (z * z - x * x)
+        out += [sh_2_0, s15 * x * y, s5 * (y2 - 0.5 * x2z2), s15 * y * z, sh_2_4]
+    if lmax >= 3:
+        s42, s7, s168 = math.sqrt(42.0), math.sqrt(7.0), math.sqrt(168.0)
+        out += [(s42 / 6) * (sh_2_0 * z + sh_2_4 * x), s7 * sh_2_0 * y, (s168 / 8) * (4.0 * y2 - x2z2) * x,
+                (s7 / 2) * y * (2.0 * y2 - 3.0 * x2z2), (s168 / 8) * z * (4.0 * y2 - x2z2), s7 * sh_2_4 * y,
+                (s42 / 6) * (sh_2_4 * z - sh_2_0 * x)]
     return jnp.stack(out, axis=-1)
 
 
@@ -80,6 +90,15 @@ def bessel_basis(r: jax.Array, coeffs: jax.Array, cutoff: float) -> jax.Array:
     """``(2/r_c) sin(k_n r) / r`` for distances ``r`` ``(...)`` Å and wave numbers ``coeffs`` ``(B,)``
     1/Å -> ``(..., B)``."""
     return (2.0 / cutoff) * jnp.sin(coeffs * r[..., None]) / r[..., None]
+
+
+def polynomial_cutoff(r: jax.Array, r_cut: float, p: int) -> jax.Array:
+    """Polynomial envelope of order ``p`` (Gasteiger et al., DimeNet, arXiv:2003.03123):
+    ``1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2)`` with ``x = r / r_cut``; same shape as ``r``
+    (meant for ``r < r_cut``; entries beyond are masked by the caller)."""
+    x = r / r_cut
+    xp = x ** p
+    return 1.0 - (p + 1.0) * (p + 2.0) / 2.0 * xp + p * (p + 2.0) * xp * x - p * (p + 1.0) / 2.0 * xp * x * x
 
 
 def xplor_cutoff(r: jax.Array, r_on: float, r_cut: float) -> jax.Array:
@@ -104,16 +123,22 @@ def radial_mlp(x: jax.Array, weights: Sequence[jax.Array], act_scale: float) -> 
 # node operations
 
 
-def linear(x: Mapping[int, jax.Array], weights: Mapping[int, jax.Array]) -> Features:
+def linear(x: Mapping[int, jax.Array], weights: Mapping[int, jax.Array], bias: jax.Array | None = None,
+           bias_fan_in: int = 0) -> Features:
     """e3nn ``o3.Linear`` between blocks: ``out[l] = x[l] W[l] / sqrt(mul_in(l))``.
 
     ``weights[l]`` is ``(mul_in, mul_out)``; output ``l`` without input of that ``l`` are left out
-    (they are zero).
+    (they are zero). ``bias`` ``(mul_out(0),)`` is the contribution of ``bias_fan_in`` extra scalar
+    inputs with fixed values (a multi-fidelity model's modality one-hot: the weights' row of the
+    chosen modality), added to the scalars; the scalars' fan-in is then ``mul_in(0) + bias_fan_in``.
     """
     out = {}
     for l, w in weights.items():
         v = x[l]
-        out[l] = (v.reshape(-1, v.shape[-1]) @ (w / math.sqrt(w.shape[0]))).reshape(v.shape[:-1] + (w.shape[1],))
+        fan_in = w.shape[0] + (bias_fan_in if (l == 0 and bias is not None) else 0)
+        out[l] = (v.reshape(-1, v.shape[-1]) @ (w / math.sqrt(fan_in))).reshape(v.shape[:-1] + (w.shape[1],))
+        if l == 0 and bias is not None:
+            out[l] = out[l] + bias / math.sqrt(fan_in)
     return out
 
 
