@@ -64,6 +64,14 @@ class Geometry:
         sym_rotations: ``(S, P, 3, 3)`` the point operations' fractional rotations.
         sym_ops: ``(S,)`` how many of them the system has (0: no symmetry constraint).
         sym_positions, sym_cell: ``(S,)`` ``FixSymmetry``'s ``adjust_positions`` and ``adjust_cell``.
+        precon_neighbors: ``(A, K)`` the Exp preconditioner's pair partners of the row's atom
+            (:mod:`kups_relax.precon`), counted from the system's first atom. ``K`` is 0 in a run
+            without a preconditioner (none of it is compiled).
+        precon_weight: ``(A, K)`` their unit weights ``exp(-A (r / r_NN - 1))`` (0: padding).
+        precon_diag: ``(A,)`` the unit diagonal (weights summed, plus ``c_stab``).
+        precon_fixed: ``(A,)`` ``FixAtoms`` (the preconditioner's identity rows).
+        precon_kind: ``(S,)`` :data:`kups_relax.precon.EXP` or ``NONE``.
+        precon_r_nn: ``(S,)`` nearest-neighbour distance ``r_NN``, Å.
     """
 
     positions: jax.Array
@@ -84,6 +92,12 @@ class Geometry:
     sym_ops: jax.Array
     sym_positions: jax.Array
     sym_cell: jax.Array
+    precon_neighbors: jax.Array
+    precon_weight: jax.Array
+    precon_diag: jax.Array
+    precon_fixed: jax.Array
+    precon_kind: jax.Array
+    precon_r_nn: jax.Array
 
     @property
     def n_systems(self) -> int:
@@ -316,6 +330,12 @@ GEOMETRY_FIELDS = (
     GeometryField("sym_ops", False, (), np.int32, 0),
     GeometryField("sym_positions", False, (), bool, False),
     GeometryField("sym_cell", False, (), bool, False),
+    GeometryField("precon_neighbors", True, ("pairs",), np.int32, 0),
+    GeometryField("precon_weight", True, ("pairs",), FLOAT, 0.0),
+    GeometryField("precon_diag", True, (), FLOAT, 1.0),
+    GeometryField("precon_fixed", True, (), bool, False),
+    GeometryField("precon_kind", False, (), np.int32, 0),
+    GeometryField("precon_r_nn", False, (), FLOAT, 0.0),
 )
 assert tuple(f.name for f in GEOMETRY_FIELDS) == tuple(f.name for f in dataclasses.fields(Geometry))
 
@@ -332,8 +352,8 @@ def _fill(field: GeometryField, n_systems: int):
     return field.fill
 
 
-def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray, point_ops: int = 0
-                 ) -> dict[str, np.ndarray]:
+def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray, point_ops: int = 0,
+                 precon_pairs: int = 0) -> dict[str, np.ndarray]:
     """Host (numpy) arrays of an empty :class:`Geometry`: every row padding, every system empty.
 
     ``first_atom (S,)``: every slot's first row (fixed by the batch's layout); ``point_ops``:
@@ -346,7 +366,8 @@ def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray, point
         if field.fill is None:
             host[field.name] = np.asarray(first_atom, dtype)
         else:
-            shape = tuple(point_ops if d == "ops" else d for d in field.shape)
+            widths = {"ops": point_ops, "pairs": precon_pairs}
+            shape = tuple(widths.get(d, d) for d in field.shape)
             host[field.name] = np.empty((rows,) + shape, dtype)
             host[field.name][...] = _fill(field, n_systems)
     return host
@@ -368,7 +389,26 @@ def structure_values(atoms: Atoms, name: str, slot: int, start: int, point_ops: 
                   masses=atoms.get_masses(), cell=atoms.cell.array,
                   wrap_cell=complete_cell(atoms.cell.array, atoms.pbc), pbc=atoms.pbc, n_atoms=len(atoms),
                   first_atom=start, fix_com=fix_com)
-    return values | symmetry_values(atoms, name, point_ops)
+    return values | symmetry_values(atoms, name, point_ops) | no_precon_values(len(atoms))
+
+
+def no_precon_values(n: int) -> dict[str, object]:
+    """The ``precon_*`` values of a structure without a preconditioner."""
+    return dict(precon_neighbors=np.zeros((n, 0), np.int32), precon_weight=np.zeros((n, 0)), precon_diag=1.0,
+                precon_fixed=False, precon_kind=0, precon_r_nn=0.0)
+
+
+def precon_width(host: dict[str, np.ndarray]) -> int:
+    """The width of the host arrays' preconditioner pair tables."""
+    return host["precon_neighbors"].shape[1]
+
+
+def widen_precon(host: dict[str, np.ndarray], width: int) -> None:
+    """Make the preconditioner pair tables of ``host`` ``width`` wide (padding: weight 0)."""
+    extra = width - precon_width(host)
+    if extra > 0:
+        for name in ("precon_neighbors", "precon_weight"):
+            host[name] = np.pad(host[name], ((0, 0), (0, extra)))
 
 
 def symmetry_values(atoms: Atoms, name: str, point_ops: int) -> dict[str, object]:
@@ -397,10 +437,21 @@ def symmetry_values(atoms: Atoms, name: str, point_ops: int) -> dict[str, object
                 sym_ops=p, sym_positions=tables.adjust_positions, sym_cell=tables.adjust_cell)
 
 
-def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: Atoms, name: str) -> None:
-    """Write ``atoms`` into system ``slot`` of the host arrays, its atoms at rows ``start:start + n``."""
+def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: Atoms, name: str,
+                   precon: dict | None = None) -> None:
+    """Write ``atoms`` into system ``slot`` of the host arrays, its atoms at rows ``start:start + n``
+    (``precon``: its preconditioner tables, :func:`kups_relax.precon.exp_tables`, no wider than the
+    host's)."""
     rows = slice(start, start + len(atoms))
     values = structure_values(atoms, name, slot, start, point_ops=host["sym_image"].shape[1])
+    width = precon_width(host)
+    if precon is not None:
+        values |= precon
+    for key in ("precon_neighbors", "precon_weight"):
+        table = np.asarray(values[key])
+        values[key] = np.pad(table, ((0, 0), (0, width - table.shape[1]))) if table.shape[1] <= width else None
+        if values[key] is None:
+            raise ValueError(f"structure {name!r}: preconditioner table {table.shape[1]} wide, batch {width}")
     for field in GEOMETRY_FIELDS:
         host[field.name][rows if field.per_atom else slot] = values[field.name]
 

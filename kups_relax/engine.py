@@ -25,7 +25,7 @@ from .executables import target_device
 from .feed import PENDING, Feed
 from .symmetry import find_constraint
 from .scheduler import Job, RunSettings, Scheduler, relax_on_devices
-from .transforms import Transform, ase_fire, ase_lbfgs, is_optax_spec, optax_optimizer
+from .transforms import Transform, ase_fire, ase_lbfgs, is_optax_spec, optax_optimizer, precon_lbfgs
 from .transforms.optax_spec import OPTIMIZERS as OPTAX_OPTIMIZERS
 
 __all__ = ["DEFAULT_MAX_DISPLACEMENT", "DEFAULT_MAX_STEPS", "DEFAULT_SKIN", "OPTIMIZERS", "RelaxResult", "Trajectory",
@@ -49,7 +49,7 @@ DEFAULT_MAX_DISPLACEMENT = 20.0
 
 
 #: Optimizer names and the factories of their transforms (ASE's defaults).
-OPTIMIZERS: dict[str, Callable[[], Transform]] = {"lbfgs": ase_lbfgs, "fire": ase_fire}
+OPTIMIZERS: dict[str, Callable[[], Transform]] = {"lbfgs": ase_lbfgs, "fire": ase_fire, "precon_lbfgs": precon_lbfgs}
 
 
 def resolve_optimizer(optimizer: str | Mapping | Transform | None) -> Transform:

@@ -60,11 +60,18 @@ class Status(enum.IntEnum):
     DIVERGED = 3
     EMPTY = 4
     BLEW_APART = 5
+    LINE_SEARCH_FAILED = 6
 
     @property
     def label(self) -> str:
-        """The name users see (``RelaxResult.status``): ``BLEW_APART`` is ``"diverged"``."""
-        return "diverged" if self is Status.BLEW_APART else self.name.lower()
+        """The name users see (``RelaxResult.status``): ``BLEW_APART`` is ``"diverged"``,
+        ``LINE_SEARCH_FAILED`` (a line search failed right after a history reset, where ASE's
+        ``PreconLBFGS`` raises) ``"unconverged"``."""
+        if self is Status.BLEW_APART:
+            return "diverged"
+        if self is Status.LINE_SEARCH_FAILED:
+            return "unconverged"
+        return self.name.lower()
 
 
 #: ``BLEW_APART`` also stands for a cell step ASE's ``FixSymmetry.adjust_cell`` refuses (a
@@ -107,6 +114,8 @@ class LoopState(NamedTuple):
         cell_dof: ``(S, 3, 3)`` the filter's cell rows (variable cell only).
         nl_cell: ``(S, 3, 3)`` the cell at which each system's pairs were last found
             (variable cell only).
+        evaluations: ``(S,)`` energy-and-forces evaluations of each system so far (the input
+            geometry's included; a line search evaluates more than once per step).
     """
 
     positions: jax.Array
@@ -121,6 +130,7 @@ class LoopState(NamedTuple):
     cell: jax.Array | None = None
     cell_dof: jax.Array | None = None
     nl_cell: jax.Array | None = None
+    evaluations: jax.Array | None = None
 
 
 class Frames(NamedTuple):
@@ -263,11 +273,40 @@ def initial_state(geometry: Geometry, potential, neighbors: nl.NeighborList, tar
         params = jnp.concatenate([geometry.positions, dof.reshape(-1, 3)])
         extra = dict(cell=geometry.cell, cell_dof=dof, nl_cell=geometry.cell)
     status = _step_zero(fmax, ev, geometry, targets)
+    opt_state = optimizer.init(params, index)
+    evaluations = (geometry.n_atoms > 0).astype(jnp.int32)
+    if _is_line_search(optimizer):
+        opt_state, neighbors, more = _estimate_mu(optimizer, opt_state, geometry, potential, neighbors, ev.forces,
+                                                  status == Status.RUNNING)
+        evaluations = evaluations + more
     return LoopState(
-        positions=geometry.positions, opt_state=optimizer.init(params, index), neighbors=neighbors,
+        positions=geometry.positions, opt_state=opt_state, neighbors=neighbors,
         energy=ev.energy, forces=ev.forces, stress=ev.stress, fmax=fmax,
         steps=jnp.zeros(geometry.n_systems, jnp.int32), status=status.astype(jnp.int32), **extra,
+        evaluations=evaluations,
     )
+
+
+def _is_line_search(optimizer) -> bool:
+    return bool(getattr(optimizer, "line_search", False))
+
+
+def _estimate_mu(optimizer, opt_state, geometry: Geometry, potential, neighbors: nl.NeighborList, forces: jax.Array,
+                 systems: jax.Array):
+    """ASE's ``Exp.estimate_mu`` for the systems in ``systems (S,)`` that have the Exp
+    preconditioner and no ``mu`` given: one evaluation at a sine-perturbed geometry each.
+    ``geometry`` holds the systems' positions. Returns the state, the neighbor list (updated for
+    the perturbed geometry) and ``(S,)`` the evaluations made."""
+    from . import precon
+
+    estimate = systems & (geometry.precon_kind == precon.EXP) & (optimizer.mu is None)
+    v = precon.sine_perturbation(geometry, geometry.positions)
+    v = jnp.where(geometry.rows_of(estimate)[:, None], v, 0.0)
+    moved = geometry.replace(positions=geometry.positions + adjust_step(v, geometry))
+    neighbors = nl.update(neighbors, moved)
+    ev = evaluate(potential, moved, neighbors, compute_stress=False)
+    mu = precon.mu_from_perturbation(geometry, v, -adjust_forces(forces, geometry), -adjust_forces(ev.forces, geometry))
+    return optimizer.with_mu(opt_state, mu, estimate), neighbors, estimate.astype(jnp.int32)
 
 
 @cached_jit(static_argnames=("optimizer",))
@@ -305,6 +344,11 @@ def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, adm
     status = _step_zero(fmax, ev, geometry, targets)
     # the new occupants start afresh (their rows are the slot's rows: the index does not change)
     opt_state = optimizer.reset(state.opt_state, admitted, _index(geometry, cell_params))
+    evaluations = jnp.where(admitted, (geometry.n_atoms > 0).astype(jnp.int32), state.evaluations)
+    if _is_line_search(optimizer):
+        opt_state, neighbors, more = _estimate_mu(optimizer, opt_state, current, potential, neighbors, ev.forces,
+                                                  admitted & (status == Status.RUNNING))
+        evaluations = evaluations + more
     return LoopState(
         positions=positions, opt_state=opt_state, neighbors=neighbors,
         energy=jnp.where(admitted, ev.energy, state.energy),
@@ -312,6 +356,7 @@ def admit(state: LoopState, geometry: Geometry, potential, targets: Targets, adm
         fmax=jnp.where(admitted, fmax, state.fmax),
         steps=jnp.where(admitted, 0, state.steps),
         status=jnp.where(admitted, status, state.status).astype(jnp.int32),
+        evaluations=evaluations,
         **extra,
     )
 
@@ -363,7 +408,8 @@ def compact(state: LoopState, rows: jax.Array, systems: jax.Array, optimizer) ->
         positions=by_row(state.positions), opt_state=optimizer.take(state.opt_state, opt_rows, systems),
         neighbors=neighbors, energy=by_system(state.energy), forces=by_row(state.forces),
         stress=by_system(state.stress), fmax=by_system(state.fmax), steps=by_system(state.steps),
-        status=by_system(state.status, Status.EMPTY).astype(jnp.int32), **extra)
+        status=by_system(state.status, Status.EMPTY).astype(jnp.int32), evaluations=by_system(state.evaluations),
+        **extra)
 
 
 def _step(state: LoopState, geometry: Geometry, potential, targets: Targets, optimizer):
@@ -413,6 +459,7 @@ def _accept(state: LoopState, geometry: Geometry, targets: Targets, active: jax.
         fmax=select_rows(moved, fmax_new, state.fmax),
         steps=steps,
         status=status.astype(jnp.int32),
+        evaluations=state.evaluations + active.astype(jnp.int32),
         **extra,
     )
     return _keep_unless_overflow(new, state, neighbors), moved & ~neighbors.overflow
@@ -430,6 +477,49 @@ def _keep_unless_overflow(new: LoopState, state: LoopState, neighbors: nl.Neighb
     out = jax.lax.cond(overflow, lambda: state._replace(opt_state=old_rest), lambda: new)
     return out._replace(neighbors=dataclasses.replace(out.neighbors, overflow=overflow),
                         opt_state=merge_rewritten(out.opt_state, opt_rewritten))
+
+
+def _step_line_search(state: LoopState, geometry: Geometry, potential, targets: Targets, optimizer):
+    """One iteration of a line-search optimizer (:class:`~kups_relax.transforms.precon_lbfgs.PreconLBFGS`):
+    every running system evaluates the trial point of its own line search; a system whose
+    trial is accepted takes a step, one that must shrink its step length tries again next
+    iteration (positions-only)."""
+    active = state.status == Status.RUNNING
+    index = _index(geometry, None)
+    grads = -adjust_forces(state.forces, geometry)
+    proposal, opt_state = optimizer.propose(grads, state.energy, state.opt_state, state.positions, active, index,
+                                            geometry)
+    row_try = geometry.rows_of(proposal.evaluate)
+    trial_positions = state.positions + jnp.where(row_try[:, None], adjust_step(proposal.step, geometry), 0.0)
+    trial = geometry.replace(positions=trial_positions)
+    neighbors = nl.update(state.neighbors, trial)
+    ev = evaluate(potential, trial, neighbors, compute_stress=False)
+    finite = _finite(ev.energy, ev.forces, geometry)
+    within = _within_reach(trial_positions, geometry, targets)
+    verdict, opt_state = optimizer.judge(opt_state, proposal, state.energy, ev.energy, finite & within)
+    tried = proposal.evaluate
+    moved = verdict.accept
+    row_moved = geometry.rows_of(moved)
+    fmax_new = _max_force(adjust_forces(ev.forces, geometry), geometry)
+    counted = moved | verdict.reset | proposal.reset  # ASE's nsteps: a failed line search is a step too
+    steps = state.steps + counted.astype(jnp.int32)
+    status = jnp.select(
+        [tried & ~finite, tried & ~within, verdict.failed | proposal.failed, moved & (fmax_new < targets.fmax),
+         counted & (steps >= targets.max_steps)],
+        [Status.DIVERGED, Status.BLEW_APART, Status.LINE_SEARCH_FAILED, Status.CONVERGED, Status.UNCONVERGED],
+        state.status)
+    new = state._replace(
+        positions=select_rows(row_moved, trial_positions, state.positions),
+        opt_state=opt_state,
+        neighbors=neighbors,
+        energy=select_rows(moved, ev.energy, state.energy),
+        forces=select_rows(row_moved, ev.forces, state.forces),
+        fmax=select_rows(moved, fmax_new, state.fmax),
+        steps=steps,
+        status=status.astype(jnp.int32),
+        evaluations=state.evaluations + tried.astype(jnp.int32),
+    )
+    return _keep_unless_overflow(new, state, neighbors), counted & ~neighbors.overflow
 
 
 def _step_cell(state: LoopState, geometry: Geometry, potential, targets: Targets, optimizer,
@@ -518,7 +608,9 @@ def run_chunk(state: LoopState, geometry: Geometry, potential, targets: Targets,
 
     def body(carry):
         st, fr, t = carry
-        if cell_params is None:
+        if _is_line_search(optimizer):
+            st, moved = _step_line_search(st, geometry, potential, targets, optimizer)
+        elif cell_params is None:
             st, moved = _step(st, geometry, potential, targets, optimizer)
         else:
             st, moved = _step_cell(st, geometry, potential, targets, optimizer, cell_params)

@@ -25,6 +25,8 @@ class RelaxResult:
         initial_energy: energy of the input geometry, eV.
         fmax: final largest per-atom force norm after constraints, eV/Å.
         steps: optimizer steps taken (ASE's ``opt.nsteps``).
+        n_evaluations: energy-and-forces evaluations made for this structure (the input's
+            included; ``steps + 1`` for optimizers without a line search).
         converged: ``fmax < fmax`` target reached.
         status: ``"converged"``, ``"unconverged"`` (step limit), ``"diverged"`` (non-finite
             energy/forces, or an atom moved further than ``max_displacement``; the geometry is
@@ -53,6 +55,7 @@ class RelaxResult:
     trajectory: "Trajectory | list[Atoms] | None" = None
     spacegroup_initial: str = ""
     spacegroup_final: str = ""
+    n_evaluations: int = 0
 
 
 class Trajectory(collections.abc.Sequence):

@@ -45,7 +45,8 @@ from ase import Atoms
 
 from . import neighbors as nl
 from .batch import (DTYPES, GEOMETRY_FIELDS, Geometry, clear_slot, device_geometry, empty_arrays, pack_structure,
-                    with_results)
+                    precon_width, widen_precon, with_results)
+from .precon import WIDTH_STEP, exp_tables, table_width
 from .compile_stats import compile_stats
 from .executables import cached_jit
 from .feed import PENDING
@@ -113,6 +114,7 @@ class Job:
     cell_filter: CellFilter | None = None
     spacegroup: str = ""  # of the input as given (runs with symmetry)
     prepared: Any = None  # a Future: its FixSymmetry being found on the intake's thread
+    precon: Any = None  # its preconditioner tables (kups_relax.precon.exp_tables), when found early
     energies: list = dataclasses.field(default_factory=list)
     fmaxes: list = dataclasses.field(default_factory=list)
     frames: list = dataclasses.field(default_factory=list)
@@ -270,6 +272,7 @@ class Intake:
                 if job.cell_filter is not None and (why := check_variable_cell(job.atoms)):
                     raise InvalidStructure(job.name, why)
                 self._start_symmetry(job)
+                self._prepare_precon(job)
             except InvalidStructure as err:
                 logger.warning("%s", err)
                 invalid.append((job, invalid_result(job, err.reason)))
@@ -283,6 +286,17 @@ class Intake:
                     self._know([len(job.atoms) for room in self.waiting.values() for q in room.by_size.values()
                                 for job in q])
         return invalid
+
+    def _prepare_precon(self, job: Job) -> None:
+        """``job``'s preconditioner tables (runs with ``PreconLBFGS``): ASE's neighbour list within
+        ``r_cut``, a few ms per structure. InvalidStructure when ``r_NN`` cannot be estimated."""
+        settings = getattr(self.settings.optimizer, "exp_settings", None)
+        if settings is None:
+            return
+        try:
+            job.precon = exp_tables(job.atoms, settings)
+        except ValueError as err:
+            raise InvalidStructure(job.name, str(err)) from None
 
     def _start_symmetry(self, job: Job) -> None:
         """Find ``job``'s symmetry on the intake's own thread (``job.prepared``), while the device
@@ -613,8 +627,11 @@ class SlotBatch:
         self.base_shape = (layout.n_rows, layout.n_slots)  # compaction levels divide this shape
         self.float_dtype = DTYPES[settings.dtype]
         self.point_ops = MAX_POINT_OPS if settings.symmetry else 0
+        # runs with a preconditioner (kups_relax.precon) carry its pair tables, widened as needed
+        self.precon_settings = getattr(settings.optimizer, "exp_settings", None)
         self._set_layout(layout, empty_arrays(layout.n_rows, layout.n_slots, first_atom=layout.first_atom,
-                                              point_ops=self.point_ops))
+                                              point_ops=self.point_ops,
+                                              precon_pairs=0 if self.precon_settings is None else WIDTH_STEP))
         S = layout.n_slots
         self.fmax = np.zeros(S)
         self.max_steps = np.zeros(S, np.int64)
@@ -674,7 +691,12 @@ class SlotBatch:
             pack_cell(self.cell_table, slot, None if job is None else job.atoms, None if job is None else job.cell_filter)
         if job is None:
             return
-        pack_structure(self.host, slot, int(self.first[slot]), job.atoms, job.name)
+        tables = None
+        if self.precon_settings is not None:
+            tables = job.precon if job.precon is not None else exp_tables(job.atoms, self.precon_settings)
+            job.precon = None
+            widen_precon(self.host, table_width(tables["precon_neighbors"].shape[1]))
+        pack_structure(self.host, slot, int(self.first[slot]), job.atoms, job.name, precon=tables)
         self.fmax[slot], self.max_steps[slot], self.max_displacement[slot] = job.fmax, job.max_steps, job.max_displacement
 
     def _claim(self, room: WaitingRoom) -> dict[int, Job]:
@@ -821,7 +843,8 @@ class SlotBatch:
         running = [s for s, job in enumerate(self.jobs) if job is not None]
         layout = SlotLayout(tuple([int(self.slot_atoms[s]) for s in running] + [0] * (S_new - len(running))), A_new)
         first_new = layout.first_atom
-        host = empty_arrays(A_new, S_new, first_atom=np.full(S_new, sum(layout.slot_atoms)), point_ops=self.point_ops)
+        host = empty_arrays(A_new, S_new, first_atom=np.full(S_new, sum(layout.slot_atoms)), point_ops=self.point_ops,
+                            precon_pairs=precon_width(self.host))
         rows_map = np.full(A_new, A_old, np.int32)
         systems_map = np.full(S_new, S_old, np.int32)
         for t, s in enumerate(running):
@@ -899,6 +922,7 @@ class SlotBatch:
             return []
         positions, forces = np.asarray(self.state.positions), np.asarray(self.state.forces)
         energy, fmax, steps = np.asarray(self.state.energy), np.asarray(self.state.fmax), np.asarray(self.state.steps)
+        evaluations = np.asarray(self.state.evaluations)
         # the loop's stress is current for every stopped system (run_chunk evaluates it when they stop)
         stress = np.asarray(self.state.stress)
         cells = np.asarray(self.state.cell) if self.state.cell is not None else None
@@ -921,7 +945,8 @@ class SlotBatch:
                               spacegroup_final=space_group(atoms, constraint.symprec))
             result = RelaxResult(
                 name=job.name, atoms=atoms, energy=float(energy[slot]), initial_energy=float(job.energies[0]),
-                fmax=float(fmax[slot]), steps=int(steps[slot]), converged=code == Status.CONVERGED,
+                fmax=float(fmax[slot]), steps=int(steps[slot]), n_evaluations=int(evaluations[slot]),
+                converged=code == Status.CONVERGED,
                 status=code.label, reason=stop_reason(code, job, float(fmax[slot])),
                 energies=np.asarray(job.energies, np.float64),
                 fmaxes=np.asarray(job.fmaxes, np.float64), trajectory=trajectory, **groups)
@@ -938,6 +963,9 @@ def stop_reason(status: Status, job: Job, fmax: float) -> str:
         return f"not converged within {job.max_steps} steps (fmax {fmax:.4g} eV/Å)"
     if status == Status.DIVERGED:
         return "energy or forces became non-finite; stopped at the last finite geometry"
+    if status == Status.LINE_SEARCH_FAILED:
+        return ("the Armijo line search failed right after a history reset (no downhill step longer than a_min; "
+                f"ASE's PreconLBFGS raises); stopped at fmax {fmax:.4g} eV/Å")
     if status == Status.BLEW_APART:
         reason = (f"blew apart: the next step would have moved an atom more than {job.max_displacement:g} Å "
                   f"from its start; stopped at the last geometry within that")
