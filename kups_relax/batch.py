@@ -189,6 +189,7 @@ class Batch:
         dtype: str = "float64",
         atom_capacity: int | None = None,
         system_capacity: int | None = None,
+        precon=None,
     ) -> "Batch":
         """Pack ``structures`` (any sizes, cells, periodicity) into one padded batch.
 
@@ -199,6 +200,8 @@ class Batch:
             dtype: ``"float64"`` (default, ASE parity) or ``"float32"``.
             atom_capacity, system_capacity: explicit capacities; default: the bucket
                 (:func:`kups_relax.buckets.bucket`) of the total atoms / structures.
+            precon: :class:`kups_relax.precon.ExpSettings` to build every structure's
+                preconditioner tables with (runs of ``PreconLBFGS``); ``None``: none.
         """
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -217,10 +220,14 @@ class Batch:
         from .symmetry import MAX_POINT_OPS, find_constraint
 
         symmetric = any(find_constraint(a) is not None for a in structures)
+        from .precon import exp_tables, table_width
+
+        tables = [None] * len(structures) if precon is None else [exp_tables(a, precon) for a in structures]
+        width = max([0] + [table_width(t["precon_neighbors"].shape[1]) for t in tables if t is not None])
         host = empty_arrays(A, S, first_atom=np.full(S, n_total, dtype=np.int32),
-                            point_ops=MAX_POINT_OPS if symmetric else 0)
+                            point_ops=MAX_POINT_OPS if symmetric else 0, precon_pairs=width)
         for s, (atoms, name) in enumerate(zip(structures, names)):
-            pack_structure(host, s, int(starts[s]), atoms, name)
+            pack_structure(host, s, int(starts[s]), atoms, name, precon=tables[s])
         geometry = device_geometry(host, dtype)
         return cls(geometry=geometry, atoms=[a.copy() for a in structures], names=names,
                    starts=[int(x) for x in starts[:-1]])

@@ -176,18 +176,21 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("potential", _text, DEFAULT_POTENTIAL,
-           "energy model: lj, morse, emt, eam:<file> or sevennet-0 (default: %(default)s)"),
+           "energy model: lj, morse, emt, eam:<file>, sevennet-0, sevennet-0-22may2024, sevennet-l3i5 or "
+           "sevennet-mf-0:<PBE|R2SCAN> (default: %(default)s)"),
     Option("potential_params", _params, {},
            "potential parameters KEY=VALUE[,KEY=VALUE...], repeatable (e.g. sigma=3.4,epsilon=0.0104,rc=8.5)"),
     Option("optimizer", _optimizer, "lbfgs",
-           "optimizer: lbfgs, fire or optax:<name>[(key=value,...)], e.g. 'optax:adam(learning_rate=0.01)' "
+           "optimizer: lbfgs, fire, precon_lbfgs (ASE's PreconLBFGS: Exp preconditioner, Armijo line search) "
+           "or optax:<name>[(key=value,...)], e.g. 'optax:adam(learning_rate=0.01)' "
            "(default: %(default)s, ASE's LBFGS defaults)"),
     Option("fmax", _number(float), 0.05,
            "converged when every atom's force is below FMAX, eV/Å (default: %(default)s)", positive=True),
     Option("max_steps", _number(int), DEFAULT_MAX_STEPS, "step limit per system, ASE's 'steps' (default: %(default)s)",
            aliases=("--steps",), minimum=0),
     Option("maxstep", _number(float), None,
-           "largest move of any atom in one step, Å (default: the optimizer's, 0.2 for lbfgs)", positive=True),
+           "largest move of any atom in one step, Å (default: the optimizer's, 0.2 for lbfgs, 0.04 for "
+           "precon_lbfgs's first trial step)", positive=True),
     Option("cell", _text, None,
            "also relax the cell, as ASE's filters: frechet (FrechetCellFilter) or unit (UnitCellFilter); "
            "systems without a periodic direction keep relaxing positions only (default: positions only)",
@@ -381,7 +384,7 @@ def make_optimizer(name: str, maxstep: float | None):
     if transforms.is_optax_spec(name):
         transform = transforms.optax_optimizer(name, maxstep=maxstep)
         return transform, transform
-    factory = getattr(transforms, f"ase_{name.lower()}", None)
+    factory = getattr(transforms, name.lower() if name.lower() == "precon_lbfgs" else f"ase_{name.lower()}", None)
     if factory is None:
         raise UsageError(f"--maxstep is not available for optimizer {name!r}")
     transform = factory(maxstep=maxstep)

@@ -21,7 +21,8 @@ neighbour list, so the matrix is exactly ASE's, in a per-atom table ``(N, K)`` o
 rows (relative to the system's first atom) and unit weights ``exp(-A (r/r_NN - 1))``. The
 matrix is built from the input geometry; ASE rebuilds it only when an atom moves more than
 ``r_NN / 2`` in one step, which its line search cannot do for ``maxstep < r_NN / 4`` (a step is at
-most twice ``maxstep``; see :class:`~kups_relax.transforms.precon_lbfgs.PreconLBFGS`).
+most twice ``maxstep``); a structure for which it could is refused (``maxstep`` 0.04 Å, ASE's
+default, needs ``r_NN > 0.16`` Å).
 
 Device (:func:`solve`): ``P z = q`` by conjugate gradients with a Jacobi preconditioner,
 matrix-free on the table (three 1-D gathers of ``N K`` per product), every system to its own
@@ -66,6 +67,8 @@ class ExpSettings:
         precon: ``"Exp"``, ``"auto"`` (Exp for systems of >= 100 atoms, none below: ASE's
             default) or ``None`` (no preconditioner: ``P = alpha I``, plain L-BFGS directions).
         alpha: the L-BFGS initial Hessian, eV/Å², used where there is no preconditioner.
+        maxstep: the optimizer's ``maxstep``, Å: a structure whose atoms could move ``r_NN / 2``
+            in one step (``2 maxstep >= r_NN / 2``), where ASE would rebuild the matrix, is refused.
     """
 
     A: float = 3.0
@@ -75,6 +78,7 @@ class ExpSettings:
     force_stab: bool = False
     precon: str | None = "Exp"
     alpha: float = 70.0
+    maxstep: float = 0.04
 
     def applies_to(self, atoms: Atoms) -> bool:
         """Whether ``atoms`` gets the Exp preconditioner (ASE's ``precon='auto'`` rule)."""
@@ -140,6 +144,11 @@ def exp_tables(atoms: Atoms, settings: ExpSettings) -> dict[str, np.ndarray | fl
     if r_cut < r_nn:
         logger.warning("r_cut (%.2f) < r_NN (%.2f), increasing to 1.1*r_NN = %.2f", r_cut, r_nn, 1.1 * r_nn)
         r_cut = 1.1 * r_nn
+    if 2.0 * settings.maxstep >= 0.5 * r_nn:
+        # a line-search step is at most 2 maxstep (ASE rounds a1 in [0.5, 1.5] to 1 after clipping it to
+        # maxstep); ASE rebuilds P after a step of r_NN / 2, which the engine does not do
+        raise ValueError(f"maxstep {settings.maxstep:g} Å can move an atom by r_NN / 2 = {r_nn / 2:.3g} Å in one step, "
+                         f"where ASE rebuilds the Exp preconditioner (not supported): use maxstep < {r_nn / 4:.3g} Å")
     i, j, d = neighbor_list("ijd", atoms, r_cut)
     keep = i != j  # ASE drops every pair of an atom with itself, periodic images included
     i, j, d = i[keep], j[keep], d[keep]

@@ -99,6 +99,12 @@ class RunSettings:
     symmetry: bool = False
     symprec: float | None = None
 
+    def __post_init__(self):
+        if getattr(self.optimizer, "line_search", False) and (self.variable_cell or self.symmetry):
+            what = "cell filters" if self.variable_cell else "FixSymmetry"
+            raise ValueError(f"optimizer precon_lbfgs relaxes positions only and does not take {what} (ASE's "
+                             "PreconLBFGS(variable_cell=True) form is not implemented); use lbfgs or fire for them")
+
 
 @dataclasses.dataclass
 class Job:

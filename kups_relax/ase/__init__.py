@@ -3,6 +3,8 @@
 * :class:`LBFGS` -- ``ase.optimize.LBFGS`` with the engine computing the steps;
   with :class:`Calculator` attached, ``run()`` relaxes inside the jitted loop.
 * :class:`FIRE` -- ``ase.optimize.FIRE`` with the engine computing the steps.
+* :class:`PreconLBFGS` -- ``ase.optimize.precon.PreconLBFGS``; with :class:`Calculator`
+  attached, ``run()`` relaxes inside the jitted loop.
 * :class:`Calculator` -- any potential of :mod:`potentials` as an ASE calculator.
 * :func:`relax_many` -- many ``Atoms`` with calculators attached, in one call.
 
@@ -24,5 +26,6 @@ from .calculator import Calculator
 from .fire import FIRE
 from .many import relax_many
 from .optimizer import LBFGS
+from .precon import PreconLBFGS
 
-__all__ = ["Calculator", "FIRE", "LBFGS", "relax_many"]
+__all__ = ["Calculator", "FIRE", "LBFGS", "PreconLBFGS", "relax_many"]

@@ -80,7 +80,7 @@ class LoopRelaxation:
         self.potential = calc.potential
         self.transform = transform
         self.n_atoms = len(atoms)
-        batch = Batch.from_atoms([atoms], dtype=calc.dtype)
+        batch = Batch.from_atoms([atoms], dtype=calc.dtype, precon=getattr(transform, "exp_settings", None))
         self.geometry = batch.geometry
         dtype = self.geometry.positions.dtype
         self.targets = Targets(fmax=jnp.asarray([fmax], dtype),
@@ -88,7 +88,7 @@ class LoopRelaxation:
         neighbors = nl.allocate(self.geometry, self.potential.cutoff, calc.skin)
         state = initial_state(self.geometry, self.potential, neighbors, self.targets, optimizer=transform)
         if opt_state is not None:
-            opt_state = match_state(opt_state, transform)
+            opt_state = match_state(opt_state, transform) if hasattr(transform, "transforms") else opt_state
             state = state._replace(opt_state=jax.tree.map(lambda a: _cast(a, dtype), opt_state))
         self.state = state
         self.energy = float(np.asarray(state.energy)[0])
