@@ -5,6 +5,7 @@
 >>> get_potential("lj", sigma={"Ar": 3.4, "Kr": 3.6}, epsilon={"Ar": 0.0104, "Kr": 0.014})
 >>> get_potential("eam:/path/to/Cu_u3.eam")
 >>> get_potential("emt", asap_cutoff=True)
+>>> get_potential("sevennet-mf-0:R2SCAN")      # a SevenNet model and its modality
 
 A name is ``<kind>`` or ``<kind>:<argument>`` (``eam:<path>``); keyword parameters
 go to the potential's constructor. For ``lj`` and ``morse``, per-element mappings
@@ -114,13 +115,23 @@ register_potential("eam", _eam, "embedded-atom method from a file: eam:<path> (.
 register_potential("emt", _emt, "effective-medium theory, ASE's EMT (asap_cutoff=True for ASAP's cutoff)")
 
 
-def _sevennet_0(argument: str | None, **params):
-    _no_argument("sevennet-0", argument)
-    if params:
-        raise ValueError(f"potential 'sevennet-0' takes no parameters, got {sorted(params)}")
-    from .sevennet import sevennet_0
+def _sevennet(kind: str):
+    """A shipped SevenNet model; ``:<argument>`` is the modality of a multi-fidelity one (an error for the others)."""
+    def factory(argument: str | None, **params):
+        if params:
+            raise ValueError(f"potential {kind!r} takes no parameters, got {sorted(params)}")
+        from .sevennet import pretrained
 
-    return sevennet_0()
+        return pretrained(kind, modality=argument)
+
+    return factory
 
 
-register_potential("sevennet-0", _sevennet_0, "SevenNet-0 universal ML potential (89 elements, MPtrj; weights shipped)")
+register_potential("sevennet-0", _sevennet("sevennet-0"),
+                   "SevenNet-0 (11Jul2024) universal ML potential (89 elements, MPtrj; weights shipped)")
+register_potential("sevennet-0-22may2024", _sevennet("sevennet-0-22may2024"),
+                   "SevenNet-0's first release (22May2024; weights shipped)")
+register_potential("sevennet-l3i5", _sevennet("sevennet-l3i5"),
+                   "SevenNet-l3i5: SevenNet-0 with lmax 3: more accurate, heavier (weights shipped)")
+register_potential("sevennet-mf-0", _sevennet("sevennet-mf-0"),
+                   "SevenNet-MF-0 multi-fidelity: sevennet-mf-0:PBE or sevennet-mf-0:R2SCAN (weights shipped)")

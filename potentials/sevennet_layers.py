@@ -95,10 +95,18 @@ def bessel_basis(r: jax.Array, coeffs: jax.Array, cutoff: float) -> jax.Array:
 def polynomial_cutoff(r: jax.Array, r_cut: float, p: int) -> jax.Array:
     """Polynomial envelope of order ``p`` (Gasteiger et al., DimeNet, arXiv:2003.03123):
     ``1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2)`` with ``x = r / r_cut``; same shape as ``r``
-    (meant for ``r < r_cut``; entries beyond are masked by the caller)."""
+    (meant for ``r < r_cut``; entries beyond are masked by the caller).
+
+    Evaluated in the equal factored form ``(1-x)^3 sum_{k<p} C(k+2, 2) x^k`` (the envelope has a
+    triple root at ``x = 1``): near the cutoff the expanded form cancels terms of size ~50 down
+    to ~0, which in float32 leaves errors of ~1e-6 absolute; the factored form has none.
+    """
     x = r / r_cut
-    xp = x ** p
-    return 1.0 - (p + 1.0) * (p + 2.0) / 2.0 * xp + p * (p + 2.0) * xp * x - p * (p + 1.0) / 2.0 * xp * x * x
+    series = jnp.zeros_like(x) + (p + 1) * p / 2
+    for k in range(p - 2, -1, -1):  # Horner
+        series = series * x + (k + 2) * (k + 1) / 2
+    u = 1.0 - x
+    return u * u * u * series
 
 
 def xplor_cutoff(r: jax.Array, r_on: float, r_cut: float) -> jax.Array:
