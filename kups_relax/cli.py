@@ -214,7 +214,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("devices", _devices, "all",
            "JAX devices to relax on: all local devices of the default backend, or the first N; each runs its "
            "own batches, fed from one queue (default: %(default)s)"),
-    Option("dtype", _text, "float64", "floating point precision (default: %(default)s)",
+    Option("dtype", _text, None, "floating point precision (default: the potential's: float32 for learned "
+           "potentials, sevennet-*, as their reference implementations run; float64 for the others)",
            choices=("float64", "float32")),
     Option("chunk_steps", _number(int), 64, "steps per device call between progress updates (default: %(default)s)",
            minimum=1),
@@ -784,6 +785,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
 def make_run(settings: dict[str, Any]) -> Run:
     """The :class:`Run` of resolved settings: potential, optimizer and their metadata (UsageError on bad ones)."""
     from .io import optimizer_metadata, potential_metadata
+    from .precision import resolve_dtype
 
     if settings["plot"]:
         try:
@@ -795,6 +797,7 @@ def make_run(settings: dict[str, Any]) -> Run:
                          "keeps none (summary.csv is written only when a run ends); use --trajectories "
                          "per-system or per-shard for a run you may want to resume")
     potential = make_potential(settings["potential"], settings["potential_params"])
+    settings["dtype"] = resolve_dtype(settings["dtype"], potential)  # None: the potential's default
     optimizer, transform = make_optimizer(settings["optimizer"], settings["maxstep"])
     make_cell_filter(settings)  # bad --cell combinations are usage errors before anything is read
     if settings["devices"] != "all":

@@ -19,7 +19,7 @@ from ase import Atoms
 
 from .filters import CellFilter, resolve_cell_filter, resolve_cell_filters
 from .layout import atoms_budget
-from .precision import x64
+from .precision import resolve_dtype, x64
 from .results import RelaxResult, Trajectory
 from .executables import target_device
 from .feed import PENDING, Feed
@@ -132,6 +132,13 @@ def _per_system(value, n: int, name: str, dtype) -> np.ndarray:
     return arr
 
 
+def _chosen_dtype(dtype: str | None, potential) -> str:
+    chosen = resolve_dtype(dtype, potential)
+    logger.info("precision %s (%s)", chosen, "asked for" if dtype is not None else
+                f"the default of {getattr(potential, 'name', type(potential).__name__)}")
+    return chosen
+
+
 @x64(user_code=("structures", "on_result"))
 def relax(
     structures: Sequence[Atoms],
@@ -141,7 +148,7 @@ def relax(
     optimizer: str | Transform | None = None,
     *,
     names: Sequence[str] | None = None,
-    dtype: str = "float64",
+    dtype: str | None = None,
     skin: float = DEFAULT_SKIN,
     chunk_steps: int = 64,
     trajectory: bool = False,
@@ -165,7 +172,9 @@ def relax(
             (``ase.optimize.FIRE`` defaults) or a transform
             such as ``kups_relax.transforms.ase_lbfgs(maxstep=0.1)``.
         names: a name per structure for results and messages (default ``structure-<i>``).
-        dtype: ``"float64"`` (default) or ``"float32"``.
+        dtype: ``"float64"`` or ``"float32"``; ``None`` (default): the potential's own,
+            float32 for learned potentials (SevenNet, as sevenn runs it), float64 for classical
+            ones (:func:`kups_relax.precision.default_dtype`). Logged at INFO level.
         skin: neighbor-list skin, Å.
         chunk_steps: steps per device call between host checks.
         trajectory: also return every frame of every structure (``RelaxResult.trajectory``).
@@ -199,6 +208,7 @@ def relax(
         One :class:`RelaxResult` per input, in input order. A structure that cannot be
         relaxed gets ``status="invalid"`` and a reason; the others are unaffected.
     """
+    dtype = _chosen_dtype(dtype, potential)
     structures = list(structures)
     n = len(structures)
     names = list(names) if names is not None else [f"structure-{i}" for i in range(n)]
@@ -237,7 +247,7 @@ def relax_iter(
     max_steps: int = DEFAULT_MAX_STEPS,
     optimizer: str | Transform | None = None,
     *,
-    dtype: str = "float64",
+    dtype: str | None = None,
     skin: float = DEFAULT_SKIN,
     chunk_steps: int = 64,
     trajectory: bool = False,
@@ -273,10 +283,13 @@ def relax_iter(
     read first: the same sizes give the same slots, so a stream whose first structures vary
     (a Dask worker's tasks) reuses its compiled programs from run to run.
 
+    ``dtype`` as for :func:`relax` (``None``: the potential's default precision).
+
     ``fix_symmetry``, ``symprec`` as for :func:`relax`; a stream does not look ahead, so a
     structure with its own ``FixSymmetry`` constraint needs ``fix_symmetry=True`` here (without
     it, such a structure comes back invalid, saying so).
     """
+    dtype = _chosen_dtype(dtype, potential)
     cell_filter = resolve_cell_filter(cell_filter)
     reach = float("inf") if max_displacement is None else float(max_displacement)
 

@@ -115,3 +115,27 @@ def _advanced_in(items: Iterator, caller: list[bool]) -> Iterator:
             except StopIteration:
                 return
         yield item
+
+
+#: The floating-point types a run can use.
+DTYPE_CHOICES = ("float64", "float32")
+
+
+def default_dtype(potential) -> str:
+    """The precision a potential runs in when the caller does not choose: its ``default_dtype``
+    attribute (``"float32"`` for learned potentials such as SevenNet, as their reference
+    implementations run), else ``"float64"`` (classical potentials: ASE parity)."""
+    dtype = getattr(potential, "default_dtype", "float64")
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"{type(potential).__name__}.default_dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    return dtype
+
+
+def resolve_dtype(dtype: str | None, potential) -> str:
+    """``dtype`` if given (``"float64"`` or ``"float32"``), else :func:`default_dtype` of ``potential``."""
+    if dtype is None:
+        return default_dtype(potential)
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} or None (the potential's default), "
+                         f"got {dtype!r}")
+    return dtype

@@ -20,7 +20,8 @@ Architecture (every piece in :mod:`potentials.sevennet_layers`, e3nn's conventio
 
 Forces and stress come from :func:`kups_relax.evaluate.evaluate` by autodiff, as for every
 potential. The dtype of the positions decides the precision (float32 or float64; the
-weights are float32 values either way, as in the reference).
+weights are float32 values either way, as in the reference); runs default to float32
+(:attr:`SevenNet.default_dtype`), as sevenn runs.
 
 How it runs on the neighbor matrix (:mod:`potentials.neighbor_graph`): per evaluation, the
 entries of the ``(K, A)`` matrix within 5 Å are moved to the front of their columns and the
@@ -200,6 +201,11 @@ class SevenNet:
     @property
     def cutoff(self) -> float:
         return self.config.cutoff
+
+    @property
+    def default_dtype(self) -> str:
+        """float32, the precision sevenn ships and runs the model in (``dtype=`` overrides)."""
+        return "float32"
 
     @property
     def supported_numbers(self) -> frozenset[int]:
