@@ -16,9 +16,10 @@ out when the system has ``FixAtoms``: then the fixed atoms' rows are the identit
 couplings are dropped, which pins the Laplacian instead). ``r_NN`` is the largest
 nearest-neighbour distance of any atom (ASE's ``estimate_nearest_neighbour_distance``).
 
-Host (:func:`exp_tables`, when a structure is packed): the pairs within ``r_cut`` with ASE's own
-neighbour list, so the matrix is exactly ASE's, in a per-atom table ``(N, K)`` of neighbour
-rows (relative to the system's first atom) and unit weights ``exp(-A (r/r_NN - 1))``. The
+Host (:func:`exp_tables`, when a structure is read): the pairs within ``r_cut``, the same as
+ASE's neighbour list finds (:func:`pairs_within`), so the matrix is exactly ASE's, in a
+per-atom table ``(N, K)`` of neighbour rows (relative to the system's first atom) and unit
+weights ``exp(-A (r/r_NN - 1))``. The
 matrix is built from the input geometry; ASE rebuilds it only when an atom moves more than
 ``r_NN / 2`` in one step, which its line search cannot do for ``maxstep < r_NN / 4`` (a step is at
 most twice ``maxstep``); a structure for which it could is refused (``maxstep`` 0.04 Å, ASE's
@@ -87,27 +88,73 @@ class ExpSettings:
         return self.precon == "Exp" or len(atoms) >= 100
 
 
+def pairs_within(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(i, j, d)``: every pair of atoms (periodic images included, not an atom with itself
+    unshifted) closer than ``cutoff`` Å, sorted by ``i``.
+
+    The same pairs and the same distances, bit for bit, as ASE's
+    ``neighbor_list("ijd", atoms, cutoff)``: candidates come from a k-d tree over the periodic
+    images of the wrapped positions (10-100x faster than ASE's binning), and every distance is
+    then computed with ASE's own arithmetic, ``|x_j - x_i + S cell|``, and compared with ``<``.
+    """
+    from ase.geometry import complete_cell
+    from scipy.spatial import cKDTree
+
+    positions = np.asarray(atoms.positions, np.float64)
+    n = len(atoms)
+    if n == 0:
+        return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
+    cell = atoms.cell.array
+    full = complete_cell(cell)
+    pbc = np.asarray(atoms.pbc, bool)
+    fractional = np.linalg.solve(full.T, positions.T).T
+    wrap = np.where(pbc, np.floor(fractional), 0.0)
+    wrapped = (fractional - wrap) @ full
+    volume = abs(np.linalg.det(full))
+    spacing = np.array([volume / np.linalg.norm(np.cross(full[(c + 1) % 3], full[(c + 2) % 3])) for c in range(3)])
+    reach = np.where(pbc, np.ceil(cutoff / spacing), 0).astype(int)
+    shifts = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
+    images = (wrapped[None, :, :] + (shifts @ full)[:, None, :]).reshape(-1, 3)
+    # a little beyond the cutoff: the exact test below decides
+    found = cKDTree(wrapped).sparse_distance_matrix(cKDTree(images), cutoff * (1 + 1e-9) + 1e-9,
+                                                      output_type="ndarray")
+    i = found["i"].astype(np.int64)
+    image, j = np.divmod(found["j"].astype(np.int64), n)
+    S = shifts[image] + wrap[i].astype(np.int64) - wrap[j].astype(np.int64)
+    keep = ~((i == j) & (S == 0).all(axis=1))
+    i, j, S = i[keep], j[keep], S[keep]
+    vector = positions[j] - positions[i] + S.dot(cell)
+    d = np.sqrt(np.sum(vector * vector, axis=1))
+    keep = d < cutoff
+    order = np.lexsort((j, i))
+    order = order[keep[order]]
+    return i[order], j[order], d[order]
+
+
 def nearest_neighbour_distance(atoms: Atoms) -> float:
     """ASE's ``estimate_nearest_neighbour_distance``: the largest distance of any atom to its
-    nearest neighbour (periodic images of itself included), found with cutoffs growing by the
-    golden ratio from 1 Å up to twice the longest cell vector.
+    nearest neighbour (periodic images of itself included).
+
+    ASE searches with cutoffs growing by the golden ratio from 1 Å while they are below twice
+    the longest cell vector; the result is the same wherever it succeeds, and it fails where
+    ASE does.
 
     Raises:
-        ValueError: some atom has no neighbour within twice the longest cell vector (ASE raises
-            too: a molecule or cluster without a cell of its size; give ``r_NN``).
+        ValueError: no such cutoff finds a neighbour of every atom (ASE raises too: a molecule
+            or cluster without a cell of its size; give ``r_NN``).
     """
     from ase.geometry.cell import cell_to_cellpar
-    from ase.neighborlist import neighbor_list
 
-    r_cut, phi = 1.0, (1.0 + np.sqrt(5.0)) / 2.0
     extent = max(cell_to_cellpar(atoms.cell)[:3])
-    while r_cut < 2.0 * extent:
-        i, d = neighbor_list("id", atoms, r_cut)
+    phi = (1.0 + np.sqrt(5.0)) / 2.0
+    cutoff = 1.0
+    while cutoff < 2.0 * extent:
+        i, _, d = pairs_within(atoms, cutoff)
         if len(i) and (np.bincount(i, minlength=len(atoms)) != 0).all():
             nearest = np.full(len(atoms), np.inf)
             np.minimum.at(nearest, i, d)
             return float(nearest.max())
-        r_cut *= phi
+        cutoff *= phi
     raise ValueError("the Exp preconditioner found no neighbour of some atom within twice the longest cell vector "
                      "(a molecule or cluster needs a cell around it, or pass r_NN)")
 
@@ -132,8 +179,6 @@ def exp_tables(atoms: Atoms, settings: ExpSettings) -> dict[str, np.ndarray | fl
     ``precon_fixed (N,)`` (``FixAtoms``), ``precon_kind`` (:data:`EXP` or :data:`NONE`) and
     ``precon_r_nn`` (Å).
     """
-    from ase.neighborlist import neighbor_list
-
     n = len(atoms)
     if not settings.applies_to(atoms):
         return dict(precon_neighbors=np.arange(n)[:, None], precon_weight=np.zeros((n, 1)),
@@ -149,7 +194,7 @@ def exp_tables(atoms: Atoms, settings: ExpSettings) -> dict[str, np.ndarray | fl
         # maxstep); ASE rebuilds P after a step of r_NN / 2, which the engine does not do
         raise ValueError(f"maxstep {settings.maxstep:g} Å can move an atom by r_NN / 2 = {r_nn / 2:.3g} Å in one step, "
                          f"where ASE rebuilds the Exp preconditioner (not supported): use maxstep < {r_nn / 4:.3g} Å")
-    i, j, d = neighbor_list("ijd", atoms, r_cut)
+    i, j, d = pairs_within(atoms, r_cut)
     keep = i != j  # ASE drops every pair of an atom with itself, periodic images included
     i, j, d = i[keep], j[keep], d[keep]
     weight = np.exp(-settings.A * (d / r_nn - 1.0))
