@@ -112,7 +112,7 @@ def build_model(args, dtype):
     from torch_sim.models.sevennet import SevenNetModel
 
     net = sevenn.util.load_checkpoint(args.sevennet_model).build_model()
-    return SevenNetModel(net, device="cpu", dtype=dtype, neighbor_list_fn=nl)
+    return SevenNetModel(net, modal=args.sevennet_modal, device="cpu", dtype=dtype, neighbor_list_fn=nl)
 
 
 def optimizer_setup(name: str, lbfgs_params: str):
@@ -200,7 +200,8 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=0.0104)
     parser.add_argument("--rc", type=float, default=8.5)
     parser.add_argument("--stress", action="store_true", help="LJ: compute the stress too")
-    parser.add_argument("--sevennet-model", default="7net-0")
+    parser.add_argument("--sevennet-model", default="7net-0", help="sevenn's name of a pretrained model")
+    parser.add_argument("--sevennet-modal", default=None, help="modality of a multi-fidelity model (7net-mf-0: PBE, R2SCAN)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--optimizer", nargs="+", choices=["lbfgs", "fire"], default=["lbfgs", "fire"])
     parser.add_argument("--check-every", nargs="+", type=int, default=[5],
