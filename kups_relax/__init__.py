@@ -8,8 +8,9 @@
 Importing kups-relax changes nothing in JAX's configuration. Its entry points (``relax``,
 ``relax_iter``, ``Batch.from_atoms``, the ASE calculator and optimizers, the potentials'
 constructors that build arrays, ``relax-batch``) run with JAX's 64-bit types on in their own
-scope (:mod:`kups_relax.precision`): float64 by default (ASE parity), ``dtype="float32"`` for
-speed, and a float32 JAX model beside them stays float32.
+scope (:mod:`kups_relax.precision`): float64 by default for classical potentials (ASE parity),
+float32 for learned ones (SevenNet, as sevenn runs it), ``dtype=`` to choose, and a float32 JAX
+model beside them stays float32.
 
 Compiled programs: the engine's big programs are saved on disk and reused across processes
 (:mod:`kups_relax.executables`; ``KUPS_RELAX_SAVED_EXECUTABLES=0`` turns that off). JAX's own
