@@ -1,6 +1,6 @@
-"""SevenNet-0 on the CPU: kups-relax (JAX) vs sevenn's torch model (ASE calculator, torch-sim), evaluation and relaxation.
+"""The SevenNet family on the CPU: kups-relax (JAX) vs sevenn's torch model (ASE calculator, torch-sim), evaluation and relaxation.
 
-    python benchmarks/bench_sevennet.py [--n 24] [--dtype float32] [--fmax 0.05] [--skin S] [--skip-relax]
+    python benchmarks/bench_sevennet.py [--model sevennet-0] [--n 24] [--dtype float32] [--fmax 0.05] [--skin S] [--skip-relax]
         [--optimizers lbfgs fire] [--torch-threads 1] [--torchsim-python /tmp/torchsim-venv/bin/python]
         [--torchsim-check-every 5 1] [--torchsim-neighbor-list default] [--skip-torch-sim] [--keep DIR]
 
@@ -22,6 +22,13 @@
   K = 5 and K = 1); reports the times and the parity: step counts against ASE's same
   optimizer (equal / how many) and final energies per atom. Same fmax, at most 1000 steps.
   Without the torch-sim venv its rows are skipped with a message.
+
+``--model``: one of ``sevennet-0``, ``sevennet-0-22may2024``, ``sevennet-l3i5``,
+``sevennet-mf-0:PBE``, ``sevennet-mf-0:R2SCAN`` (our registry names); the reference and torch-sim
+run the same checkpoint (and modality) from the sevenn wheel. Besides the wall times, the tables
+give atoms/s for an evaluation and, for a relaxation, µs per atom-step: the wall time over
+``sum over structures of (steps + 1) x atoms`` (the evaluations ASE makes), the same count for
+every method, so the figure says what a useful atom-step costs each of them.
 
 Structures (``relax_structures``): rattled bulk metals, semiconductors and ionic crystals, an
 fcc vacancy cell, an fcc(111) slab, oxides (MgO, SrTiO3, rutile TiO2) and molecules in a box;
@@ -119,19 +126,31 @@ def relax_structures(n: int) -> list[tuple[str, Atoms]]:
     return out
 
 
-def sevenn_calculator(threads: int):
+#: our potential name -> (sevenn's name of the checkpoint, modality)
+MODELS = {
+    "sevennet-0": ("7net-0", None),
+    "sevennet-0-22may2024": ("7net-0_22may2024", None),
+    "sevennet-l3i5": ("7net-l3i5", None),
+    "sevennet-mf-0:PBE": ("7net-mf-0", "PBE"),
+    "sevennet-mf-0:R2SCAN": ("7net-mf-0", "R2SCAN"),
+}
+
+
+def sevenn_calculator(threads: int, model: str = "sevennet-0"):
     import torch
     from sevenn.calculator import SevenNetCalculator
 
     torch.set_num_threads(threads)
-    return SevenNetCalculator("7net-0", device="cpu")
+    name, modal = MODELS[model]
+    return SevenNetCalculator(name, device="cpu", modal=modal)
 
 
 class TorchSim:
     """benchmarks/torchsim_runner.py in torch-sim's venv, one fresh process per call."""
 
-    def __init__(self, python: str, work: Path, threads: int, neighbor_list: str):
+    def __init__(self, python: str, work: Path, threads: int, neighbor_list: str, model: str = "sevennet-0"):
         self.python, self.work, self.threads, self.neighbor_list = python, work, threads, neighbor_list
+        self.model = model
         self.commands: list[str] = []
         self.versions = ""
 
@@ -142,7 +161,9 @@ class TorchSim:
         source = self.work / "sevennet-structures.traj"  # exact positions (extxyz would round them to 1e-8 A)
         ase.io.write(source, structures, format="traj")  # afresh: a --keep folder may hold another --n
         out = self.work / f"torchsim-{tag}.json"
+        sevenn_name, modal = MODELS[self.model]
         cmd = [self.python, str(HERE / "torchsim_runner.py"), str(source), str(out), "--model", "sevennet",
+               "--sevennet-model", sevenn_name, *(["--sevennet-modal", modal] if modal else []),
                "--dtype", "float32", "--threads", str(self.threads), "--neighbor-list", self.neighbor_list, *extra]
         warp_cache = self.work / f"warp-cache-{tag}"
         shutil.rmtree(warp_cache, ignore_errors=True)  # the first call compiles warp's kernels (its neighbor list)
@@ -295,6 +316,7 @@ def _load() -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sevennet-0", choices=list(MODELS), help="default: %(default)s")
     parser.add_argument("--n", type=int, default=24, help="structures (default %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--fmax", type=float, default=0.05)
@@ -316,13 +338,14 @@ def main():
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_sevennet_"))
     work.mkdir(parents=True, exist_ok=True)
     work = work.resolve()
-    potential = get_potential("sevennet-0")
+    potential = get_potential(args.model)
     named = relax_structures(args.n)
     structures = [a for _, a in named]
     n_atoms = sum(len(a) for a in structures)
-    calc = sevenn_calculator(args.torch_threads)
+    calc = sevenn_calculator(args.torch_threads, args.model)
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {_machine()}")
-    print(f"{args.n} structures, {n_atoms} atoms, {args.dtype}, torch threads {args.torch_threads} "
+    print(f"model {args.model} ({potential.name}); {args.n} structures, {n_atoms} atoms, {args.dtype}, "
+          f"torch threads {args.torch_threads} "
           f"(shared machine: noisy)")
     print("command: python benchmarks/bench_sevennet.py " + " ".join(map(shlex.quote, sys.argv[1:])), flush=True)
     torchsim = None
@@ -331,7 +354,7 @@ def main():
     elif args.dtype != "float32":
         print("torch-sim rows skipped: sevenn's SevenNetModel runs float32 only")
     else:
-        torchsim = TorchSim(args.torchsim_python, work, args.torch_threads, args.torchsim_neighbor_list)
+        torchsim = TorchSim(args.torchsim_python, work, args.torch_threads, args.torchsim_neighbor_list, args.model)
         if not torchsim.available():
             print(f"torch-sim rows skipped: no torch-sim venv at {args.torchsim_python} "
                   f"(run benchmarks/setup_torchsim_venv.sh)")
@@ -340,13 +363,14 @@ def main():
     t_compile, t_ours, t_ref, t_ts, pairs, capacity, parity = bench_forces(potential, structures, args.dtype, calc,
                                                                           torchsim)
     print(f"\nforce evaluation ({pairs} pairs in a {capacity}-pair list; compile {t_compile:.1f} s)\n")
-    print("| method | s per evaluation of all | atoms/s | structures/s | ratio (ASE + sevenn time / this) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for label, t in [("kups-relax SevenNet-0 (JAX, one batch)", t_ours),
+    print("| method | s per evaluation of all | atoms/s | µs per atom | structures/s | ratio (ASE + sevenn time / this) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for label, t in [(f"kups-relax {potential.name} (JAX, one batch)", t_ours),
                      ("ASE + sevenn calculator (one by one)", t_ref),
                      ("torch-sim 0.6.2 + sevenn SevenNetModel (one batch)", t_ts)]:
         if t is not None:
-            print(f"| {label} | {t:.3f} | {n_atoms / t:.0f} | {args.n / t:.1f} | {t_ref / t:.2f}x |")
+            print(f"| {label} | {t:.3f} | {n_atoms / t:.0f} | {1e6 * t / n_atoms:.0f} | {args.n / t:.1f} | "
+                  f"{t_ref / t:.2f}x |")
     print("\nagainst the calculator: " + "; ".join(
         f"{k} max |dF| {v:.1e} eV/A" if "forces" in k else f"{k} max |dE| {v:.1e} eV/atom" for k, v in parity.items()))
 
@@ -366,22 +390,24 @@ def print_relax(named, args, refs, rows):
     sizes = np.array([len(a) for _, a in named])
     skin = "engine default" if args.skin is None else f"{args.skin} A"
     print(f"\nrelaxation to fmax {args.fmax} eV/A (ASE's defaults; kups-relax skin {skin}; at most {MAX_STEPS} steps)\n")
-    print("| method | optimizer | s, first call (compilation / warm-up) | s, again | structures/s (again) | steps | "
-          "same steps as ASE | max abs dE vs ASE, eV/atom | converged | ratio (ASE time / this, first) | "
-          "ratio (ASE time / this, again) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| method | optimizer | s, first call (compilation / warm-up) | s, again | structures/s (again) | "
+          "µs per useful atom-step (again) | steps | same steps as ASE | max abs dE vs ASE, eV/atom | converged | "
+          "ratio (ASE time / this, first) | ratio (ASE time / this, again) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     n = len(names)
     for optimizer, ref in refs.items():
         t_ref = ref["walls"][0]
+        atom_steps = int(np.sum((ref["steps"] + 1) * sizes))  # the evaluations ASE makes, in atoms
         print(f"| ASE {ASE_OPTIMIZERS[optimizer].__name__} + sevenn calculator (one by one) | "
-              f"{optimizer} | {t_ref:.1f} | | {n / t_ref:.2f} | {ref['steps'].sum()} | | 0 | {ref['converged'].sum()}/{n} "
-              f"| 1.00x | 1.00x |")
+              f"{optimizer} | {t_ref:.1f} | | {n / t_ref:.2f} | {1e6 * t_ref / atom_steps:.0f} | {ref['steps'].sum()} | "
+              f"| 0 | {ref['converged'].sum()}/{n} | 1.00x | 1.00x |")
         for label, short, opt, r in rows:
             if opt != optimizer:
                 continue
             same = int(np.sum(r["steps"] == ref["steps"]))
             de = np.abs(r["energy"] - ref["energy"]) / sizes
             print(f"| {label} | {optimizer} | {r['walls'][0]:.1f} | {r['walls'][1]:.1f} | {n / r['walls'][1]:.2f} | "
+                  f"{1e6 * r['walls'][1] / atom_steps:.0f} | "
                   f"{r['steps'].sum()} | {same}/{n} | {de.max():.1e} | {r['converged'].sum()}/{n} | "
                   f"{t_ref / r['walls'][0]:.2f}x | {t_ref / r['walls'][1]:.2f}x |")
     # per structure: steps of every method, and |dE| against ASE's same optimizer
