@@ -72,6 +72,9 @@ class Geometry:
         precon_fixed: ``(A,)`` ``FixAtoms`` (the preconditioner's identity rows).
         precon_kind: ``(S,)`` :data:`kups_relax.precon.EXP` or ``NONE``.
         precon_r_nn: ``(S,)`` nearest-neighbour distance ``r_NN``, Å.
+        precon_inverse: ``(A, W)`` the row of the inverse unit matrix of the atom's system
+            (columns from its first atom; :func:`kups_relax.precon.unit_inverse`) in batches that
+            apply the preconditioner densely (``W``: the largest slot), else ``W = 0``.
     """
 
     positions: jax.Array
@@ -98,6 +101,7 @@ class Geometry:
     precon_fixed: jax.Array
     precon_kind: jax.Array
     precon_r_nn: jax.Array
+    precon_inverse: jax.Array
 
     @property
     def n_systems(self) -> int:
@@ -224,8 +228,12 @@ class Batch:
 
         tables = [None] * len(structures) if precon is None else [exp_tables(a, precon) for a in structures]
         width = max([0] + [table_width(t["precon_neighbors"].shape[1]) for t in tables if t is not None])
+        from .precon import DENSE_LIMIT
+
+        largest = max([0] + [len(a) for a in structures])
+        dense = largest if precon is not None and largest <= DENSE_LIMIT else 0
         host = empty_arrays(A, S, first_atom=np.full(S, n_total, dtype=np.int32),
-                            point_ops=MAX_POINT_OPS if symmetric else 0, precon_pairs=width)
+                            point_ops=MAX_POINT_OPS if symmetric else 0, precon_pairs=width, precon_dense=dense)
         for s, (atoms, name) in enumerate(zip(structures, names)):
             pack_structure(host, s, int(starts[s]), atoms, name, precon=tables[s])
         geometry = device_geometry(host, dtype)
@@ -343,6 +351,7 @@ GEOMETRY_FIELDS = (
     GeometryField("precon_fixed", True, (), bool, False),
     GeometryField("precon_kind", False, (), np.int32, 0),
     GeometryField("precon_r_nn", False, (), FLOAT, 0.0),
+    GeometryField("precon_inverse", True, ("dense",), FLOAT, 0.0),
 )
 assert tuple(f.name for f in GEOMETRY_FIELDS) == tuple(f.name for f in dataclasses.fields(Geometry))
 
@@ -360,7 +369,7 @@ def _fill(field: GeometryField, n_systems: int):
 
 
 def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray, point_ops: int = 0,
-                 precon_pairs: int = 0) -> dict[str, np.ndarray]:
+                 precon_pairs: int = 0, precon_dense: int = 0) -> dict[str, np.ndarray]:
     """Host (numpy) arrays of an empty :class:`Geometry`: every row padding, every system empty.
 
     ``first_atom (S,)``: every slot's first row (fixed by the batch's layout); ``point_ops``:
@@ -373,7 +382,7 @@ def empty_arrays(n_atom_rows: int, n_systems: int, first_atom: np.ndarray, point
         if field.fill is None:
             host[field.name] = np.asarray(first_atom, dtype)
         else:
-            widths = {"ops": point_ops, "pairs": precon_pairs}
+            widths = {"ops": point_ops, "pairs": precon_pairs, "dense": precon_dense}
             shape = tuple(widths.get(d, d) for d in field.shape)
             host[field.name] = np.empty((rows,) + shape, dtype)
             host[field.name][...] = _fill(field, n_systems)
@@ -402,7 +411,7 @@ def structure_values(atoms: Atoms, name: str, slot: int, start: int, point_ops: 
 def no_precon_values(n: int) -> dict[str, object]:
     """The ``precon_*`` values of a structure without a preconditioner."""
     return dict(precon_neighbors=np.zeros((n, 0), np.int32), precon_weight=np.zeros((n, 0)), precon_diag=1.0,
-                precon_fixed=False, precon_kind=0, precon_r_nn=0.0)
+                precon_fixed=False, precon_kind=0, precon_r_nn=0.0, precon_inverse=np.zeros((n, 0)))
 
 
 def precon_width(host: dict[str, np.ndarray]) -> int:
@@ -451,14 +460,18 @@ def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: At
     host's)."""
     rows = slice(start, start + len(atoms))
     values = structure_values(atoms, name, slot, start, point_ops=host["sym_image"].shape[1])
-    width = precon_width(host)
     if precon is not None:
         values |= precon
-    for key in ("precon_neighbors", "precon_weight"):
+    if host["precon_inverse"].shape[1] and precon is not None:
+        from .precon import unit_inverse
+
+        values["precon_inverse"] = precon["precon_inverse"] if "precon_inverse" in precon else unit_inverse(precon)
+    for key in ("precon_neighbors", "precon_weight", "precon_inverse"):
+        width = host[key].shape[1]
         table = np.asarray(values[key])
         values[key] = np.pad(table, ((0, 0), (0, width - table.shape[1]))) if table.shape[1] <= width else None
         if values[key] is None:
-            raise ValueError(f"structure {name!r}: preconditioner table {table.shape[1]} wide, batch {width}")
+            raise ValueError(f"structure {name!r}: {key} table {table.shape[1]} wide, batch {width}")
     for field in GEOMETRY_FIELDS:
         host[field.name][rows if field.per_atom else slot] = values[field.name]
 

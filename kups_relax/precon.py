@@ -25,13 +25,17 @@ matrix is built from the input geometry; ASE rebuilds it only when an atom moves
 most twice ``maxstep``); a structure for which it could is refused (``maxstep`` 0.04 Å, ASE's
 default, needs ``r_NN > 0.16`` Å).
 
-Device (:func:`solve`): ``P z = q`` by conjugate gradients with a Jacobi preconditioner,
-matrix-free on the table (three 1-D gathers of ``N K`` per product), every system to its own
-relative residual. Why not a dense or direct solve: a dense ``N x N`` per system costs ``N^2``
-memory and ``N^3`` to factor (a 5,000-atom slab: 200 MB, 40 GFLOP), and a sparse direct solve
-is sequential work XLA does not do well; the Exp matrix is well conditioned apart from its
-``c_stab`` mode (a translation, which CG resolves in one iteration), so CG needs tens of
-products, each as cheap as a pair sum of the potential.
+Device (:func:`solve`), two ways chosen per batch (:data:`DENSE_LIMIT`):
+
+* batches of structures up to 1,024 atoms: the dense inverse of each system's unit matrix,
+  computed once on the host by Cholesky when the structure takes its slot (the matrix is built
+  once, see above), applied each step as one product (``3 N`` gathered values per atom);
+* larger ones: conjugate gradients with a Jacobi preconditioner, matrix-free on the pair table
+  (three 1-D gathers of ``N K`` per product), every system to its own relative residual; the
+  Exp matrix is well conditioned apart from its ``c_stab`` mode (a translation, which CG
+  resolves in one iteration): ~40 products to 1e-12 for 500-1,000 atoms. A dense inverse
+  would cost ``8 N^2`` bytes and ``N^3 / 3`` flops (5,000 atoms: 200 MB, 40 GFLOP), and a sparse
+  direct solve is sequential work that XLA does not do well.
 """
 
 from __future__ import annotations
@@ -52,7 +56,15 @@ logger = logging.getLogger(__name__)
 NONE, EXP = 0, 1
 
 #: Width of a per-atom neighbour table is a multiple of this (fewer distinct programs).
-WIDTH_STEP = 16
+WIDTH_STEP = 8
+
+#: Batches whose largest slot holds at most this many atoms apply the preconditioner as a dense
+#: inverse (``(A, largest slot)`` per batch, computed on the host when a structure is placed);
+#: larger ones solve by conjugate gradients. Per step the dense product gathers ``3 N`` values
+#: per atom, CG ~40 iterations x ``3 K`` (``K`` ~ 55 pairs), so dense is cheaper up to ~2,000
+#: atoms; the host's inverse (``N^3 / 3`` flops: 40 ms at 1,024 atoms, 1 s at 3,000) and
+#: its ``8 N^2`` bytes set the limit lower.
+DENSE_LIMIT = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +227,26 @@ def exp_tables(atoms: Atoms, settings: ExpSettings) -> dict[str, np.ndarray | fl
                 precon_kind=EXP, precon_r_nn=r_nn)
 
 
+def unit_inverse(tables: dict) -> np.ndarray:
+    """``(N, N)`` the inverse of the unit matrix (``mu = 1``) of :func:`exp_tables`' tables, with
+    ``FixAtoms`` rows and columns decoupled (identity there), as the loop applies it: ``P^-1 q =
+    (U q) / mu`` on free atoms. Zero for a structure without the preconditioner (its rows use
+    ``1 / alpha``). Cholesky of a positive-definite matrix; ``N^3 / 3`` flops."""
+    import scipy.linalg
+
+    neighbors, weight = tables["precon_neighbors"], tables["precon_weight"]
+    n = len(neighbors)
+    if tables["precon_kind"] != EXP:
+        return np.zeros((n, n))
+    free = ~np.asarray(tables["precon_fixed"], bool)
+    matrix = np.zeros((n, n))
+    rows = np.repeat(np.arange(n), neighbors.shape[1])
+    coupled = (weight.reshape(-1) != 0) & free[rows] & free[neighbors.reshape(-1)]
+    np.add.at(matrix, (rows[coupled], neighbors.reshape(-1)[coupled]), -weight.reshape(-1)[coupled])
+    matrix[np.diag_indices(n)] = np.where(free, tables["precon_diag"], 1.0)
+    return scipy.linalg.cho_solve(scipy.linalg.cho_factor(matrix), np.eye(n))
+
+
 def table_width(needed: int) -> int:
     """The table width for ``needed`` pairs per atom (a multiple of :data:`WIDTH_STEP`)."""
     return WIDTH_STEP * max(1, -(-needed // WIDTH_STEP))
@@ -251,8 +283,32 @@ class Operator:
 
 
 def solve(geometry, b: jax.Array, mu: jax.Array, systems: jax.Array, tol: float, max_iterations: int) -> jax.Array:
-    """``P^-1 b`` for ``b (A, 3)``, per system by Jacobi-preconditioned conjugate gradients to a
-    relative residual ``tol`` (or ``max_iterations``); systems outside the ``(S,)`` mask get 0."""
+    """``P^-1 b`` for ``b (A, 3)``; systems outside the ``(S,)`` mask get 0. With the batch's
+    dense inverses (``Geometry.precon_inverse`` wider than 0) a product, else conjugate gradients."""
+    if geometry.precon_inverse.shape[1] > 0:
+        return _dense_solve(geometry, b, mu, systems)
+    return _cg_solve(geometry, b, mu, systems, tol, max_iterations)
+
+
+def _dense_solve(geometry, b: jax.Array, mu: jax.Array, systems: jax.Array) -> jax.Array:
+    """``P^-1 b = (U b) / mu`` with each atom's row of its system's unit inverse ``U``
+    (three 1-D gathers of ``A x W``); rows without the preconditioner: ``b / alpha``."""
+    A, W = geometry.precon_inverse.shape
+    system = geometry.system
+    row_on = geometry.rows_of(systems)[:, None]
+    b = jnp.where(row_on, b, 0.0)
+    first = per_atom(geometry.first_atom, system)
+    columns = jnp.clip(first[:, None] + jnp.arange(W, dtype=first.dtype)[None, :], 0, A - 1)
+    U = geometry.precon_inverse
+    z = jnp.stack([jnp.sum(U * b[:, c][columns], axis=1) for c in range(3)], axis=1)
+    kind = per_atom(geometry.precon_kind, system)[:, None]
+    z = jnp.where(kind == EXP, z / per_atom(mu, system)[:, None], b / geometry.precon_diag[:, None])
+    return jnp.where(row_on, z, 0.0)
+
+
+def _cg_solve(geometry, b: jax.Array, mu: jax.Array, systems: jax.Array, tol: float, max_iterations: int) -> jax.Array:
+    """``P^-1 b`` by Jacobi-preconditioned conjugate gradients, every system to a relative
+    residual ``tol`` (or ``max_iterations``)."""
     S = geometry.n_systems
     system = geometry.system
     P = Operator(geometry, mu)

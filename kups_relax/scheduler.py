@@ -46,7 +46,7 @@ from ase import Atoms
 from . import neighbors as nl
 from .batch import (DTYPES, GEOMETRY_FIELDS, Geometry, clear_slot, device_geometry, empty_arrays, pack_structure,
                     precon_width, widen_precon, with_results)
-from .precon import WIDTH_STEP, exp_tables, table_width
+from .precon import DENSE_LIMIT, WIDTH_STEP, exp_tables, table_width
 from .compile_stats import compile_stats
 from .executables import cached_jit
 from .feed import PENDING
@@ -637,7 +637,8 @@ class SlotBatch:
         self.precon_settings = getattr(settings.optimizer, "exp_settings", None)
         self._set_layout(layout, empty_arrays(layout.n_rows, layout.n_slots, first_atom=layout.first_atom,
                                               point_ops=self.point_ops,
-                                              precon_pairs=0 if self.precon_settings is None else WIDTH_STEP))
+                                              precon_pairs=0 if self.precon_settings is None else WIDTH_STEP,
+                                              precon_dense=self._dense_width(layout)))
         S = layout.n_slots
         self.fmax = np.zeros(S)
         self.max_steps = np.zeros(S, np.int64)
@@ -653,6 +654,12 @@ class SlotBatch:
         self.useful_atom_steps = 0
         sizes = collections.Counter(int(n) for n in self.slot_atoms if n)
         logger.debug("new batch: %d atom rows, slots %s", layout.n_rows, dict(sorted(sizes.items())))
+
+    def _dense_width(self, layout: SlotLayout) -> int:
+        """Width of the dense preconditioner inverses (:data:`kups_relax.precon.DENSE_LIMIT`), 0: none."""
+        if self.precon_settings is None or layout.largest > DENSE_LIMIT:
+            return 0
+        return layout.largest
 
     def _set_layout(self, layout: SlotLayout, host: dict[str, np.ndarray]) -> None:
         self.layout, self.host = layout, host
@@ -850,7 +857,7 @@ class SlotBatch:
         layout = SlotLayout(tuple([int(self.slot_atoms[s]) for s in running] + [0] * (S_new - len(running))), A_new)
         first_new = layout.first_atom
         host = empty_arrays(A_new, S_new, first_atom=np.full(S_new, sum(layout.slot_atoms)), point_ops=self.point_ops,
-                            precon_pairs=precon_width(self.host))
+                            precon_pairs=precon_width(self.host), precon_dense=self.host["precon_inverse"].shape[1])
         rows_map = np.full(A_new, A_old, np.int32)
         systems_map = np.full(S_new, S_old, np.int32)
         for t, s in enumerate(running):
