@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 from ase.calculators.lj import LennardJones
 from ase.optimize import LBFGS
@@ -36,16 +37,41 @@ from structures import LJ_PARAMS
 
 
 def ase_calculator(kind: str):
-    """ASE's calculator for a structure's potential kind: ``"emt"`` or ``"lj"`` (``LJ_PARAMS``)."""
+    """ASE's calculator for a structure's potential kind: ``"emt"``, ``"lj"`` (``LJ_PARAMS``) or
+    ``"asap"`` (asap3's EMT, for speed; not ASE's EMT: another cutoff)."""
     if kind == "emt":
         return EMT()
     if kind == "lj":
         return LennardJones(**LJ_PARAMS)
     if kind == "asap":
-        from asap3 import EMT as AsapEMT
-
         return AsapEMT()
     raise ValueError(f"unknown potential kind {kind!r}")
+
+
+class AsapEMT(Calculator):
+    """asap3's EMT behind ASE's ``Calculator`` interface (asap3's own calculator has no
+    ``calculate`` to count): one asap3 evaluation per ``calculate``, on one Atoms copy that
+    keeps asap3's neighbour list alive between calls."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self):
+        super().__init__()
+        self._inner = None
+        self._atoms = None
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        if self._atoms is None or len(self._atoms) != len(atoms) or "numbers" in system_changes:
+            from asap3 import EMT
+
+            self._atoms = atoms.copy()
+            self._atoms.set_constraint()
+            self._inner = EMT()
+            self._atoms.calc = self._inner
+        self._atoms.set_cell(atoms.cell)
+        self._atoms.set_positions(atoms.positions)
+        self.results = {"energy": self._atoms.get_potential_energy(), "forces": self._atoms.get_forces()}
 
 
 @dataclasses.dataclass
