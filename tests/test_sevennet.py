@@ -1,17 +1,22 @@
-"""SevenNet-0 in JAX against the reference implementation (sevenn's torch model and ASE calculator).
+"""The SevenNet family in JAX against the reference implementation (sevenn's torch model and ASE calculator).
 
-One batch of 36 structures across the periodic table (bulk crystals, oxides and other
-compounds, molecules in a box and in vacuum, surfaces, strained triclinic cells, cells far
-smaller than the 5 Å cutoff) is evaluated in one compiled program per dtype, and compared with
+Every model the sevenn wheel ships (SevenNet-0 11Jul2024 and 22May2024, SevenNet-l3i5,
+SevenNet-MF-0 with its PBE and r2SCAN modalities): one batch of 36 structures across the
+periodic table (bulk crystals, oxides and other compounds, molecules in a box and in vacuum,
+surfaces, strained triclinic cells, cells far smaller than the 5 Å cutoff) is evaluated in one
+compiled program per model and dtype, and compared with
 
 * float32: ``sevenn.calculator.SevenNetCalculator`` (float32, as shipped);
 * float64: sevenn's model built in float64 on the same graph (tighter tolerances).
 
-Then a small mixed batch is relaxed with the engine and with ``ase.optimize.LBFGS`` + sevenn's
-calculator (the 20+ structure comparison is the relaxation part of ``benchmarks/bench_sevennet.py``,
-24 structures by default, ``--n``). The converter must reproduce the shipped weights from sevenn's
-checkpoint. Tests that need torch and sevenn skip without them; loading the shipped weights
-(numpy -> JAX) is tested without them, with torch and sevenn blocked in a fresh interpreter.
+SevenNet-MF-0's two modalities share one architecture and differ in weights only: PBE is
+checked in float32, r2SCAN in float64 (each modality compiles a program of its own, the name
+is part of it). Then 8 small structures per model are relaxed with the engine (float32, one
+child process for all models) and with ``ase.optimize.LBFGS`` + sevenn's calculator: the same
+step counts (24 per model in ``benchmarks/bench_sevennet.py --model``). The converter must
+reproduce the shipped weights from sevenn's checkpoints. Tests that need torch and sevenn skip
+without them; loading the shipped weights (numpy -> JAX) is tested without them, with torch
+and sevenn blocked in a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from kups_relax import relax
 from kups_relax.batch import Batch
 from kups_relax.evaluate import evaluate
 from potentials import get_potential
-from potentials.sevennet import SEVENNET_0_FILE, SevenNet, sevennet_0
+from potentials.sevennet import PRETRAINED_FILES, SevenNet
 
 HAVE_SEVENN = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("sevenn") is not None
 #: tests that run the reference implementation (or the converter) skip without torch and sevenn
@@ -114,10 +119,16 @@ def parity_structures() -> list[tuple[str, Atoms]]:
 
 STRUCTURES = parity_structures()
 
-
-@pytest.fixture(scope="module")
-def model() -> SevenNet:
-    return sevennet_0()
+#: our potential name -> (sevenn's name of the same checkpoint, modality)
+MODELS = {
+    "sevennet-0": ("7net-0", None),
+    "sevennet-0-22may2024": ("7net-0_22may2024", None),
+    "sevennet-l3i5": ("7net-l3i5", None),
+    "sevennet-mf-0:PBE": ("7net-mf-0", "PBE"),
+    "sevennet-mf-0:R2SCAN": ("7net-mf-0", "R2SCAN"),
+}
+FLOAT32_MODELS = [m for m in MODELS if m != "sevennet-mf-0:R2SCAN"]
+FLOAT64_MODELS = [m for m in MODELS if m != "sevennet-mf-0:PBE"]
 
 
 @jax.jit
@@ -138,12 +149,23 @@ def ours(potential: SevenNet, structures: list[Atoms], dtype: str):
     return np.asarray(result.energy, np.float64)[:len(structures)], forces, np.asarray(result.stress, np.float64)
 
 
+_CALCULATORS: dict = {}
+
+
+def sevenn_calculator_for(name: str):
+    """sevenn's ASE calculator for our model ``name`` (float32, from the checkpoint in the wheel: offline)."""
+    if name not in _CALCULATORS:
+        from sevenn.calculator import SevenNetCalculator
+
+        sevenn_name, modality = MODELS[name]
+        _CALCULATORS[name] = SevenNetCalculator(sevenn_name, device="cpu", modal=modality)
+    return _CALCULATORS[name]
+
+
 @pytest.fixture(scope="module")
 def sevenn_calculator():
-    """sevenn's ASE calculator for SevenNet-0 (float32, from the checkpoint in the wheel: offline)."""
-    from sevenn.calculator import SevenNetCalculator
-
-    return SevenNetCalculator("7net-0", device="cpu")
+    """sevenn's ASE calculator for SevenNet-0."""
+    return sevenn_calculator_for("sevennet-0")
 
 
 def reference_float32(structures: list[Atoms], calc):
@@ -156,8 +178,8 @@ def reference_float32(structures: list[Atoms], calc):
     return out
 
 
-def reference_float64(structures: list[Atoms]):
-    """sevenn's model in float64 (its Wigner symbols too) on sevenn's own graph of each structure."""
+def reference_float64(structures: list[Atoms], name: str = "sevennet-0"):
+    """sevenn's model of our ``name`` in float64 (its Wigner symbols too) on sevenn's own graph of each structure."""
     import sevenn._keys as KEY
     import sevenn.util
     from sevenn.atom_graph_data import AtomGraphData
@@ -166,7 +188,8 @@ def reference_float64(structures: list[Atoms]):
 
     from e3nn.o3 import wigner_3j
 
-    net = sevenn.util.load_checkpoint("7net-0").build_model().double().eval()
+    sevenn_name, modality = MODELS[name]
+    net = sevenn.util.load_checkpoint(sevenn_name).build_model().double().eval()
     # the tensor products' Wigner symbols were made in float32: recompute them in float64
     for name, buffer in list(net.named_buffers()):
         module_name, _, leaf = name.rpartition(".")
@@ -182,7 +205,7 @@ def reference_float64(structures: list[Atoms]):
         return data
 
     net._modules["onehot_idx_to_onehot"].register_forward_hook(one_hot_in_float64)
-    calc = SevenNetCalculator(net, file_type="model_instance", device="cpu")
+    calc = SevenNetCalculator(net, file_type="model_instance", device="cpu", modal=modality)
     out = []
     for atoms in structures:
         graph = unlabeled_atoms_to_graph(atoms, net.cutoff)
@@ -193,6 +216,8 @@ def reference_float64(structures: list[Atoms]):
                 data[key] = data[key].double()
         data[KEY.EDGE_VEC] = edge_vec  # the float64 edge vectors and volume, not their float32 copies
         data[KEY.CELL_VOLUME] = torch.tensor(atoms.cell.volume, dtype=torch.float64)
+        if modality is not None:
+            data[KEY.DATA_MODALITY] = modality  # what the calculator adds for a multi-fidelity model
         r = calc.output_to_results(net(data))
         voigt = r["stress"]
         stress = np.array([[voigt[0], voigt[5], voigt[4]], [voigt[5], voigt[1], voigt[3]],
@@ -227,29 +252,85 @@ def test_structures_cover_the_brief():
 
 
 @needs_sevenn
-def test_energy_forces_stress_float32_match_sevenn_calculator(model, sevenn_calculator):
+@pytest.mark.parametrize("name", FLOAT32_MODELS)
+def test_energy_forces_stress_float32_match_sevenn_calculator(name):
     structures = [a for _, a in STRUCTURES]
-    want = reference_float32(structures, sevenn_calculator)
-    worst = _compare(structures, ours(model, structures, "float32"), want, tol_energy=1e-5, tol_force=1e-4, tol_stress=1e-5)
-    print("float32 worst differences:", worst)
+    want = reference_float32(structures, sevenn_calculator_for(name))
+    worst = _compare(structures, ours(get_potential(name), structures, "float32"), want,
+                     tol_energy=1e-5, tol_force=1e-4, tol_stress=1e-5)
+    print(f"{name} float32 worst differences:", worst)
 
 
 @needs_sevenn
-def test_energy_forces_stress_float64_match_sevenn_in_float64(model):
+@pytest.mark.parametrize("name", FLOAT64_MODELS)
+def test_energy_forces_stress_float64_match_sevenn_in_float64(name):
     structures = [a for _, a in STRUCTURES]
-    worst = _compare(structures, ours(model, structures, "float64"), reference_float64(structures),
+    worst = _compare(structures, ours(get_potential(name), structures, "float64"), reference_float64(structures, name),
                      tol_energy=1e-10, tol_force=1e-9, tol_stress=1e-11)
-    print("float64 worst differences:", worst)
+    print(f"{name} float64 worst differences:", worst)
 
 
-def test_registry_name_and_unsupported_elements():
+def test_family_names_and_modalities():
+    """Every shipped model by name; SevenNet-MF-0 needs one of its modalities, the others take none."""
+    expected = {"sevennet-0": (2, "xplor", True), "sevennet-0-22may2024": (2, "xplor", False),
+                "sevennet-l3i5": (3, "poly_cut", True), "sevennet-mf-0:pbe": (2, "xplor", True)}
+    for name, (lmax, cutoff_function, normalize_sph) in expected.items():
+        p = get_potential(name)
+        assert isinstance(p, SevenNet) and p.cutoff == 5.0 and len(p.supported_numbers) == 89, name
+        assert (p.config.lmax_filter, p.config.cutoff_function[0], p.config.normalize_sph) == (
+            lmax, cutoff_function, normalize_sph), name
+    assert get_potential("sevennet-mf-0:PBE").name == "SevenNet-MF-0:PBE"
+    pbe, r2scan = get_potential("sevennet-mf-0:PBE"), get_potential("sevennet-mf-0:r2scan")
+    assert r2scan.name == "SevenNet-MF-0:R2SCAN" and pbe.config == r2scan.config
+    assert not np.array_equal(pbe.params.arrays["shift"], r2scan.params.arrays["shift"])
+    with pytest.raises(ValueError, match="needs a modality; available: R2SCAN, PBE"):
+        get_potential("sevennet-mf-0")
+    with pytest.raises(ValueError, match="has no modality 'HSE'; available: R2SCAN, PBE"):
+        get_potential("sevennet-mf-0:HSE")
+    with pytest.raises(ValueError, match="takes no modality"):
+        get_potential("sevennet-l3i5:PBE")
+    with pytest.raises(ValueError, match="unknown potential 'sevennet-1'.*sevennet-l3i5.*sevennet-mf-0"):
+        get_potential("sevennet-1")
+
+
+def test_registry_name_and_unsupported_elements(caplog):
     potential = get_potential("sevennet-0")
     assert isinstance(potential, SevenNet) and potential.cutoff == 5.0 and len(potential.supported_numbers) == 89
     with pytest.raises(ValueError, match="takes no parameters"):
         get_potential("sevennet-0", cutoff=6.0)
     polonium = Atoms("Po", cell=[3.35] * 3, pbc=True)
-    (result,) = relax([polonium], potential, names=["alpha-Po"])
+    with caplog.at_level("INFO", logger="kups_relax.engine"):
+        (result,) = relax([polonium], potential, names=["alpha-Po"])
     assert result.status == "invalid" and "Po" in result.reason
+    assert "precision float32 (the default of SevenNet-0)" in caplog.text
+
+
+def test_learned_potentials_default_to_float32_classical_to_float64(tmp_path):
+    """relax(dtype=None) / relax-batch without --dtype: SevenNet in float32 (as sevenn), LJ in float64; either
+    can be overridden, and the run settings (log, trajectory /parameters, resume fingerprint) say which."""
+    from kups_relax import cli
+    from kups_relax.precision import resolve_dtype
+
+    from potentials.lennard_jones import LennardJones
+
+    assert resolve_dtype(None, get_potential("sevennet-l3i5")) == "float32"
+    assert resolve_dtype(None, LennardJones(sigma=3.4, epsilon=0.0104, rc=8.5)) == "float64"
+    assert resolve_dtype("float64", get_potential("sevennet-0")) == "float64"
+    with pytest.raises(ValueError, match="dtype must be one of float64, float32"):
+        resolve_dtype("float16", get_potential("sevennet-0"))
+
+    def run_settings(*flags):
+        args = cli.build_parser().parse_args(["x.xyz", "--out", str(tmp_path / "out"), *flags])
+        return cli.make_run(cli.resolve_settings(args))
+
+    for flags, dtype in [(["--potential", "sevennet-mf-0:PBE"], "float32"),
+                         (["--potential", "sevennet-0", "--dtype", "float64"], "float64"),
+                         (["--potential", "lj", "--potential-params", "sigma=3.4,epsilon=0.0104,rc=8.5"], "float64"),
+                         (["--potential", "lj", "--potential-params", "sigma=3.4,epsilon=0.0104,rc=8.5",
+                           "--dtype", "float32"], "float32")]:
+        run = run_settings(*flags)
+        assert run.settings["dtype"] == dtype, flags
+        assert run.trajectory_metadata["dtype"] == dtype and json.loads(run.fingerprint)["dtype"] == dtype, flags
 
 
 def test_shipped_weights_load_without_torch_or_sevenn():
@@ -259,8 +340,9 @@ def test_shipped_weights_load_without_torch_or_sevenn():
         sys.modules["torch"] = sys.modules["sevenn"] = None  # any import of them raises ImportError
         from potentials import get_potential
         from potentials.sevennet import SevenNet
-        p = get_potential("sevennet-0")
-        assert isinstance(p, SevenNet) and p.cutoff == 5.0 and len(p.supported_numbers) == 89
+        for name in ("sevennet-0", "sevennet-0-22may2024", "sevennet-l3i5", "sevennet-mf-0:PBE"):
+            p = get_potential(name)
+            assert isinstance(p, SevenNet) and p.cutoff == 5.0 and len(p.supported_numbers) == 89
         assert not any(m.split(".")[0] in ("torch", "sevenn", "e3nn") for m, v in sys.modules.items() if v is not None)
         print("ok")
     """)
@@ -270,12 +352,13 @@ def test_shipped_weights_load_without_torch_or_sevenn():
 
 
 @needs_sevenn
-def test_converter_reproduces_shipped_weights():
-    """``python -m potentials.convert_sevennet`` on sevenn's SevenNet-0 checkpoint gives the shipped arrays and config."""
-    from potentials.convert_sevennet import convert, default_checkpoint
+@pytest.mark.parametrize("name", sorted(PRETRAINED_FILES))
+def test_converter_reproduces_shipped_weights(name):
+    """``python -m potentials.convert_sevennet --all`` on sevenn's checkpoints gives the shipped arrays and configs."""
+    from potentials.convert_sevennet import convert_pretrained
 
-    config, arrays = convert(default_checkpoint())
-    with np.load(SEVENNET_0_FILE) as shipped:
+    config, arrays = convert_pretrained(name)
+    with np.load(PRETRAINED_FILES[name]) as shipped:
         assert sorted(shipped.files) == sorted([*arrays, "config.json"])
         for name, array in arrays.items():
             assert shipped[name].dtype == array.dtype == np.float32, name
@@ -298,39 +381,56 @@ RELAX_SET = [
     ("NaCl-rocksalt", _rattled(bulk("NaCl", "rocksalt", a=5.7), 0.1, 81)),
     ("Si-diamond", _rattled(bulk("Si", "diamond", a=5.47), 0.1, 82)),
     ("H2O-in-box", _rattled(_boxed("H2O", 6.0), 0.03, 83)),
+    ("W-bcc", _rattled(bulk("W", "bcc", a=3.18, cubic=True), 0.1, 84)),
+    ("MgO-rocksalt", _rattled(bulk("MgO", "rocksalt", a=4.25), 0.1, 85)),
+    ("Ti-hcp", _rattled(bulk("Ti", "hcp", a=2.95, c=4.68), 0.1, 86)),
+    ("CH4-in-box", _rattled(_boxed("CH4", 6.0), 0.03, 87)),
 ]
+RELAX_MODELS = ["sevennet-0", "sevennet-0-22may2024", "sevennet-l3i5", "sevennet-mf-0:PBE"]
 
 
 # The engine runs in a fresh interpreter, as relax-batch would: the test process keeps
 # torch and sevenn loaded beside JAX, and its mapping count low (see tests/conftest.py).
+# One child relaxes the set with every model (float32, as sevenn runs).
 RELAX_CHILD = """
 import json, sys
 import ase.io
+import jax
 from kups_relax import relax
 from potentials import get_potential
 frames = ase.io.read(sys.argv[1], index=":")
-results = relax(frames, get_potential("sevennet-0"), fmax=0.05, dtype="float32")
-json.dump([dict(steps=r.steps, energy=r.energy, converged=r.converged) for r in results], open(sys.argv[2], "w"))
+out = {}
+for name in sys.argv[3:]:
+    results = relax(frames, get_potential(name), fmax=0.05, dtype="float32")
+    out[name] = [dict(steps=r.steps, energy=r.energy, converged=r.converged) for r in results]
+    jax.clear_caches()
+json.dump(out, open(sys.argv[2], "w"))
 """
 
 
-@needs_sevenn
-def test_relaxation_matches_ase_lbfgs_with_sevenn(sevenn_calculator, tmp_path):
-    """Same L-BFGS steps and final energies as ASE + sevenn (24 structures: benchmarks/bench_sevennet.py)."""
+@pytest.fixture(scope="module")
+def engine_relaxations(tmp_path_factory) -> dict:
     import ase.io
 
-    source, out = tmp_path / "relax_set.extxyz", tmp_path / "results.json"
-    ase.io.write(source, [a for _, a in RELAX_SET], format="extxyz")
+    folder = tmp_path_factory.mktemp("sevennet-relax")
+    source, out = folder / "relax_set.traj", folder / "results.json"
+    ase.io.write(source, [a for _, a in RELAX_SET], format="traj")
     env = dict(os.environ, KUPS_RELAX_COMPILATION_CACHE="0")
-    subprocess.run([sys.executable, "-c", RELAX_CHILD, str(source), str(out)], env=env, check=True,
+    subprocess.run([sys.executable, "-c", RELAX_CHILD, str(source), str(out), *RELAX_MODELS], env=env, check=True,
                    cwd=Path(__file__).parent.parent)
-    results = json.loads(out.read_text())
-    calc = sevenn_calculator
-    for (name, atoms), ours_ in zip(RELAX_SET, results, strict=True):
+    return json.loads(out.read_text())
+
+
+@needs_sevenn
+@pytest.mark.parametrize("name", RELAX_MODELS)
+def test_relaxation_matches_ase_lbfgs_with_sevenn(name, engine_relaxations):
+    """Same L-BFGS steps and final energies as ASE + sevenn, 8 structures per model (24: benchmarks/bench_sevennet.py)."""
+    calc = sevenn_calculator_for(name)
+    for (label, atoms), ours_ in zip(RELAX_SET, engine_relaxations[name], strict=True):
         atoms = atoms.copy()
         atoms.calc = calc
         opt = LBFGS(atoms, logfile=None)
         opt.run(fmax=0.05, steps=200)
-        assert ours_["converged"], name
-        assert ours_["steps"] == opt.nsteps, f"{name}: {ours_['steps']} steps, ASE {opt.nsteps}"
-        assert abs(ours_["energy"] - atoms.get_potential_energy()) / len(atoms) <= 1e-5, name
+        assert ours_["converged"], label
+        assert ours_["steps"] == opt.nsteps, f"{name}, {label}: {ours_['steps']} steps, ASE {opt.nsteps}"
+        assert abs(ours_["energy"] - atoms.get_potential_energy()) / len(atoms) <= 1e-5, f"{name}, {label}"
