@@ -78,8 +78,10 @@ class ExpSettings:
         c_stab: diagonal shift (times ``mu``) that makes the matrix positive definite.
         force_stab: add the shift also to systems with ``FixAtoms``.
         precon: ``"Exp"``, ``"auto"`` (Exp for systems of >= 100 atoms, none below: ASE's
-            default) or ``None`` (no preconditioner: ``P = alpha I``, plain L-BFGS directions).
-        alpha: the L-BFGS initial Hessian, eV/Å², used where there is no preconditioner.
+            default) or ``None`` (no preconditioner: ASE's ``IdentityPrecon``, ``P = I`` in
+            eV/Å², whatever ``alpha`` is: ``make_precon(None)`` is the identity, so ASE's
+            ``H0 = 1 / alpha`` branch never runs).
+        alpha: kept for ASE's signature; unused, as in ASE.
         maxstep: the optimizer's ``maxstep``, Å: a structure whose atoms could move ``r_NN / 2``
             in one step (``2 maxstep >= r_NN / 2``), where ASE would rebuild the matrix, is refused.
     """
@@ -187,14 +189,15 @@ def exp_tables(atoms: Atoms, settings: ExpSettings) -> dict[str, np.ndarray | fl
     Returns the :class:`~kups_relax.batch.Geometry` values ``precon_neighbors (N, K)`` (pair
     partner, counted from the system's first atom; padding: the atom itself), ``precon_weight
     (N, K)`` (``exp(-A (r/r_NN - 1))``, 0 for padding), ``precon_diag (N,)`` (sum of the row's
-    weights plus ``c_stab`` where ASE adds it; ``alpha`` without a preconditioner),
-    ``precon_fixed (N,)`` (``FixAtoms``), ``precon_kind`` (:data:`EXP` or :data:`NONE`) and
+    weights plus ``c_stab`` where ASE adds it; 1 without a preconditioner),
+    ``precon_fixed (N,)`` (``FixAtoms``), ``precon_kind`` (:data:`EXP` or :data:`NONE`: the
+    identity, ASE's ``IdentityPrecon``) and
     ``precon_r_nn`` (Å).
     """
     n = len(atoms)
     if not settings.applies_to(atoms):
         return dict(precon_neighbors=np.arange(n)[:, None], precon_weight=np.zeros((n, 1)),
-                    precon_diag=np.full(n, settings.alpha), precon_fixed=np.zeros(n, bool), precon_kind=NONE,
+                    precon_diag=np.ones(n), precon_fixed=np.zeros(n, bool), precon_kind=NONE,
                     precon_r_nn=0.0)
     r_nn = settings.r_NN if settings.r_NN is not None else nearest_neighbour_distance(atoms)
     r_cut = 2.0 * r_nn if settings.r_cut is None else settings.r_cut
@@ -230,8 +233,7 @@ def exp_tables(atoms: Atoms, settings: ExpSettings) -> dict[str, np.ndarray | fl
 def unit_inverse(tables: dict) -> np.ndarray:
     """``(N, N)`` the inverse of the unit matrix (``mu = 1``) of :func:`exp_tables`' tables, with
     ``FixAtoms`` rows and columns decoupled (identity there), as the loop applies it: ``P^-1 q =
-    (U q) / mu`` on free atoms. Zero for a structure without the preconditioner (its rows use
-    ``1 / alpha``). Cholesky of a positive-definite matrix; ``N^3 / 3`` flops."""
+    (U q) / mu`` on free atoms. Zero for a structure without the preconditioner (the identity). Cholesky of a positive-definite matrix; ``N^3 / 3`` flops."""
     import scipy.linalg
 
     neighbors, weight = tables["precon_neighbors"], tables["precon_weight"]
@@ -257,7 +259,8 @@ def table_width(needed: int) -> int:
 
 class Operator:
     """``P`` of every system of a batch at ``mu (S,)`` (``unit=True``: ASE's initial assembly,
-    ``mu = 1`` and no ``FixAtoms`` rows, used to estimate ``mu``)."""
+    ``mu = 1`` and no ``FixAtoms`` rows, used to estimate ``mu``). Systems without the
+    preconditioner are the identity."""
 
     def __init__(self, geometry, mu: jax.Array, unit: bool = False) -> None:
         A = geometry.n_atom_rows
@@ -292,7 +295,7 @@ def solve(geometry, b: jax.Array, mu: jax.Array, systems: jax.Array, tol: float,
 
 def _dense_solve(geometry, b: jax.Array, mu: jax.Array, systems: jax.Array) -> jax.Array:
     """``P^-1 b = (U b) / mu`` with each atom's row of its system's unit inverse ``U``
-    (three 1-D gathers of ``A x W``); rows without the preconditioner: ``b / alpha``."""
+    (three 1-D gathers of ``A x W``); rows without the preconditioner: ``b`` (the identity)."""
     A, W = geometry.precon_inverse.shape
     system = geometry.system
     row_on = geometry.rows_of(systems)[:, None]

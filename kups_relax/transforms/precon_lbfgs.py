@@ -122,8 +122,10 @@ class PreconLBFGS:
     Attributes:
         maxstep: the first trial of a line search moves no atom further than this, Å (0.04).
         memory: pairs of the L-BFGS history (100).
-        alpha: initial Hessian ``alpha I`` where there is no preconditioner, eV/Å² (70).
-        precon: ``"Exp"``, ``"auto"`` (Exp for systems of >= 100 atoms: ASE's default) or ``None``.
+        alpha: ASE's argument (70), unused as in ASE: without a preconditioner ASE applies its
+            ``IdentityPrecon`` (``P = I``), not ``alpha I``.
+        precon: ``"Exp"``, ``"auto"`` (Exp for systems of >= 100 atoms, the identity below: ASE's
+            default) or ``None`` (the identity).
         A, r_cut, r_NN, c_stab, force_stab: the Exp preconditioner's (:class:`kups_relax.precon.ExpSettings`).
         mu: the preconditioner's energy scale, eV/Å² (``None``: estimated per system as ASE does,
             with one extra evaluation at a sine-perturbed geometry).
