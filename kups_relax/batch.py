@@ -231,7 +231,7 @@ class Batch:
         from .precon import DENSE_LIMIT
 
         largest = max([0] + [len(a) for a in structures])
-        dense = largest if precon is not None and largest <= DENSE_LIMIT else 0
+        dense = table_width(largest) if precon is not None and largest <= DENSE_LIMIT else 0
         host = empty_arrays(A, S, first_atom=np.full(S, n_total, dtype=np.int32),
                             point_ops=MAX_POINT_OPS if symmetric else 0, precon_pairs=width, precon_dense=dense)
         for s, (atoms, name) in enumerate(zip(structures, names)):

@@ -54,16 +54,61 @@ def ase_reference():
     return {s.name: ase_precon_lbfgs(s.atoms, s.kind, fmax=s.fmax, steps=MAX_STEPS) for s in STRUCTURES}
 
 
+def au_rattled():
+    """ase.test.optimize.test_optimizers' structure: Au bulk x (2, 2, 2) rattled by 0.1 Å (seed 7)."""
+    atoms = bulk("Au") * (2, 2, 2)
+    atoms.rattle(stdev=0.1, seed=7)
+    return atoms
+
+
 @pytest.fixture(scope="module")
 def engine_results():
-    """One relax() per potential kind, every structure of that kind in the batch."""
+    """One relax() per potential kind, every structure of that kind in the batch (the EMT batch
+    also holds ASE's test_optimizers structure, "au-rattled-2x2x2", to share its programs)."""
     out = {}
     for kind in ("emt", "lj"):
-        picks = [s for s in STRUCTURES if s.kind == kind]
-        results = relax([s.atoms for s in picks], engine_potential(kind), fmax=[s.fmax for s in picks],
-                        max_steps=MAX_STEPS, optimizer=exp_lbfgs(), names=[s.name for s in picks])
-        out.update({s.name: r for s, r in zip(picks, results)})
+        picks = [(s.name, s.atoms, s.fmax) for s in STRUCTURES if s.kind == kind]
+        if kind == "emt":
+            picks.append(("au-rattled-2x2x2", au_rattled(), 0.01))
+        results = relax([a for _, a, _ in picks], engine_potential(kind), fmax=[f for _, _, f in picks],
+                        max_steps=MAX_STEPS, optimizer=exp_lbfgs(), names=[n for n, _, _ in picks])
+        out.update({name: r for (name, _, _), r in zip(picks, results)})
     return out
+
+
+def cu_squeezed():
+    """ase.test.precon.test_lbfgs' 4-atom cubic Cu cell, squeezed 0.5 % along x."""
+    atoms = bulk("Cu", cubic=True)
+    s = atoms.get_scaled_positions()
+    s[:, 0] *= 0.995
+    atoms.set_scaled_positions(s)
+    return atoms
+
+
+def cu_fixed():
+    """ase.test.precon.test_lbfgs' constrained case with FixAtoms only: a rattled 8-atom Cu cell
+    (rattle's default seed, 42), one bond stretched by 20 %, atoms 2 and 3 fixed; and the cell
+    before the stretch."""
+    cu0 = bulk("Cu") * (2, 2, 2)
+    cu0.rattle(0.01)
+    cu = cu0.copy()
+    cu.set_distance(0, 1, cu0.get_distance(0, 1) * 1.2)
+    cu.set_constraint(FixAtoms([2, 3]))
+    return cu, cu0
+
+
+GIVEN_MU = ("pd-compressed-vacancies-4x4x4", "au-fcc111-fixed")
+
+
+@pytest.fixture(scope="module")
+def given_mu_results():
+    """``mu = 1.0`` given (ASE's own precon tests use it): their two structures (fmax 1e-4 and
+    1e-3, as there) and two of the parity set, in one batch."""
+    picks = [("cu-squeezed", cu_squeezed(), 1e-4), ("cu-fixed", cu_fixed()[0], 1e-3)]
+    picks += [(s.name, s.atoms, 0.01) for s in STRUCTURES if s.name in GIVEN_MU]
+    results = relax([a for _, a, _ in picks], engine_potential("emt"), fmax=[f for _, _, f in picks],
+                    max_steps=MAX_STEPS, optimizer=exp_lbfgs(mu=1.0), names=[n for n, _, _ in picks])
+    return {name: (atoms, fmax, r) for (name, atoms, fmax), r in zip(picks, results)}
 
 
 def test_parity_set_spans_the_issue(ase_reference):
@@ -134,8 +179,9 @@ def test_auto_precon_is_exp_from_100_atoms_as_ase():
 
     from kups_relax.transforms import precon_lbfgs
 
-    picks = [s for s in STRUCTURES if s.kind == "emt"][:8]
-    assert {len(s.atoms) >= 100 for s in picks} == {True, False}
+    emt = [s for s in STRUCTURES if s.kind == "emt"]
+    picks = [min((s for s in emt if len(s.atoms) >= 100), key=lambda s: len(s.atoms)),
+             min((s for s in emt if len(s.atoms) < 100), key=lambda s: len(s.atoms))]
     results = relax([s.atoms for s in picks], engine_potential("emt"), fmax=0.01, max_steps=MAX_STEPS,
                     optimizer=precon_lbfgs(), names=[s.name for s in picks])
     for s, result in zip(picks, results):
@@ -149,52 +195,40 @@ def test_auto_precon_is_exp_from_100_atoms_as_ase():
         assert np.abs(result.atoms.positions - atoms.positions).max() <= TOL, s.name
 
 
-def test_given_mu_needs_no_extra_evaluation():
+def test_given_mu_needs_no_extra_evaluation(given_mu_results):
     """With ``mu`` given, neither ASE nor the engine evaluates a perturbed geometry: ASE repeats
     nothing, and the evaluation counts are equal as they stand."""
-    picks = [s for s in STRUCTURES if s.name in ("pd-compressed-vacancies-4x4x4", "au-fcc111-fixed")]
-    results = relax([s.atoms for s in picks], engine_potential("emt"), fmax=0.01, max_steps=MAX_STEPS,
-                    optimizer=exp_lbfgs(mu=2.5))
-    for s, result in zip(picks, results):
-        ref = ase_precon_lbfgs(s.atoms, "emt", fmax=0.01, steps=MAX_STEPS, mu=2.5)
-        assert ref.repeated == [] and ref.mu == 2.5
-        assert (result.steps, result.n_evaluations) == (ref.steps, ref.evaluations), s.name
-        assert np.abs(result.atoms.positions - ref.atoms.positions).max() <= TOL, s.name
+    for name in GIVEN_MU:
+        atoms, fmax, result = given_mu_results[name]
+        ref = ase_precon_lbfgs(atoms, "emt", fmax=fmax, steps=MAX_STEPS, mu=1.0)
+        assert ref.repeated == [] and ref.mu == 1.0
+        assert (result.steps, result.n_evaluations) == (ref.steps, ref.evaluations), name
+        assert np.abs(result.atoms.positions - ref.atoms.positions).max() <= TOL, name
 
 
 # --- ASE's own precon tests, on the engine -------------------------------------------------------------
 
 
-def test_ase_preconlbfgs_cu_cubic_on_the_engine():
+def test_ase_preconlbfgs_cu_cubic_on_the_engine(given_mu_results):
     """ase.test.precon.test_lbfgs::test_preconlbfgs, its Exp(A=3, mu=1.0) + Armijo case: a
     4-atom cubic Cu cell (r_cut = 2 r_NN reaches several images of every atom: ASE sums them
     and drops an atom's pairs with its own images), squeezed 0.5 % along x, EMT, fmax 1e-4: the
     energy ASE's test expects, and ASE's steps and positions."""
-    a0 = bulk("Cu", cubic=True)
-    s = a0.get_scaled_positions()
-    s[:, 0] *= 0.995
-    a0.set_scaled_positions(s)
-    result = relax([a0], engine_potential("emt"), fmax=1e-4, optimizer=exp_lbfgs(A=3.0, mu=1.0))[0]
-    ref = ase_precon_lbfgs(a0, "emt", fmax=1e-4, steps=MAX_STEPS, A=3.0, mu=1.0)
+    atoms, fmax, result = given_mu_results["cu-squeezed"]
+    ref = ase_precon_lbfgs(atoms, "emt", fmax=fmax, steps=MAX_STEPS, A=3.0, mu=1.0)
     assert result.status == "converged"
     assert abs(result.energy - -0.022726045433998365) < 1e-4  # ASE's test
     assert (result.steps, result.n_evaluations) == (ref.steps, ref.evaluations)
     assert np.abs(result.atoms.positions - ref.atoms.positions).max() <= TOL
 
 
-def test_ase_preconlbfgs_fixed_atoms_on_the_engine():
+def test_ase_preconlbfgs_fixed_atoms_on_the_engine(given_mu_results):
     """ase.test.precon.test_lbfgs::test_preconlbfgs, its constrained case with FixAtoms only
-    (FixBondLength is not supported by the engine): a rattled 8-atom Cu cell, one bond
-    stretched by 20 %, atoms 2 and 3 fixed, Exp(mu=1.0), fmax 1e-3. The fixed atoms stay
-    (ASE's assertion) and the run is ASE's."""
-    cu0 = bulk("Cu") * (2, 2, 2)
-    cu0.rattle(0.01)  # ASE's test: rattle's default seed (42)
-    a0 = cu0.get_distance(0, 1)
-    cu = cu0.copy()
-    cu.set_distance(0, 1, a0 * 1.2)
-    cu.set_constraint(FixAtoms([2, 3]))
-    result = relax([cu], engine_potential("emt"), fmax=1e-3, max_steps=MAX_STEPS, optimizer=exp_lbfgs(mu=1.0))[0]
-    ref = ase_precon_lbfgs(cu, "emt", fmax=1e-3, steps=MAX_STEPS, mu=1.0)
+    (FixBondLength is not supported by the engine), Exp(mu=1.0), fmax 1e-3: the fixed atoms
+    stay (ASE's assertion) and the run is ASE's."""
+    atoms, fmax, result = given_mu_results["cu-fixed"]
+    cu0 = cu_fixed()[1]
+    ref = ase_precon_lbfgs(atoms, "emt", fmax=fmax, steps=MAX_STEPS, mu=1.0)
     assert result.status == "converged"
     for k in (2, 3):
         assert np.all(abs(result.atoms.positions[k] - cu0.positions[k]) < 1e-3)  # ASE's test
@@ -222,16 +256,15 @@ def test_ase_linesearch_maxstep_on_the_engine():
     assert np.abs(result.atoms.positions - ref.atoms.positions).max() <= TOL
 
 
-def test_ase_optimizers_test_with_exp_on_the_engine():
+def test_ase_optimizers_test_with_exp_on_the_engine(engine_results):
     """ase.test.optimize.test_optimizers::test_optimize for PreconLBFGS (ASE runs it with
     precon=None; here with Exp, what the engine claims): Au bulk x (2, 2, 2) rattled by 0.1 Å
     (seed 7), EMT, fmax 0.01: converged, within 1.75e-5 eV/atom of the crystal's energy
     (ASE's bound), and ASE's run."""
     ref_atoms = bulk("Au")
     ref_atoms.calc = AseEMT()
-    atoms = ref_atoms * (2, 2, 2)
-    atoms.rattle(stdev=0.1, seed=7)
-    result = relax([atoms], engine_potential("emt"), fmax=0.01, max_steps=MAX_STEPS, optimizer=exp_lbfgs())[0]
+    atoms = au_rattled()
+    result = engine_results["au-rattled-2x2x2"]
     assert result.status == "converged"
     assert result.fmax < 0.01
     e_err = abs(result.energy * len(ref_atoms) / len(atoms) - ref_atoms.get_potential_energy())
@@ -254,3 +287,44 @@ def test_ase_drop_in_preconlbfgs():
         ref = ase_precon_lbfgs(s.atoms, s.kind, fmax=s.fmax, steps=MAX_STEPS)
         assert opt.nsteps == ref.steps, s.name
         assert np.abs(ours.positions - ref.atoms.positions).max() <= TOL, s.name
+
+
+# --- the stream, and what the engine refuses -------------------------------------------------------
+
+
+def test_stream_with_refills_and_compaction_follows_ase():
+    """``relax_iter`` through slots that are refilled (the Exp tables and mu of each newcomer,
+    its evaluation counter from 1) and compacted: ASE's steps, evaluations and positions for
+    each of five structures, two of which share a slot one after the other."""
+    from kups_relax import relax_iter
+
+    picks = sorted([s for s in STRUCTURES if s.kind == "emt"], key=lambda s: len(s.atoms))[:5]
+    stream = relax_iter([(s.name, s.atoms) for s in picks], engine_potential("emt"), fmax=0.01, max_steps=MAX_STEPS,
+                        optimizer=exp_lbfgs(), atoms_per_batch=256, chunk_steps=4)
+    got = {picks[i].name: r for i, r in stream}
+    for s in picks:
+        ref = ase_precon_lbfgs(s.atoms, "emt", fmax=0.01, steps=MAX_STEPS)
+        result = got[s.name]
+        assert (result.steps, result.n_evaluations) == (ref.steps, ref.distinct_evaluations), s.name
+        assert np.abs(result.atoms.positions - ref.atoms.positions).max() <= TOL, s.name
+
+
+def test_what_precon_lbfgs_refuses():
+    """Cell filters and FixSymmetry: a clear error before anything runs (positions only, as
+    claimed). A structure whose atoms ``maxstep`` could move by r_NN / 2 in one step (where ASE
+    would rebuild its matrix), or without a cell to estimate r_NN in: that structure is
+    invalid, named, with the reason; the others relax."""
+    from ase import Atoms
+
+    emt = engine_potential("emt")
+    atoms = bulk("Cu", cubic=True)
+    with pytest.raises(ValueError, match="positions only.*cell filters"):
+        relax([atoms], emt, optimizer=exp_lbfgs(), cell_filter="frechet")
+    with pytest.raises(ValueError, match="FixSymmetry"):
+        relax([atoms], emt, optimizer=exp_lbfgs(), fix_symmetry=True)
+    no_cell = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]])
+    results = relax([atoms, no_cell], emt, optimizer=exp_lbfgs(maxstep=0.7), names=["cu", "no-cell"])
+    assert [r.status for r in results] == ["invalid", "invalid"]
+    # r_NN 2.55 Å: a step of up to 2 x 0.7 Å can reach r_NN / 2
+    assert "maxstep 0.7" in results[0].reason and "rebuilds the Exp preconditioner" in results[0].reason
+    assert "cell" in results[1].reason and "r_NN" in results[1].reason
