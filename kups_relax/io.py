@@ -47,8 +47,9 @@ __all__ = [
 STRUCTURE_SUFFIXES = frozenset({".xyz", ".extxyz", ".cif", ".traj", ".vasp", ".poscar", ".pdb",
                                 ".xsf", ".gen", ".res", ".cfg", ".json"})
 
-#: Columns of ``summary.csv``: energies in eV, ``final_fmax`` in eV/Å.
-SUMMARY_COLUMNS = ("name", "source", "atoms", "converged", "steps", "initial_energy", "final_energy",
+#: Columns of ``summary.csv``: energies in eV, ``final_fmax`` in eV/Å, ``n_evaluations`` energy-and-forces
+#: evaluations (``steps + 1`` but for line-search optimizers).
+SUMMARY_COLUMNS = ("name", "source", "atoms", "converged", "steps", "n_evaluations", "initial_energy", "final_energy",
                    "final_fmax", "status", "reason", "spacegroup_initial", "spacegroup_final")
 
 
@@ -366,7 +367,8 @@ def result_record(result, *, potential=None, optimizer=None, metadata: Mapping[s
     stress = voigt_6_to_full_3x3_stress(calc_results["stress"]) if "stress" in calc_results else None
     parameters = dict(
         name=result.name, status=result.status, reason=result.reason, converged=bool(result.converged),
-        steps=int(result.steps), n_atoms=len(result.atoms), initial_energy=float(result.initial_energy),
+        steps=int(result.steps), n_evaluations=int(getattr(result, "n_evaluations", 0)), n_atoms=len(result.atoms),
+        initial_energy=float(result.initial_energy),
         final_energy=float(result.energy), final_fmax=float(result.fmax), package="kups-relax",
         version=__version__, spacegroup_initial=getattr(result, "spacegroup_initial", ""),
         spacegroup_final=getattr(result, "spacegroup_final", ""),

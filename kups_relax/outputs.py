@@ -50,7 +50,8 @@ _SHARD = re.compile(r"^(?P<prefix>.*?)(?P<number>\d{6,})\.h5$")
 
 def result_fields(result) -> dict[str, Any]:
     """The summary fields of a finished :class:`~kups_relax.RelaxResult` (energies eV, fmax eV/Å)."""
-    return dict(converged=bool(result.converged), steps=int(result.steps), initial_energy=float(result.initial_energy),
+    return dict(converged=bool(result.converged), steps=int(result.steps),
+                n_evaluations=int(getattr(result, "n_evaluations", 0)), initial_energy=float(result.initial_energy),
                 final_energy=float(result.energy), final_fmax=float(result.fmax), status=result.status,
                 reason=result.reason, spacegroup_initial=getattr(result, "spacegroup_initial", ""),
                 spacegroup_final=getattr(result, "spacegroup_final", ""))
@@ -60,7 +61,7 @@ def parameter_fields(params: Mapping[str, Any]) -> dict[str, Any]:
     """:func:`result_fields` of a system from the ``/parameters`` of its trajectory
     (:func:`kups_relax.io.read_parameters`)."""
     return dict(converged=bool(params["converged"]), steps=int(params["steps"]),
-                initial_energy=params["initial_energy"], final_energy=params["final_energy"],
+                n_evaluations=int(params.get("n_evaluations", 0)), initial_energy=params["initial_energy"], final_energy=params["final_energy"],
                 final_fmax=params["final_fmax"], status=params["status"], reason=params.get("reason", ""),
                 spacegroup_initial=params.get("spacegroup_initial", ""), spacegroup_final=params.get("spacegroup_final", ""))
 
