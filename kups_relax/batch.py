@@ -72,9 +72,9 @@ class Geometry:
         precon_fixed: ``(A,)`` ``FixAtoms`` (the preconditioner's identity rows).
         precon_kind: ``(S,)`` :data:`kups_relax.precon.EXP` or ``NONE``.
         precon_r_nn: ``(S,)`` nearest-neighbour distance ``r_NN``, Å.
-        precon_inverse: ``(A, W)`` the row of the inverse unit matrix of the atom's system
-            (columns from its first atom; :func:`kups_relax.precon.unit_inverse`) in batches that
-            apply the preconditioner densely (``W``: the largest slot), else ``W = 0``.
+        precon_inverse: ``(S, W, W)`` each system's inverse unit matrix (rows and columns from
+            its first atom; :func:`kups_relax.precon.unit_inverse`) in batches that apply the
+            preconditioner densely (``W``: the largest slot), else ``W = 0``.
     """
 
     positions: jax.Array
@@ -351,7 +351,7 @@ GEOMETRY_FIELDS = (
     GeometryField("precon_fixed", True, (), bool, False),
     GeometryField("precon_kind", False, (), np.int32, 0),
     GeometryField("precon_r_nn", False, (), FLOAT, 0.0),
-    GeometryField("precon_inverse", True, ("dense",), FLOAT, 0.0),
+    GeometryField("precon_inverse", False, ("dense", "dense"), FLOAT, 0.0),
 )
 assert tuple(f.name for f in GEOMETRY_FIELDS) == tuple(f.name for f in dataclasses.fields(Geometry))
 
@@ -411,7 +411,7 @@ def structure_values(atoms: Atoms, name: str, slot: int, start: int, point_ops: 
 def no_precon_values(n: int) -> dict[str, object]:
     """The ``precon_*`` values of a structure without a preconditioner."""
     return dict(precon_neighbors=np.zeros((n, 0), np.int32), precon_weight=np.zeros((n, 0)), precon_diag=1.0,
-                precon_fixed=False, precon_kind=0, precon_r_nn=0.0, precon_inverse=np.zeros((n, 0)))
+                precon_fixed=False, precon_kind=0, precon_r_nn=0.0, precon_inverse=np.zeros((0, 0)))
 
 
 def precon_width(host: dict[str, np.ndarray]) -> int:
@@ -467,11 +467,12 @@ def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: At
 
         values["precon_inverse"] = precon["precon_inverse"] if "precon_inverse" in precon else unit_inverse(precon)
     for key in ("precon_neighbors", "precon_weight", "precon_inverse"):
-        width = host[key].shape[1]
+        width = host[key].shape[-1]
         table = np.asarray(values[key])
-        values[key] = np.pad(table, ((0, 0), (0, width - table.shape[1]))) if table.shape[1] <= width else None
-        if values[key] is None:
-            raise ValueError(f"structure {name!r}: {key} table {table.shape[1]} wide, batch {width}")
+        if table.shape[-1] > width:
+            raise ValueError(f"structure {name!r}: {key} table {table.shape[-1]} wide, batch {width}")
+        pad = width - table.shape[-1]
+        values[key] = np.pad(table, ((0, pad), (0, pad)) if key == "precon_inverse" else ((0, 0), (0, pad)))
     for field in GEOMETRY_FIELDS:
         host[field.name][rows if field.per_atom else slot] = values[field.name]
 

@@ -29,7 +29,7 @@ Device (:func:`solve`), two ways chosen per batch (:data:`DENSE_LIMIT`):
 
 * batches of structures up to 1,024 atoms: the dense inverse of each system's unit matrix,
   computed once on the host by Cholesky when the structure takes its slot (the matrix is built
-  once, see above), applied each step as one product (``3 N`` gathered values per atom);
+  once, see above), applied each step as one batched matrix product over the slots;
 * larger ones: conjugate gradients with a Jacobi preconditioner, matrix-free on the pair table
   (three 1-D gathers of ``N K`` per product), every system to its own relative residual; the
   Exp matrix is well conditioned apart from its ``c_stab`` mode (a translation, which CG
@@ -59,11 +59,12 @@ NONE, EXP = 0, 1
 WIDTH_STEP = 8
 
 #: Batches whose largest slot holds at most this many atoms apply the preconditioner as a dense
-#: inverse (``(A, largest slot)`` per batch, computed on the host when a structure is placed);
-#: larger ones solve by conjugate gradients. Per step the dense product gathers ``3 N`` values
-#: per atom, CG ~40 iterations x ``3 K`` (``K`` ~ 55 pairs), so dense is cheaper up to ~2,000
-#: atoms; the host's inverse (``N^3 / 3`` flops: 40 ms at 1,024 atoms, 1 s at 3,000) and
-#: its ``8 N^2`` bytes set the limit lower.
+#: inverse (``(W, W)`` per slot, ``W`` the largest slot, computed on the host when a structure is
+#: placed); larger ones solve by conjugate gradients. Per step the dense product costs ``3 N``
+#: multiply-adds per atom in one batched matrix product, CG ~40 iterations x ``3 K`` gathered
+#: values (``K`` ~ 55 pairs), so dense is cheaper up to ~2,000 atoms; the host's inverse
+#: (``N^3 / 3`` flops: 40 ms at 1,024 atoms, 1 s at 3,000) and its ``8 N^2`` bytes set the
+#: limit lower.
 DENSE_LIMIT = 1024
 
 
@@ -288,22 +289,27 @@ class Operator:
 def solve(geometry, b: jax.Array, mu: jax.Array, systems: jax.Array, tol: float, max_iterations: int) -> jax.Array:
     """``P^-1 b`` for ``b (A, 3)``; systems outside the ``(S,)`` mask get 0. With the batch's
     dense inverses (``Geometry.precon_inverse`` wider than 0) a product, else conjugate gradients."""
-    if geometry.precon_inverse.shape[1] > 0:
+    if geometry.precon_inverse.shape[1] > 0:  # (S, W, W), W > 0: dense inverses
         return _dense_solve(geometry, b, mu, systems)
     return _cg_solve(geometry, b, mu, systems, tol, max_iterations)
 
 
 def _dense_solve(geometry, b: jax.Array, mu: jax.Array, systems: jax.Array) -> jax.Array:
-    """``P^-1 b = (U b) / mu`` with each atom's row of its system's unit inverse ``U``
-    (three 1-D gathers of ``A x W``); rows without the preconditioner: ``b`` (the identity)."""
-    A, W = geometry.precon_inverse.shape
+    """``P^-1 b = (U b) / mu`` with each system's unit inverse ``U`` ``(W, W)``: the system's rows
+    of ``b`` as a window from its first atom, one batched product (BLAS; the matrices are read
+    once), the result picked back per row; rows without the preconditioner: ``b`` (identity)."""
+    S, W = geometry.precon_inverse.shape[:2]
+    A = b.shape[0]
     system = geometry.system
     row_on = geometry.rows_of(systems)[:, None]
     b = jnp.where(row_on, b, 0.0)
-    first = per_atom(geometry.first_atom, system)
-    columns = jnp.clip(first[:, None] + jnp.arange(W, dtype=first.dtype)[None, :], 0, A - 1)
-    U = geometry.precon_inverse
-    z = jnp.stack([jnp.sum(U * b[:, c][columns], axis=1) for c in range(3)], axis=1)
+    window = jnp.clip(geometry.first_atom[:, None] + jnp.arange(W, dtype=geometry.first_atom.dtype)[None, :], 0, A - 1)
+    b_windows = jnp.stack([b[:, c][window] for c in range(3)], axis=-1)  # (S, W, 3)
+    z_windows = jnp.einsum("svw,swc->svc", geometry.precon_inverse, b_windows).reshape(S * W, 3)
+    slot = jnp.clip(system, 0, S - 1)
+    local = jnp.clip(jnp.arange(A, dtype=system.dtype) - per_atom(geometry.first_atom, system), 0, W - 1)
+    at = slot * W + local
+    z = jnp.stack([z_windows[:, c][at] for c in range(3)], axis=1)
     kind = per_atom(geometry.precon_kind, system)[:, None]
     z = jnp.where(kind == EXP, z / per_atom(mu, system)[:, None], b / geometry.precon_diag[:, None])
     return jnp.where(row_on, z, 0.0)

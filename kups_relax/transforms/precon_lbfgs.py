@@ -26,9 +26,9 @@ right after a reset, ASE raises: the system stops with status ``unconverged`` an
 tiny directions are scaled up to ``sqrt(N 1e-10)``; ``rho = 1 / y.s`` without safeguards
 (``y.s == 0`` gives ``rho = 0``, where ASE divides by zero).
 
-The history ring is shared by all systems and indexed by a clock that ticks whenever some
-system computes a direction; a system that does not store a pair on a tick (it is
-backtracking, or it reset) leaves a *null* entry that the two-loop skips. The ring holds
+The history ring is shared by all systems and indexed by a clock that ticks every iteration;
+a system that does not store a pair on a tick (it is backtracking, stopped, or it reset)
+leaves a *null* entry that the two-loop skips. The ring holds
 ``2 * memory`` entries and each system uses its newest ``memory`` real pairs (ASE's memory); a
 system that backtracked more than ``memory`` times within its last ``memory`` steps would keep
 fewer.
@@ -82,6 +82,11 @@ class PreconLBFGSState(NamedTuple):
     e_old: jax.Array
     searching: jax.Array
     mu: jax.Array
+
+    # a redo of a rejected step (neighbor-list overflow: same clock, positions and gradients, see
+    # kups_relax.transforms.base) writes the same pair into the same ring entry and the same
+    # resets: the engine may keep these fields from the rejected step instead of copying them back
+    REWRITTEN_BY_REDO = ("s_memory", "y_memory", "rho", "real")
 
 
 class Proposal(NamedTuple):
@@ -220,9 +225,10 @@ class PreconLBFGS:
         ``grads (N, 3)``: gradients at ``params`` after constraints, eV/Å; ``energy (S,)`` eV.
         """
         need = active & ~state.searching
-        state, reset, failed = jax.lax.cond(jnp.any(need), lambda: self._new_directions(grads, energy, state, params,
-                                                                                          need, index, geometry),
-                                            lambda: (state, jnp.zeros_like(need), jnp.zeros_like(need)))
+        # no lax.cond around it: a conditional copies the (M, N, 3) history in and out, which cost
+        # more than computing directions nobody needs on the rare iteration where every system
+        # backtracks (the clock then ticks with a null entry for everyone)
+        state, reset, failed = self._new_directions(grads, energy, state, params, need, index, geometry)
         evaluate = active & ~reset & ~failed
         step = jnp.where(index.row_mask(evaluate)[:, None], index.broadcast(state.a1)[:, None] * state.direction, 0.0)
         return Proposal(step=step, evaluate=evaluate, reset=reset, failed=failed), state
