@@ -141,15 +141,15 @@ def report_large(structures, engine, ase, fmax):
                   f"{s_lb / s_pc:.2f}x the wall time of LBFGS).")
 
 
-def engine_one_at_a_time(structures, fmax: float) -> None:
+def engine_one_at_a_time(structures, fmax: float, potential: str = "emt") -> None:
     """Each structure in a relax() call of its own (as a user relaxing one big structure would),
     both optimizers: a first call compiles, a second is timed; prints a table."""
     from kups_relax import relax
     from kups_relax.transforms import precon_lbfgs
     from potentials import get_potential
 
-    emt = get_potential("emt")
-    print("\n### Engine, one structure per relax() call (warm; EMT, fmax %g)\n" % fmax)
+    emt = get_potential(potential)
+    print("\n### Engine, one structure per relax() call (warm; %s, fmax %g)\n" % (potential, fmax))
     print("| structure | atoms | lbfgs steps / evals / s | precon steps / evals / s | evals ratio | wall ratio |\n"
           "| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, atoms in structures:
@@ -206,6 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-ase", action="store_true", help="large set: the engine only")
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="large set: also each structure in a relax() call of its own (engine, warm)")
+    parser.add_argument("--one-at-a-time-potential", default="emt",
+                        help="the potential of --one-at-a-time (default emt; e.g. sevennet-0)")
+    parser.add_argument("--only", default=None, help="comma-separated names of large structures to keep")
     parser.add_argument("--skip-engine", action="store_true", help="large set: ASE only")
     parser.add_argument("--ase-emt-max-atoms", type=int, default=1000,
                         help="ASE's own EMT only up to this many atoms (asap3's EMT on all)")
@@ -216,12 +219,13 @@ def main(argv=None) -> int:
           "command: python benchmarks/bench_precon.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     if not args.stream_only:
         structures = [(n, a) for n, a in large_structures()
-                      if args.large_max_atoms is None or len(a) <= args.large_max_atoms]
+                      if (args.large_max_atoms is None or len(a) <= args.large_max_atoms)
+                      and (args.only is None or n in args.only.split(","))]
         engine = None if args.skip_engine else engine_large(structures, args.fmax)
         ase = {} if args.skip_ase else ase_large(structures, args.fmax, args.ase_emt_max_atoms)
         report_large(structures, engine, ase, args.fmax)
         if args.one_at_a_time:
-            engine_one_at_a_time(structures, args.fmax)
+            engine_one_at_a_time(structures, args.fmax, args.one_at_a_time_potential)
     if not args.large_only:
         report_stream(args.n, args.stream_fmax, stream(args.n, args.stream_fmax, args.stream_precon))
     return 0
