@@ -43,17 +43,19 @@ def test_clear_slot_restores_an_empty_slot():
     assert host["first_atom"].tolist() == first.tolist()  # a slot keeps its rows
 
 
-@pytest.mark.parametrize("point_ops", [0, 48])
-def test_device_geometry_types_follow_the_table(point_ops):
-    """Shapes and types as the table says; ``"ops"`` is the symmetry tables' width (48 with FixSymmetry, else 0)."""
-    host = empty_arrays(8, 1, first_atom=np.zeros(1, np.int32), point_ops=point_ops)
+@pytest.mark.parametrize("point_ops, pairs, dense", [(0, 0, 0), (48, 16, 8)])
+def test_device_geometry_types_follow_the_table(point_ops, pairs, dense):
+    """Shapes and types as the table says; ``"ops"`` is the symmetry tables' width (48 with
+    FixSymmetry, else 0), ``"pairs"`` and ``"dense"`` the preconditioner's (0 without one)."""
+    host = empty_arrays(8, 1, first_atom=np.zeros(1, np.int32), point_ops=point_ops, precon_pairs=pairs,
+                        precon_dense=dense)
     pack_structure(host, 0, 0, Atoms("Ar2", positions=[[0, 0, 0], [0, 0, 3.8]]), "dimer")
     with jax.enable_x64(True):
         for dtype, float_type in (("float32", jnp.float32), ("float64", jnp.float64)):
             g = device_geometry(host, dtype)
             for field in GEOMETRY_FIELDS:
                 value = getattr(g, field.name)
-                shape = tuple(point_ops if d == "ops" else d for d in field.shape)
+                shape = tuple({"ops": point_ops, "pairs": pairs, "dense": dense}.get(d, d) for d in field.shape)
                 assert value.shape == (8 if field.per_atom else 1,) + shape, field.name
                 if field.dtype == "float":
                     assert value.dtype == float_type, field.name
