@@ -267,7 +267,7 @@ def test_bad_specs_are_refused_clearly(spec, message):
 
 
 def test_unknown_plain_name_lists_optax_names():
-    with pytest.raises(ValueError, match="'lbfgs', 'fire', or 'optax:<name>'.*adam"):
+    with pytest.raises(ValueError, match="'lbfgs', 'fire', 'precon_lbfgs', or 'optax:<name>'.*adam"):
         resolve_optimizer("adam")
 
 
