@@ -66,7 +66,8 @@ def _release_compiled_programs():
 #: two workers (``-n 2 --dist loadfile`` in pyproject.toml: a module's tests, and so its
 #: module-scoped fixtures, stay on one worker) end together instead of one waiting on a long
 #: module handed out last. The other modules follow in their usual order.
-HEAVIEST_FIRST = ["test_sevennet.py", "test_cell_filter.py", "test_cli.py", "test_engine_lj.py", "test_fire.py",
+HEAVIEST_FIRST = ["test_sevennet.py", "test_precon_lbfgs.py", "test_cell_filter.py", "test_cli.py", "test_engine_lj.py",
+                  "test_fire.py",
                   "test_ase_interop.py", "test_ase_conformance.py", "test_batch_invariance.py",
                   "test_campaign_io.py", "test_eam.py", "test_devices.py", "test_emt.py", "test_streaming.py",
                   "test_optax.py", "test_neighbors.py", "test_failure_isolation.py", "test_distributed.py",
