@@ -299,14 +299,23 @@ def _estimate_mu(optimizer, opt_state, geometry: Geometry, potential, neighbors:
     the perturbed geometry) and ``(S,)`` the evaluations made."""
     from . import precon
 
-    estimate = systems & (geometry.precon_kind == precon.EXP) & (optimizer.mu is None)
-    v = precon.sine_perturbation(geometry, geometry.positions)
-    v = jnp.where(geometry.rows_of(estimate)[:, None], v, 0.0)
-    moved = geometry.replace(positions=geometry.positions + adjust_step(v, geometry))
-    neighbors = nl.update(neighbors, moved)
-    ev = evaluate(potential, moved, neighbors, compute_stress=False)
-    mu = precon.mu_from_perturbation(geometry, v, -adjust_forces(forces, geometry), -adjust_forces(ev.forces, geometry))
-    return optimizer.with_mu(opt_state, mu, estimate), neighbors, estimate.astype(jnp.int32)
+    estimate = systems & (geometry.precon_kind == precon.EXP)
+    if optimizer.mu is not None:  # given: nothing to estimate, no evaluation
+        return opt_state, neighbors, jnp.zeros_like(estimate, jnp.int32)
+
+    def perturbed():
+        v = precon.sine_perturbation(geometry, geometry.positions)
+        v = jnp.where(geometry.rows_of(estimate)[:, None], v, 0.0)
+        moved = geometry.replace(positions=geometry.positions + adjust_step(v, geometry))
+        updated = nl.update(neighbors, moved)
+        ev = evaluate(potential, moved, updated, compute_stress=False)
+        mu = precon.mu_from_perturbation(geometry, v, -adjust_forces(forces, geometry),
+                                         -adjust_forces(ev.forces, geometry))
+        return optimizer.with_mu(opt_state, mu, estimate), updated
+
+    # a refill of systems without the Exp preconditioner (or converged at step 0) evaluates nothing more
+    opt_state, neighbors = jax.lax.cond(jnp.any(estimate), perturbed, lambda: (opt_state, neighbors))
+    return opt_state, neighbors, estimate.astype(jnp.int32)
 
 
 @cached_jit(static_argnames=("optimizer",))

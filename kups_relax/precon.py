@@ -80,9 +80,8 @@ class ExpSettings:
         force_stab: add the shift also to systems with ``FixAtoms``.
         precon: ``"Exp"``, ``"auto"`` (Exp for systems of >= 100 atoms, none below: ASE's
             default) or ``None`` (no preconditioner: ASE's ``IdentityPrecon``, ``P = I`` in
-            eV/Å², whatever ``alpha`` is: ``make_precon(None)`` is the identity, so ASE's
-            ``H0 = 1 / alpha`` branch never runs).
-        alpha: kept for ASE's signature; unused, as in ASE.
+            eV/Å², whatever the optimizer's ``alpha`` is: ``make_precon(None)`` is the identity,
+            so ASE's ``H0 = 1 / alpha`` branch never runs).
         maxstep: the optimizer's ``maxstep``, Å: a structure whose atoms could move ``r_NN / 2``
             in one step (``2 maxstep >= r_NN / 2``), where ASE would rebuild the matrix, is refused.
     """
@@ -93,7 +92,6 @@ class ExpSettings:
     c_stab: float = 0.1
     force_stab: bool = False
     precon: str | None = "Exp"
-    alpha: float = 70.0
     maxstep: float = 0.04
 
     def applies_to(self, atoms: Atoms) -> bool:
@@ -383,12 +381,6 @@ def mu_from_perturbation(geometry, v: jax.Array, gradient: jax.Array, gradient_m
     lhs = per_system_dot(gradient_moved - gradient, v, geometry.system, S)
     rhs = per_system_dot(Operator(geometry, jnp.ones(S, v.dtype), unit=True)(v), v, geometry.system, S)
     return jnp.maximum(lhs / jnp.where(rhs != 0, rhs, 1.0), 1.0)
-
-
-def max_component(x: jax.Array, geometry) -> jax.Array:
-    """``(S,)`` the largest absolute Cartesian component of ``x (A, 3)`` per system."""
-    return segment_max(jnp.where(geometry.atom_mask, jnp.max(jnp.abs(x), axis=1), 0.0),
-                       geometry.system, geometry.n_systems)
 
 
 def per_system_count(geometry) -> jax.Array:

@@ -171,8 +171,7 @@ class PreconLBFGS:
     def exp_settings(self) -> pc.ExpSettings:
         """The preconditioner's settings (for the host tables)."""
         return pc.ExpSettings(A=self.A, r_cut=self.r_cut, r_NN=self.r_NN, c_stab=self.c_stab,
-                              force_stab=self.force_stab, precon=self.precon, alpha=self.alpha,
-                              maxstep=self.maxstep)
+                              force_stab=self.force_stab, precon=self.precon, maxstep=self.maxstep)
 
     @property
     def ring(self) -> int:
