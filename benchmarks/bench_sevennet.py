@@ -67,6 +67,7 @@ from kups_relax import relax  # noqa: E402
 from kups_relax.batch import Batch  # noqa: E402
 from kups_relax.evaluate import evaluate  # noqa: E402
 from potentials import get_potential  # noqa: E402
+from potentials.sevennet import SEVENN_MODELS  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)  # float64: this script calls the engine's modules directly
 
@@ -126,14 +127,8 @@ def relax_structures(n: int) -> list[tuple[str, Atoms]]:
     return out
 
 
-#: our potential name -> (sevenn's name of the checkpoint, modality)
-MODELS = {
-    "sevennet-0": ("7net-0", None),
-    "sevennet-0-22may2024": ("7net-0_22may2024", None),
-    "sevennet-l3i5": ("7net-l3i5", None),
-    "sevennet-mf-0:PBE": ("7net-mf-0", "PBE"),
-    "sevennet-mf-0:R2SCAN": ("7net-mf-0", "R2SCAN"),
-}
+#: our potential name -> (sevenn's name of the same checkpoint, modality)
+MODELS = SEVENN_MODELS
 
 
 def sevenn_calculator(threads: int, model: str = "sevennet-0"):

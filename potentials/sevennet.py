@@ -50,19 +50,24 @@ from kups_relax.precision import x64
 from kups_relax.segments import segment_sum
 
 from . import sevennet_layers as layers
+from .convert_sevennet import PRETRAINED
 from .neighbor_graph import edge_vectors, graph, permute
 
 DATA = Path(__file__).parent / "data"
 #: SevenNet-0's converted weights, shipped with the package.
 SEVENNET_0_FILE = DATA / "sevennet_0.npz"
-#: Every shipped model: potential name -> converted file (see :mod:`potentials.convert_sevennet`).
-PRETRAINED_FILES: dict[str, Path] = {
-    "sevennet-0": SEVENNET_0_FILE,
-    "sevennet-0-22may2024": DATA / "sevennet_0_22may2024.npz",
-    "sevennet-l3i5": DATA / "sevennet_l3i5.npz",
-    "sevennet-mf-0": DATA / "sevennet_mf_0.npz",
-}
+#: Every shipped model: potential name -> converted file (the converter's table names them).
+PRETRAINED_FILES: dict[str, Path] = {name: DATA / entry.output for name, entry in PRETRAINED.items()}
 FORMAT = "kups-relax/sevennet/2"
+#: Every registry name of the family -> the same model in sevenn's ``SevenNetCalculator``: its
+#: model name and modality (what the parity tests and benchmarks compare against).
+SEVENN_MODELS: dict[str, tuple[str, str | None]] = {
+    "sevennet-0": ("7net-0", None),
+    "sevennet-0-22may2024": ("7net-0_22may2024", None),
+    "sevennet-l3i5": ("7net-l3i5", None),
+    "sevennet-mf-0:PBE": ("7net-mf-0", "PBE"),
+    "sevennet-mf-0:R2SCAN": ("7net-mf-0", "R2SCAN"),
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -161,21 +161,25 @@ def ase_precon_lbfgs(atoms: Atoms, kind: str, fmax: float = 0.05, steps: int = 1
         warnings.simplefilter("always")
         opt = PreconLBFGS(atoms, precon=precon, logfile=None, maxstep=maxstep)
         opt.attach(lambda: frames.append(atoms.positions.copy()))
-        t = time.perf_counter()
-        converged = bool(opt.run(fmax=fmax, steps=steps))
-        seconds = time.perf_counter() - t
+        run = _run(atoms, opt, geometries, fmax, steps)
     resets = sum("Armijo linesearch failed" in str(w.message) for w in caught)
     step_lengths = [np.linalg.norm(b - a, axis=1).max() for a, b in zip(frames, frames[1:])]
     long_steps = sum(s > opt.maxstep * (1 + 1e-12) for s in step_lengths)
+    return dataclasses.replace(run, hessian_resets=resets, long_steps=long_steps, precon_builds=builds.count(False),
+                               mu=precon.mu, r_nn=precon.r_NN, r_cut=precon.r_cut,
+                               mu_estimate=_mu_estimate(log.getvalue()))
+
+
+def _run(atoms: Atoms, opt, geometries, fmax: float, steps: int) -> AseRun:
+    """Run ``opt`` on ``atoms`` (whose calculator records ``geometries``), timed and counted."""
+    t = time.perf_counter()
+    converged = bool(opt.run(fmax=fmax, steps=steps))
+    seconds = time.perf_counter() - t
     repeated = repeated_evaluations(geometries)
-    evaluations = len(geometries)
-    energy = atoms.get_potential_energy()  # the last evaluation's (cached)
-    assert len(geometries) == evaluations
-    return AseRun(atoms=atoms, steps=opt.nsteps, converged=converged, evaluations=evaluations,
-                  distinct_evaluations=evaluations - len(repeated), repeated=repeated,
-                  energy=energy, seconds=seconds, hessian_resets=resets,
-                  long_steps=long_steps, precon_builds=builds.count(False), mu=precon.mu, r_nn=precon.r_NN,
-                  r_cut=precon.r_cut, mu_estimate=_mu_estimate(log.getvalue()))
+    return AseRun(atoms=atoms, steps=opt.nsteps, converged=converged, evaluations=len(geometries),
+                  distinct_evaluations=len(geometries) - len(repeated), repeated=repeated,
+                  energy=atoms.get_potential_energy(),  # the last evaluation's (cached)
+                  seconds=seconds)
 
 
 def _mu_estimate(log: str) -> float | None:
@@ -191,14 +195,4 @@ def ase_lbfgs(atoms: Atoms, kind: str, fmax: float = 0.05, steps: int = 1000, ca
     atoms = atoms.copy()
     atoms.calc = calc if calc is not None else ase_calculator(kind)
     geometries = count_evaluations(atoms.calc)
-    opt = LBFGS(atoms, logfile=None, **kwargs)
-    t = time.perf_counter()
-    converged = bool(opt.run(fmax=fmax, steps=steps))
-    seconds = time.perf_counter() - t
-    repeated = repeated_evaluations(geometries)
-    evaluations = len(geometries)
-    energy = atoms.get_potential_energy()  # the last evaluation's (cached)
-    assert len(geometries) == evaluations
-    return AseRun(atoms=atoms, steps=opt.nsteps, converged=converged, evaluations=evaluations,
-                  distinct_evaluations=evaluations - len(repeated), repeated=repeated,
-                  energy=energy, seconds=seconds)
+    return _run(atoms, LBFGS(atoms, logfile=None, **kwargs), geometries, fmax, steps)

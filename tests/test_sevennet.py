@@ -43,7 +43,7 @@ from kups_relax import relax
 from kups_relax.batch import Batch
 from kups_relax.evaluate import evaluate
 from potentials import get_potential
-from potentials.sevennet import PRETRAINED_FILES, SevenNet
+from potentials.sevennet import PRETRAINED_FILES, SEVENN_MODELS, SevenNet
 
 HAVE_SEVENN = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("sevenn") is not None
 #: tests that run the reference implementation (or the converter) skip without torch and sevenn
@@ -120,13 +120,7 @@ def parity_structures() -> list[tuple[str, Atoms]]:
 STRUCTURES = parity_structures()
 
 #: our potential name -> (sevenn's name of the same checkpoint, modality)
-MODELS = {
-    "sevennet-0": ("7net-0", None),
-    "sevennet-0-22may2024": ("7net-0_22may2024", None),
-    "sevennet-l3i5": ("7net-l3i5", None),
-    "sevennet-mf-0:PBE": ("7net-mf-0", "PBE"),
-    "sevennet-mf-0:R2SCAN": ("7net-mf-0", "R2SCAN"),
-}
+MODELS = SEVENN_MODELS
 FLOAT32_MODELS = [m for m in MODELS if m != "sevennet-mf-0:R2SCAN"]
 FLOAT64_MODELS = [m for m in MODELS if m != "sevennet-mf-0:PBE"]
 
