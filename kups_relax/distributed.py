@@ -185,8 +185,11 @@ def worker_run(campaign: Campaign):
             _engines[key] = run
             logger.info("worker %s: engine ready (potential %s, optimizer %s)", _worker_address(),
                         campaign.settings["potential"], campaign.settings["optimizer"])
-    # settings that do not decide the engine (out, trajectories, ...) are this campaign's
-    return dataclasses.replace(run, out=Path(campaign.out), settings={**campaign.settings, "plot": False})
+    # settings that do not decide the engine (out, trajectories, ...) are this campaign's; the dtype is
+    # the engine's resolved one (a campaign may say None: the potential's default), so that outputs
+    # and the resume fingerprint name the precision the run used
+    return dataclasses.replace(run, out=Path(campaign.out),
+                               settings={**campaign.settings, "plot": False, "dtype": run.settings["dtype"]})
 
 
 def _worker_address() -> str:
