@@ -292,7 +292,7 @@ def test_ase_drop_in_preconlbfgs():
 # --- the stream, and what the engine refuses -------------------------------------------------------
 
 
-def test_stream_with_refills_and_compaction_follows_ase():
+def test_stream_with_refills_and_compaction_follows_ase(ase_reference):
     """``relax_iter`` through slots that are refilled (the Exp tables and mu of each newcomer,
     its evaluation counter from 1) and compacted: ASE's steps, evaluations and positions for
     each of five structures, two of which share a slot one after the other."""
@@ -303,7 +303,8 @@ def test_stream_with_refills_and_compaction_follows_ase():
                         optimizer=exp_lbfgs(), atoms_per_batch=256, chunk_steps=4)
     got = {picks[i].name: r for i, r in stream}
     for s in picks:
-        ref = ase_precon_lbfgs(s.atoms, "emt", fmax=0.01, steps=MAX_STEPS)
+        ref = ase_reference[s.name]  # ASE's run of this structure at its fmax
+        assert s.fmax == 0.01
         result = got[s.name]
         assert (result.steps, result.n_evaluations) == (ref.steps, ref.distinct_evaluations), s.name
         assert np.abs(result.atoms.positions - ref.atoms.positions).max() <= TOL, s.name
