@@ -461,8 +461,8 @@ def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: At
     rows = slice(start, start + len(atoms))
     values = structure_values(atoms, name, slot, start, point_ops=host["sym_image"].shape[1])
     if precon is not None:
-        values |= precon
-    if host["precon_inverse"].shape[1] and precon is not None:
+        values |= {key: table for key, table in precon.items() if key != "precon_inverse"}
+    if host["precon_inverse"].shape[1] and precon is not None:  # a batch that applies it densely
         from .precon import unit_inverse
 
         values["precon_inverse"] = precon["precon_inverse"] if "precon_inverse" in precon else unit_inverse(precon)
