@@ -461,11 +461,11 @@ def pack_structure(host: dict[str, np.ndarray], slot: int, start: int, atoms: At
     rows = slice(start, start + len(atoms))
     values = structure_values(atoms, name, slot, start, point_ops=host["sym_image"].shape[1])
     if precon is not None:
-        values |= {key: table for key, table in precon.items() if key != "precon_inverse"}
+        values |= precon
     if host["precon_inverse"].shape[1] and precon is not None:  # a batch that applies it densely
         from .precon import unit_inverse
 
-        values["precon_inverse"] = precon["precon_inverse"] if "precon_inverse" in precon else unit_inverse(precon)
+        values["precon_inverse"] = unit_inverse(precon)
     for key in ("precon_neighbors", "precon_weight", "precon_inverse"):
         width = host[key].shape[-1]
         table = np.asarray(values[key])

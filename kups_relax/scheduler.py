@@ -46,7 +46,7 @@ from ase import Atoms
 from . import neighbors as nl
 from .batch import (DTYPES, GEOMETRY_FIELDS, Geometry, clear_slot, device_geometry, empty_arrays, pack_structure,
                     precon_width, widen_precon, with_results)
-from .precon import DENSE_LIMIT, WIDTH_STEP, exp_tables, table_width, unit_inverse
+from .precon import DENSE_LIMIT, WIDTH_STEP, exp_tables, table_width
 from .compile_stats import compile_stats
 from .executables import cached_jit
 from .feed import PENDING
@@ -295,8 +295,8 @@ class Intake:
     def _start_preparation(self, job: Job) -> None:
         """Start what ``job`` needs before it can run on the intake's own thread (``job.prepared``),
         while the device runs: its symmetry (spglib, 10-500 ms per structure) and then, in runs of
-        ``PreconLBFGS``, its preconditioner tables and dense inverse (~0.1 s for 858 atoms). A
-        structure with a FixSymmetry constraint in a run without tables is InvalidStructure at once."""
+        ``PreconLBFGS``, its preconditioner tables (~50 ms for 858 atoms). A structure with a
+        FixSymmetry constraint in a run without tables is InvalidStructure at once."""
         from . import symmetry
 
         constraint = symmetry.find_constraint(job.atoms)
@@ -309,22 +309,22 @@ class Intake:
             return
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kups-relax-intake")
-        job.prepared = self._pool.submit(self._prepare, job, constraint if needs_symmetry else False, precon)
+        job.prepared = self._pool.submit(self._prepare, job, needs_symmetry, constraint, precon)
 
-    def _prepare(self, job: Job, constraint, precon) -> None:
-        """The intake thread's work for ``job``: symmetry (``constraint``: ``False`` for none), then
-        the preconditioner (``precon``: :class:`~kups_relax.precon.ExpSettings` or ``None``).
-        InvalidStructure when either cannot be found."""
-        if constraint is not False:
+    def _prepare(self, job: Job, needs_symmetry: bool, constraint, precon) -> None:
+        """The intake thread's work for ``job``: its symmetry (``constraint``: its own FixSymmetry or
+        ``None``), then its preconditioner tables (``precon``: :class:`~kups_relax.precon.ExpSettings`
+        or ``None``). InvalidStructure when either cannot be found. The dense inverse is left to
+        :func:`~kups_relax.batch.pack_structure`, when the structure takes a slot: only batches that
+        apply it densely need it, and a waiting structure would hold ``N x N`` floats (8 MB at
+        1,000 atoms, for every structure read ahead)."""
+        if needs_symmetry:
             self._prepare_symmetry(job, constraint)
         if precon is not None:
             try:
-                tables = exp_tables(job.atoms, precon)
+                job.precon = exp_tables(job.atoms, precon)
             except ValueError as err:
                 raise InvalidStructure(job.name, str(err)) from None
-            if len(job.atoms) <= DENSE_LIMIT:  # the batch may apply it densely: pack_structure takes it then
-                tables["precon_inverse"] = unit_inverse(tables)
-            job.precon = tables
 
     def _prepare_symmetry(self, job: Job, constraint) -> None:
         """``FixSymmetry`` for ``job`` (``symprec`` runs: ASE's, which refines the structure), its
